@@ -1,0 +1,97 @@
+"""Stage 2, decode: a photo's bytes to an upright 8-bit RGB working copy.
+
+EXIF orientation is applied; RGBA, LA and transparent palette images are laid on white;
+CMYK, palette, grayscale, 1-bit, 16-bit and float images become RGB. A file whose header
+promises more than ``max_pixels`` is refused before decoding (decompression-bomb guard);
+a large one is decoded at reduced scale where the format allows (JPEG draft mode) and
+resized so that its long side is at most ``max_side``. ``width``/``height`` are the
+photo's upright size; ``pixels`` is the working copy (``pixels_width`` x ``pixels_height``).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import Field
+
+from operators.base import StageConfig
+from operators.rows import RowError, map_rows
+
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+class DecodeConfig(StageConfig):
+    max_side: int = Field(1600, ge=16)
+    max_pixels: int = Field(150_000_000, ge=1)
+    """Pillow's own limit (about 179 million pixels) applies as well."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        gray = np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def decode_image(data: bytes, max_side: int, max_pixels: int) -> tuple[np.ndarray, int, int]:
+    """(working copy (H, W, 3) uint8, upright width, upright height) of an encoded image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours, below
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise RowError("not_an_image", "not an image file (unknown or damaged format)") from None
+    except Image.DecompressionBombError as error:
+        raise RowError("decompression_bomb", str(error)) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise RowError(
+            "decompression_bomb", f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels"
+        )
+    try:
+        if image.getexif().get(0x0112) in _ROTATED:
+            width, height = height, width
+        if image.format == "JPEG" and max(width, height) > 2 * max_side:
+            image.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale
+        image.load()
+        image = _to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError) as error:
+        kind = "truncated" if "truncated" in str(error) else "corrupt_image"
+        raise RowError(kind, f"image data is damaged: {error}") from None
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.asarray(image, dtype=np.uint8), width, height
+
+
+class Decode:
+    """data -> pixels, pixels_width, pixels_height, width, height."""
+
+    def __init__(self, config: DecodeConfig) -> None:
+        self.config = config
+
+    def _decode(self, row: dict) -> None:
+        pixels, row["width"], row["height"] = decode_image(row["data"], self.config.max_side, self.config.max_pixels)
+        row["pixels_height"], row["pixels_width"] = pixels.shape[:2]
+        row["pixels"] = pixels.tobytes()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return map_rows(
+            "decode", batch, self._decode, add=["width", "height", "pixels", "pixels_width", "pixels_height"], drop=["data"]
+        )
+
+
+def row_pixels(row: dict) -> np.ndarray:
+    """The working copy of a decoded row as an (H, W, 3) uint8 array (a view of the row's bytes)."""
+    return np.frombuffer(row["pixels"], np.uint8).reshape(row["pixels_height"], row["pixels_width"], 3)

@@ -1,0 +1,53 @@
+"""Stage 3, detect: faces, scores and 5-point landmarks with MTCNN (one model per actor)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+from pydantic import Field
+
+from operators.base import Resources, StageConfig
+from operators.decode import row_pixels
+from operators.rows import map_rows
+from plvm_model.faces import Face, MTCNNDetector
+
+
+class DetectConfig(StageConfig):
+    long_side: int = Field(1024, ge=64)
+    """MTCNN runs on a copy resized to this long side."""
+    min_face_size: int = Field(20, ge=8)
+    score_threshold: float = Field(0.9, ge=0, le=1)
+    resources: Resources = Resources()
+
+
+def face_record(face: Face) -> dict[str, Any]:
+    """A face as a row's ``faces`` item (see ``operators.rows.FACE``)."""
+    return {"box": list(face.box), "score": face.score, "landmarks": [list(p) for p in face.landmarks]}
+
+
+def working_faces(row: dict) -> list[Face]:
+    """The row's faces in pixels of its working copy."""
+    scale = row["pixels_width"] / row["width"]
+    return [
+        Face(tuple(r["box"]), r["score"], tuple(tuple(p) for p in r["landmarks"])).scaled(scale) for r in row["faces"]
+    ]
+
+
+class DetectFaces:
+    """pixels -> faces (box, score, landmarks in the original photo's pixels), left to right."""
+
+    def __init__(self, config: DetectConfig) -> None:
+        import torch
+
+        torch.set_num_threads(config.resources.torch_threads())
+        self.detector = MTCNNDetector(
+            long_side=config.long_side, min_face_size=config.min_face_size, score_threshold=config.score_threshold
+        )
+
+    def _detect(self, row: dict) -> None:
+        scale = row["width"] / row["pixels_width"]
+        row["faces"] = [face_record(f.scaled(scale)) for f in self.detector.detect(row_pixels(row))]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return map_rows("detect", batch, self._detect, add=["faces"])

@@ -1,0 +1,40 @@
+"""Stage 4, embed: one descriptor per face (dlib by default; any ``FaceEmbedder``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from operators.base import Resources, StageConfig
+from operators.decode import row_pixels
+from operators.detect import working_faces
+from operators.rows import map_rows
+from plvm_model.faces import make_embedder
+
+
+class EmbedConfig(StageConfig):
+    kind: str = "dlib"
+    options: dict[str, Any] = {}
+    """Passed to the embedder, e.g. ``{num_jitters: 1, flip: true}`` for dlib."""
+    resources: Resources = Resources()
+
+
+class EmbedFaces:
+    """pixels + faces -> each face's ``embedding``."""
+
+    def __init__(self, config: EmbedConfig) -> None:
+        import torch
+
+        torch.set_num_threads(config.resources.torch_threads())
+        self.embedder = make_embedder(config.kind, **config.options)
+
+    def _embed(self, row: dict) -> None:
+        if not row["faces"]:
+            return
+        vectors = self.embedder.embed(row_pixels(row), working_faces(row))
+        for face, vector in zip(row["faces"], vectors):
+            face["embedding"] = vector.tolist()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return map_rows("embed", batch, self._embed)

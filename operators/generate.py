@@ -1,0 +1,108 @@
+"""Stage 7, generate: the caption and the VQA answers of each photo, with its concepts injected.
+
+One engine per actor (transformers or vLLM, by config). All prompts of a batch (a caption
+and each configured question, for every photo) go to the engine together. When the engine
+fails on a batch, the photos are tried one by one, so that only the photo at fault gets
+the error.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from operators.base import Resources, StageConfig
+from operators.decode import row_pixels
+from operators.prompt import injected_tokens
+from operators.rows import fail, output_columns, to_table
+from plvm_model.engines import GenerationRequest, make_engine
+from plvm_model.injection import PromptTemplate
+
+log = logging.getLogger(__name__)
+
+
+class TemplateConfig(StageConfig):
+    system: str = PromptTemplate.system
+    concept: str = PromptTemplate.concept
+    turn: str = PromptTemplate.turn
+
+
+class VLLMConfig(StageConfig):
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int = Field(4096, ge=64)
+    max_num_seqs: int = Field(64, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    enforce_eager: bool = False
+    kv_cache_gib: float | None = None
+    """CPU builds: the KV-cache size (VLLM_CPU_KVCACHE_SPACE)."""
+
+
+class GenerateConfig(StageConfig):
+    engine: Literal["transformers", "vllm"] = "transformers"
+    caption: str | None = "Describe this photo in one sentence, naming the people you know."
+    """The caption prompt; null writes no caption."""
+    questions: list[str] = []
+    """VQA questions asked about every photo; answers go to ``answers``."""
+    max_new_tokens: int = Field(48, ge=1)
+    dtype: str = "float32"
+    quantization: str | None = None
+    device: str = "cpu"
+    template: TemplateConfig = TemplateConfig()
+    vllm: VLLMConfig = VLLMConfig()
+    resources: Resources = Resources()
+
+    def prompts(self) -> list[str]:
+        return ([self.caption] if self.caption else []) + list(self.questions)
+
+
+class Generate:
+    """pixels + injected -> caption, answers, model, engine."""
+
+    def __init__(self, config: GenerateConfig, model_path: str) -> None:
+        import torch
+
+        torch.set_num_threads(config.resources.torch_threads())
+        self.config = config
+        options = dict(
+            model_path=model_path,
+            template=PromptTemplate(**config.template.model_dump()),
+            max_new_tokens=config.max_new_tokens,
+            dtype=config.dtype,
+            quantization=config.quantization,
+            device=config.device,
+        )
+        if config.engine == "vllm":
+            options["vllm"] = config.vllm
+        self.engine = make_engine(config.engine, **options)
+
+    def _answer(self, rows: list[dict]) -> None:
+        prompts = self.config.prompts()
+        requests = [
+            GenerationRequest(row_pixels(row), prompt, injected_tokens(row)) for row in rows for prompt in prompts
+        ]
+        texts = iter(self.engine.generate(requests) if requests else [])
+        for row in rows:
+            answers = [next(texts) for _ in prompts]
+            if self.config.caption:
+                row["caption"] = answers.pop(0)
+            row["answers"] = [{"question": q, "answer": a} for q, a in zip(self.config.questions, answers)]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [row for row in rows if row.get("error") is None]
+        try:
+            self._answer(todo)
+        except Exception:
+            log.exception("the %s engine failed on a batch of %d photos; trying them one by one", self.engine.name, len(todo))
+            for row in todo:
+                try:
+                    self._answer([row])
+                except Exception as error:
+                    fail(row, "engine", f"{row['path']}: generation failed: {type(error).__name__}: {error}")
+        for row in rows:
+            row["model"], row["engine"] = self.engine.model_name, self.engine.name
+        columns = output_columns(batch, ["caption", "answers", "model", "engine"], ["pixels", "injected"])
+        return to_table(rows, columns)

@@ -1,0 +1,125 @@
+"""Stage 1, read: the input listing (folder, glob or manifest) and each photo's bytes.
+
+A folder or glob gives photos of one user; a Parquet or CSV manifest gives a ``path`` and,
+optionally, a ``user_id`` per row (relative paths are taken from the manifest's folder).
+Every listed photo, readable or not, becomes one row: a missing file or a bad manifest row
+is that row's error.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from operators.base import StageConfig
+from operators.rows import RowError, map_rows, to_table
+from plvm_model import storage
+from plvm_model.bank import validate_user_id
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+MANIFEST_EXTENSIONS = (".parquet", ".csv")
+LISTING_COLUMNS = ("path", "user_id", "error", "error_kind")
+
+
+class InputConfig(StageConfig):
+    uri: str | None = None
+    """A folder, a glob, one image, or a ``.parquet``/``.csv`` manifest."""
+    user: str = "default"
+    """The user of a folder's or glob's photos, and of manifest rows without a ``user_id`` column."""
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    """File endings taken from a folder (case-insensitive); a glob or a manifest takes what it names."""
+
+
+class ReadConfig(StageConfig):
+    max_bytes: int = Field(200 * 2**20, ge=1)
+    """A larger file is refused without being read."""
+
+
+def list_inputs(config: InputConfig, storage_options: storage.StorageOptions | None = None) -> pa.Table:
+    """One row (path, user_id, error, error_kind) per input photo."""
+    if not config.uri:
+        raise ValueError("no input given: set input.uri in the config or pass --input")
+    uri = config.uri
+    if uri.lower().endswith(MANIFEST_EXTENSIONS):
+        return _read_manifest(uri, config.user, storage_options)
+    user = validate_user_id(config.user)
+    fs, path = storage.filesystem(uri, storage_options)
+    if any(ch in path for ch in "*?["):
+        paths = sorted(fs.glob(path))
+    elif fs.isdir(path):
+        endings = tuple(e.lower() for e in config.extensions)
+        paths = sorted(
+            p for p in fs.find(path) if p.lower().endswith(endings) and not posixpath.basename(p).startswith(".")
+        )
+    elif fs.exists(path):
+        paths = [path]
+    else:
+        raise FileNotFoundError(f"input {uri} does not exist")
+    rows = [{"path": storage.unstrip(uri, p), "user_id": user} for p in paths]
+    return to_table(rows, LISTING_COLUMNS)
+
+
+def _read_manifest(uri: str, default_user: str, storage_options: storage.StorageOptions | None) -> pa.Table:
+    fs, path = storage.filesystem(uri, storage_options)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"manifest {uri} does not exist") from None
+    try:
+        if path.lower().endswith(".csv"):
+            table = pa_csv.read_csv(io.BytesIO(data), convert_options=pa_csv.ConvertOptions(strings_can_be_null=True))
+        else:
+            table = pq.read_table(io.BytesIO(data))
+    except pa.ArrowException as error:
+        raise ValueError(f"manifest {uri} cannot be read: {error}") from None
+    if "path" not in table.column_names:
+        raise ValueError(f"manifest {uri} has no 'path' column (columns: {table.column_names})")
+    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    users = table.column("user_id").to_pylist() if "user_id" in table.column_names else None
+    rows = []
+    for index, raw_path in enumerate(table.column("path").to_pylist()):
+        row = {"path": None if raw_path is None else str(raw_path).strip() or None}
+        row["user_id"] = default_user if users is None else users[index]
+        where = f"manifest {uri} row {index + 1}"
+        if row["path"] is None:
+            row.update(error=f"{where}: 'path' is empty", error_kind="bad_manifest_row")
+        elif row["user_id"] is None or str(row["user_id"]).strip() == "":
+            row.update(error=f"{where}: 'user_id' is empty", error_kind="bad_manifest_row")
+        else:
+            row["user_id"] = str(row["user_id"]).strip()
+            try:
+                validate_user_id(row["user_id"])
+            except ValueError as error:
+                row.update(error=f"{where}: {error}", error_kind="invalid_user")
+            if "://" not in row["path"] and not row["path"].startswith("/"):
+                row["path"] = f"{base}/{row['path']}"
+        rows.append(row)
+    return to_table(rows, LISTING_COLUMNS)
+
+
+class ReadBytes:
+    """path -> data (the file's bytes)."""
+
+    def __init__(self, config: ReadConfig, storage_options: storage.StorageOptions | None = None) -> None:
+        self.config = config
+        self.storage_options = storage_options
+
+    def _read(self, row: dict) -> None:
+        fs, path = storage.filesystem(row["path"], self.storage_options)
+        try:
+            size = fs.size(path)
+        except FileNotFoundError:
+            raise RowError("missing_file", "file not found") from None
+        if size is not None and size > self.config.max_bytes:
+            raise RowError("too_large", f"file of {size} bytes is over the limit of {self.config.max_bytes}")
+        row["data"] = fs.cat_file(path)
+        if not row["data"]:
+            raise RowError("empty_file", "file is empty (0 bytes)")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return map_rows("read", batch, self._read, add=["data"])

@@ -1,0 +1,1 @@
+"""Pipelines composed from the operators: caption, enroll, evaluate; and the ``plvm`` command."""

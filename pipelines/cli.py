@@ -1,0 +1,86 @@
+"""The ``plvm`` command: enroll people, caption photos, evaluate, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+
+
+def _config(args: argparse.Namespace, **overrides):
+    from pipelines.config import load_config
+
+    config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    return load_config(config_path, bank=getattr(args, "bank", None), **overrides)
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from pipelines.enroll import enroll
+
+    result = enroll(_config(args), args.user, args.name, args.images, face_index=args.face)
+    verb = "enrolled" if result.created else "extended"
+    print(f"{verb} {result.name!r} ({result.concept_id}) for user {result.user_id!r}: "
+          f"{result.references} reference photo(s), bank {result.bank}")  # fmt: skip
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from pipelines.caption import caption
+
+    config = _config(args, input__uri=args.input, input__user=args.user, output__uri=args.output)
+    summary = caption(config)
+    for line in summary.lines():
+        print(line)
+    print(json.dumps(asdict(summary)))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="plvm", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler: Callable, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, description=help)
+        s.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name} of this project)")
+        s.set_defaults(handler=handler)
+        return s
+
+    s = command("enroll", cmd_enroll, "add a named person to a user's concept bank from reference photos")
+    s.add_argument("--bank", help="root URI of the concept banks (default: the config's bank)")
+    s.add_argument("--user", required=True, help="the user whose bank gets the concept")
+    s.add_argument("--name", required=True, help="the person's name, as captions will say it")
+    s.add_argument("--face", type=int, help="which face of a reference photo with several (0 = leftmost)")
+    s.add_argument("images", nargs="+", help="reference photos (paths or URIs)")
+
+    s = command("caption", cmd_caption, "caption photos with the people of their owner's concept bank")
+    s.add_argument("--input", help="folder, glob or Parquet/CSV manifest (path, user_id)")
+    s.add_argument("--bank", help="root URI of the concept banks")
+    s.add_argument("--output", help="output folder URI for the Parquet files")
+    s.add_argument("--user", help="user of a folder's or glob's photos (default: the config's, 'default')")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    from plvm_model.bank import BankError
+    from pipelines.config import ConfigError
+
+    try:
+        return args.handler(args)
+    except (ConfigError, BankError, ValueError, FileNotFoundError) as error:
+        print(f"plvm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

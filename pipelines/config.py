@@ -1,0 +1,162 @@
+"""The run configuration: a YAML file validated into the stages' config models.
+
+Unknown keys and wrong types are errors naming the key (``detect.long_sid: unknown key``).
+``${VAR}`` in a string takes the environment variable's value, so credentials can stay
+out of the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from operators.base import Resources, StageConfig
+from operators.decode import DecodeConfig
+from operators.detect import DetectConfig
+from operators.embed import EmbedConfig
+from operators.generate import GenerateConfig
+from operators.match import MatchConfig
+from operators.prompt import PromptConfig
+from operators.read import InputConfig, ReadConfig
+from operators.write import OutputConfig
+from plvm_model.aligner import AlignerShape
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class RayConfig(StageConfig):
+    address: str | None = None
+    """null: start a Ray for this run on this machine (bound to 127.0.0.1); else a cluster address."""
+    num_cpus: int | None = None
+    """CPUs of the local Ray (default: all)."""
+    no_progress_timeout_s: float = 1800.0
+    """Fail the run if no stage makes progress for this long."""
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    """Progress bars on a terminal, periodic lines otherwise."""
+
+
+class ModelsConfig(StageConfig):
+    """Local paths of the models, or ``tiny`` for the random test models built on first use."""
+
+    llava: str = "tiny"
+    dinov2: str = "tiny"
+    aligner: str = "tiny"
+    """A PLVM Aligner checkpoint (state dict); its shape from ``aligner.json`` beside it or ``aligner_shape``."""
+    aligner_shape: dict[str, int] = {}
+    aligner_reference: Literal["image", "face"] = "image"
+    """What the Aligner sees: the whole reference photo (PLVM) or a crop around the face."""
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    llava: str
+    dinov2: str
+    aligner: str
+    aligner_shape: AlignerShape
+    aligner_reference: str
+
+    @cached_property
+    def aligner_identity(self) -> str:
+        from plvm_model.concepts import aligner_identity
+
+        return aligner_identity(self.aligner, self.aligner_reference, self.aligner_shape)
+
+
+class Config(StageConfig):
+    input: InputConfig = InputConfig()
+    bank: str = "banks"
+    """Root URI of the users' concept banks."""
+    output: OutputConfig = OutputConfig()
+    storage: dict[str, dict[str, Any]] = {}
+    """fsspec options per URI scheme, e.g. ``s3: {endpoint_url: ..., key: ..., secret: ...}``."""
+    ray: RayConfig = RayConfig()
+    models: ModelsConfig = ModelsConfig()
+    read: ReadConfig = ReadConfig()
+    decode: DecodeConfig = DecodeConfig()
+    detect: DetectConfig = DetectConfig()
+    embed: EmbedConfig = EmbedConfig()
+    match: MatchConfig = MatchConfig()
+    prompt: PromptConfig = PromptConfig()
+    generate: GenerateConfig = GenerateConfig()
+    tasks: Resources = Field(default_factory=lambda: Resources(num_cpus=0.25, batch_size=8))
+    """Resources of the model-free stages (read, decode, match, prompt, write)."""
+
+    def model_paths(self) -> ModelPaths:
+        """The models' local paths, building the tiny ones first where ``tiny`` is named."""
+        from plvm_model.concepts import aligner_shape
+        from plvm_model.tiny import ensure_tiny_models
+
+        m = self.models
+        named = {"llava": m.llava, "dinov2": m.dinov2, "aligner": m.aligner}
+        if "tiny" in named.values():
+            tiny = ensure_tiny_models()
+            named = {k: str(getattr(tiny, k)) if v == "tiny" else v for k, v in named.items()}
+        for kind, path in named.items():
+            if not Path(path).exists():
+                raise ConfigError(f"models.{kind}: {path} does not exist (give a local path, or 'tiny')")
+        return ModelPaths(
+            llava=named["llava"],
+            dinov2=named["dinov2"],
+            aligner=named["aligner"],
+            aligner_shape=aligner_shape(named["aligner"], m.aligner_shape),
+            aligner_reference=m.aligner_reference,
+        )
+
+
+def _expand(value: Any) -> Any:
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: os.environ.get(m.group(1), ""), value)
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    return value
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+    """The config at ``path`` (or the defaults), with dotted-key ``overrides`` (``input__uri=...``) applied."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "(defaults)"
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    data = _expand(data)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split("__")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None

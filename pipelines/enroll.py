@@ -1,0 +1,138 @@
+"""Enrollment: a named person added to (or extended in) a user's concept bank, no training.
+
+Each reference photo goes through the caption pipeline's own read, decode, detect and
+embed operators (in this process: a few photos need no cluster). The reference face gives
+the concept a face descriptor; the first reference photo also gives its soft tokens
+(DINOv2 + Aligner), which captioning reads from the bank and never recomputes. The bank
+is written whole, atomically, only after every reference photo was accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+
+from operators.decode import Decode, row_pixels
+from operators.detect import DetectFaces, working_faces
+from operators.embed import EmbedFaces
+from operators.read import ReadBytes
+from operators.rows import to_table
+from pipelines.config import Config
+from plvm_model.bank import Concept, ConceptBank, UserBank, validate_user_id
+from plvm_model.concepts import ConceptEncoder
+from plvm_model.faces import Face, make_embedder
+
+DOMINANCE = 2.0
+"""A face at least this many times larger than every other one is the reference face."""
+
+
+class EnrollError(ValueError):
+    pass
+
+
+@dataclass
+class EnrollResult:
+    user_id: str
+    name: str
+    concept_id: str
+    references: int
+    created: bool
+    bank: str
+
+
+def validate_name(name: str) -> str:
+    name = name.strip() if isinstance(name, str) else name
+    if not name or len(name) > 100 or any(not ch.isprintable() for ch in name) or any(c in name for c in "<>{}"):
+        raise EnrollError(f"invalid concept name {name!r}: 1-100 printable characters, without < > {{ }}")
+    return name
+
+
+def choose_face(faces: list[Face], path: str, face_index: int | None) -> int:
+    """The index of the reference face among ``faces`` (left to right), or :class:`EnrollError`."""
+    if not faces:
+        raise EnrollError(f"{path}: no face found in the reference photo")
+    if face_index is not None:
+        if not 0 <= face_index < len(faces):
+            raise EnrollError(f"{path}: --face {face_index} is out of range; the photo has {len(faces)} faces")
+        return face_index
+    if len(faces) == 1:
+        return 0
+    by_area = sorted(range(len(faces)), key=lambda i: faces[i].area, reverse=True)
+    if faces[by_area[0]].area >= DOMINANCE * faces[by_area[1]].area:
+        return by_area[0]
+    boxes = "; ".join(f"{i}: box {[round(v) for v in f.box]}" for i, f in enumerate(faces))
+    raise EnrollError(
+        f"{path}: {len(faces)} faces of similar size and no way to choose ({boxes}); "
+        "pass --face N (0 = leftmost) or use a photo of the person alone"
+    )
+
+
+def reference_faces(config: Config, paths: list[str]) -> list[dict]:
+    """Each reference photo's row after the read, decode, detect and embed operators."""
+    listing = to_table([{"path": p, "user_id": None} for p in paths], ["path", "user_id"])
+    batch: pa.Table = ReadBytes(config.read, config.storage)(listing)
+    for stage in (Decode(config.decode), DetectFaces(config.detect), EmbedFaces(config.embed)):
+        batch = stage(batch)
+    rows = batch.to_pylist()
+    for row in rows:
+        if row["error"]:
+            raise EnrollError(f"reference photo refused: {row['error']}")
+    return rows
+
+
+def enroll(
+    config: Config, user_id: str, name: str, images: list[str], face_index: int | None = None
+) -> EnrollResult:
+    """Add ``name`` with the reference photos ``images`` to ``user_id``'s bank."""
+    validate_user_id(user_id)
+    name = validate_name(name)
+    if not images:
+        raise EnrollError("give at least one reference photo")
+    bank_store = ConceptBank(config.bank, config.storage)
+    bank = bank_store.load(user_id)  # a damaged bank raises here, before any work
+    space = make_embedder(config.embed.kind, **config.embed.options).space
+    models = config.model_paths()
+    if bank is None:
+        bank = UserBank(user_id=user_id, embedder=space, aligner=models.aligner_identity)
+    bank.check_compatible(embedder=space, aligner=models.aligner_identity, where=f" at {config.bank}")
+
+    rows = reference_faces(config, images)
+    chosen = [choose_face(working_faces(row), row["path"], face_index) for row in rows]
+    descriptors = np.asarray([row["faces"][i]["embedding"] for row, i in zip(rows, chosen)], np.float32)
+
+    concept = bank.find(name)
+    created = concept is None
+    if created:
+        encoder = ConceptEncoder(
+            models.dinov2,
+            models.aligner,
+            models.aligner_shape,
+            reference=models.aligner_reference,
+            device=config.models.device,
+        )
+        first = rows[0]
+        soft_tokens, head_weight = encoder.encode(row_pixels(first), working_faces(first)[chosen[0]])
+        concept = Concept(
+            name=name,
+            face_descriptors=descriptors,
+            soft_tokens=soft_tokens,
+            head_weight=head_weight,
+            references=[r["path"] for r in rows],
+        )
+        bank.concepts.append(concept)
+    else:
+        concept.face_descriptors = np.concatenate([concept.face_descriptors, descriptors])
+        concept.references = [*concept.references, *(r["path"] for r in rows)]
+        concept.updated_at = datetime.now(UTC)
+    bank_store.save(bank)
+    return EnrollResult(
+        user_id=user_id,
+        name=name,
+        concept_id=concept.concept_id,
+        references=len(concept.references),
+        created=created,
+        bank=bank_store.location(user_id),
+    )

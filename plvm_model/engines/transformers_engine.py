@@ -1,0 +1,122 @@
+"""The reference engine: transformers' LlavaForConditionalGeneration, concepts through ``inputs_embeds``.
+
+The prompt's text embeddings come from the model's own embedding table, the concepts'
+context vectors are written over their placeholder runs, and LLaVA's own code computes
+the image features from ``pixel_values`` and places them at the ``<image>`` run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from plvm_model.engines.base import GenerationRequest, LlavaPrompter
+from plvm_model.injection import PromptTemplate, TokenizedPrompt, splice
+
+QUANTIZATIONS = ("8bit", "4bit")
+
+
+@dataclass
+class PreparedBatch:
+    inputs_embeds: torch.Tensor
+    """(B, L, H), padded on the left."""
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    prompts: list[TokenizedPrompt]
+    offsets: list[int]
+    """Left padding of each row: a prompt's span ``start`` sits at ``offset + start``."""
+
+
+def _quantization_config(quantization: str | None):
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"quantization {quantization!r} is not supported by the transformers engine; "
+            f"choose one of {', '.join(QUANTIZATIONS)} (bitsandbytes) or none"
+        )
+    from transformers import BitsAndBytesConfig
+
+    # The vision tower, projector and output head stay in full precision, as PLVM runs them.
+    keep = ["vision_tower", "multi_modal_projector", "lm_head"]
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=keep
+    )
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(
+        self,
+        model_path: str,
+        template: PromptTemplate = PromptTemplate(),
+        max_new_tokens: int = 32,
+        dtype: str = "float32",
+        quantization: str | None = None,
+        device: str = "cpu",
+    ) -> None:
+        from transformers import LlavaForConditionalGeneration
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+        self.prompter = LlavaPrompter(model_path, template)
+        self.max_new_tokens = max_new_tokens
+        self.dtype = getattr(torch, dtype)
+        quantization_config = _quantization_config(quantization)
+        self.model = LlavaForConditionalGeneration.from_pretrained(
+            model_path,
+            dtype=self.dtype,
+            quantization_config=quantization_config,
+            device_map=device if quantization_config else None,
+        ).eval()
+        if quantization_config is None:
+            self.model.to(device)
+        self.device = torch.device(device)
+        self.model_name = Path(model_path).name
+
+    @torch.inference_mode()
+    def prepare(self, requests: list[GenerationRequest]) -> PreparedBatch:
+        """The model inputs for ``requests``: spliced embeddings, mask and pixel values."""
+        prompts = [self.prompter.tokenize(r) for r in requests]
+        longest = max(len(p.input_ids) for p in prompts)
+        ids = torch.full((len(prompts), longest), self.prompter.placeholder_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        offsets = []
+        for row, prompt in enumerate(prompts):
+            offset = longest - len(prompt.input_ids)
+            ids[row, offset:] = torch.tensor(prompt.input_ids)
+            mask[row, offset:] = 1
+            offsets.append(offset)
+        embeds = self.model.get_input_embeddings()(ids.to(self.device))
+        for row, (prompt, request) in enumerate(zip(prompts, requests)):
+            splice(embeds[row], prompt, request.concepts, offset=offsets[row])
+        pixel_values = self.prompter.pixel_values([r.image for r in requests]).to(self.device, self.dtype)
+        return PreparedBatch(embeds, mask.to(self.device), pixel_values, prompts, offsets)
+
+    @torch.inference_mode()
+    def generate_ids(self, requests: list[GenerationRequest]) -> list[list[int]]:
+        """Greedy new token ids for each request (up to the first end-of-sequence token)."""
+        batch = self.prepare(requests)
+        out = self.model.generate(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.pixel_values,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.prompter.tokenizer.pad_token_id,
+            eos_token_id=self.prompter.tokenizer.eos_token_id,
+        )
+        eos = self.prompter.tokenizer.eos_token_id
+        result = []
+        for row in out.tolist():
+            result.append(row[: row.index(eos)] if eos in row else row)
+        return result
+
+    def generate(self, requests: list[GenerationRequest]) -> list[str]:
+        return [self.prompter.decode(ids) for ids in self.generate_ids(requests)]

@@ -1,0 +1,120 @@
+"""Concept injection: prompts whose embedding sequence carries each concept's soft tokens.
+
+A prompt is written with two markers, ``<concept>`` (where a concept's context vectors go)
+and ``<image>`` (where the photo's features go). For the photo of Mike and Susan the text
+``"... Mike is <concept>. Susan is <concept>. USER: <image>\\nDescribe the photo. ASSISTANT:"``
+becomes token ids with placeholder runs, and :func:`splice` writes the vectors into the
+embedding sequence at those runs. Both engines consume the result: transformers through
+``inputs_embeds`` (its own LLaVA code places the image features), vLLM through
+``prompt_embeds`` (the image features spliced here as well).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+CONCEPT_MARK = "<concept>"
+IMAGE_MARK = "<image>"
+_MARKS = re.compile(f"({re.escape(CONCEPT_MARK)}|{re.escape(IMAGE_MARK)})")
+
+
+@dataclass(frozen=True)
+class ConceptTokens:
+    """What the Aligner made of one concept's reference photo (stored in the bank)."""
+
+    name: str
+    soft_tokens: np.ndarray
+    """(num_queries, hidden): the name-word vector first, then the context vectors."""
+    head_weight: np.ndarray | None = None
+    """(hidden,): the name token's row of the LLM's output head."""
+
+    @property
+    def context(self) -> np.ndarray:
+        """The vectors injected after ``NAME is``."""
+        return self.soft_tokens[1:]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """LLaVA-1.5's conversation format with PLVM's concept sentences after the system text."""
+
+    system: str = (
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    )
+    concept: str = "{name} is <concept>."
+    turn: str = "USER: <image>\n{question} ASSISTANT:"
+
+    def render(self, question: str, names: list[str]) -> str:
+        parts = [self.system, *(self.concept.format(name=n) for n in names), self.turn.format(question=question)]
+        return " ".join(p for p in parts if p)
+
+
+@dataclass
+class TokenizedPrompt:
+    input_ids: list[int]
+    concept_spans: list[tuple[int, int]] = field(default_factory=list)
+    """(start, concept index) of each run of context vectors, in order."""
+    image_span: tuple[int, int] | None = None
+    """(start, length) of the image placeholder run."""
+
+
+def tokenize(
+    tokenizer,
+    text: str,
+    n_context: int,
+    n_image: int,
+    image_token_id: int,
+    placeholder_id: int,
+) -> TokenizedPrompt:
+    """Token ids for ``text``; each ``<concept>`` becomes ``n_context`` placeholders, ``<image>`` ``n_image``.
+
+    Pieces between markers are tokenized separately (the first with the BOS token), so a
+    concept's vectors never merge with the text around them.
+    """
+    out = TokenizedPrompt(input_ids=[])
+    concept_index = 0
+    for i, piece in enumerate(p for p in _MARKS.split(text) if p):
+        if piece == CONCEPT_MARK:
+            out.concept_spans.append((len(out.input_ids), concept_index))
+            out.input_ids += [placeholder_id] * n_context
+            concept_index += 1
+        elif piece == IMAGE_MARK:
+            if out.image_span is not None:
+                raise ValueError("a prompt holds one <image>")
+            out.image_span = (len(out.input_ids), n_image)
+            out.input_ids += [image_token_id] * n_image
+        else:
+            out.input_ids += tokenizer(piece, add_special_tokens=(i == 0)).input_ids
+    if out.image_span is None:
+        raise ValueError(f"the prompt template has no {IMAGE_MARK}: {text!r}")
+    return out
+
+
+def splice(
+    embeds: torch.Tensor,
+    prompt: TokenizedPrompt,
+    concepts: list[ConceptTokens],
+    image_features: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Write each concept's context vectors (and the image features, if given) into ``embeds`` (L, H).
+
+    ``offset`` shifts every span, for sequences padded on the left. Returns ``embeds``.
+    """
+    for start, index in prompt.concept_spans:
+        vectors = torch.as_tensor(concepts[index].context, dtype=embeds.dtype, device=embeds.device)
+        if vectors.shape[-1] != embeds.shape[-1]:
+            raise ValueError(
+                f"concept {concepts[index].name!r} has soft tokens of width {vectors.shape[-1]}, "
+                f"the LLM's hidden size is {embeds.shape[-1]}: the bank was enrolled for another model"
+            )
+        embeds[offset + start : offset + start + len(vectors)] = vectors
+    if image_features is not None:
+        start, length = prompt.image_span
+        embeds[offset + start : offset + start + length] = image_features.to(embeds.dtype)
+    return embeds
