@@ -45,6 +45,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
+def _damaged(error: Exception) -> RowError:
+    kind = "truncated" if "truncated" in str(error).lower() else "corrupt_image"
+    return RowError(kind, f"image data is damaged: {error}")
+
+
 def decode_image(data: bytes, max_side: int, max_pixels: int) -> tuple[np.ndarray, int, int]:
     """(working copy (H, W, 3) uint8, upright width, upright height) of an encoded image."""
     try:
@@ -55,6 +60,8 @@ def decode_image(data: bytes, max_side: int, max_pixels: int) -> tuple[np.ndarra
         raise RowError("not_an_image", "not an image file (unknown or damaged format)") from None
     except Image.DecompressionBombError as error:
         raise RowError("decompression_bomb", str(error)) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise _damaged(error) from None
     width, height = image.size
     if width * height > max_pixels:
         raise RowError(
@@ -68,8 +75,7 @@ def decode_image(data: bytes, max_side: int, max_pixels: int) -> tuple[np.ndarra
         image.load()
         image = _to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError) as error:
-        kind = "truncated" if "truncated" in str(error) else "corrupt_image"
-        raise RowError(kind, f"image data is damaged: {error}") from None
+        raise _damaged(error) from None
     if max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
     return np.asarray(image, dtype=np.uint8), width, height

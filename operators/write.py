@@ -73,6 +73,17 @@ class ToOutput:
         return pa.Table.from_pylist(rows, schema=self.schema)
 
 
+def read_output(uri: str, storage_options: storage.StorageOptions | None = None, columns=None) -> pa.Table:
+    """All committed rows under ``uri`` (staging and run records are skipped)."""
+    fs, root = storage.filesystem(uri, storage_options)
+    files = sorted(p for p in fs.glob(posixpath.join(root, "part-*.parquet")))
+    if not files:
+        return output_schema().empty_table() if columns is None else output_schema().empty_table().select(columns)
+    return pa.concat_tables(
+        [pq.read_table(fs.open(p, "rb"), columns=columns) for p in files], promote_options="permissive"
+    )
+
+
 @dataclass
 class Commit:
     run_id: str

@@ -132,7 +132,8 @@ def caption(config: Config) -> RunSummary:
         raise ValueError("no output given: set output.uri in the config or pass --output")
     started = time.monotonic()
     listing = list_inputs(config.input, config.storage)
-    check_banks([u for u in listing.column("user_id").to_pylist() if u], config.bank, config.storage)
+    valid = listing.filter(listing.column("error").is_null())
+    check_banks(valid.column("user_id").to_pylist(), config.bank, config.storage)
     models = config.model_paths()
     init_ray(config.ray)
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]

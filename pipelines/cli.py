@@ -24,7 +24,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     from pipelines.enroll import enroll
 
     result = enroll(_config(args), args.user, args.name, args.images, face_index=args.face)
-    verb = "enrolled" if result.created else "extended"
+    verb = "enrolled" if result.created else "extended" if result.added else "already enrolled from these photos:"
     print(f"{verb} {result.name!r} ({result.concept_id}) for user {result.user_id!r}: "
           f"{result.references} reference photo(s), bank {result.bank}")  # fmt: skip
     return 0
@@ -38,6 +38,20 @@ def cmd_caption(args: argparse.Namespace) -> int:
     for line in summary.lines():
         print(line)
     print(json.dumps(asdict(summary)))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from operators.write import read_output
+
+    config = _config(args)
+    table = read_output(args.output, config.storage).sort_by("path")
+    for row in table.slice(0, args.limit).to_pylist():
+        names = ", ".join(row["concepts"] or []) or "-"
+        text = row["error"] or row["caption"] or ""
+        print(f"{row['path']}  [{names}]  {text[:100]}")
+    if table.num_rows > args.limit:
+        print(f"... {table.num_rows - args.limit} more rows")
     return 0
 
 
@@ -64,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--bank", help="root URI of the concept banks")
     s.add_argument("--output", help="output folder URI for the Parquet files")
     s.add_argument("--user", help="user of a folder's or glob's photos (default: the config's, 'default')")
+
+    s = command("show", cmd_show, "print the rows of a caption run's output: path, named people, caption or error")
+    s.add_argument("output", help="output folder URI")
+    s.add_argument("--limit", type=int, default=20, help="rows to print (default 20)")
     return p
 
 

@@ -1,8 +1,8 @@
 """The run configuration: a YAML file validated into the stages' config models.
 
 Unknown keys and wrong types are errors naming the key (``detect.long_sid: unknown key``).
-``${VAR}`` in a string takes the environment variable's value, so credentials can stay
-out of the file.
+``${VAR}`` in a string takes the environment variable's value (``${VAR:-default}`` when it
+is unset or empty), so credentials and machine paths can stay out of the file.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from operators.read import InputConfig, ReadConfig
 from operators.write import OutputConfig
 from plvm_model.aligner import AlignerShape
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class ConfigError(ValueError):
@@ -117,7 +117,7 @@ class Config(StageConfig):
 
 def _expand(value: Any) -> Any:
     if isinstance(value, str):
-        return _VAR.sub(lambda m: os.environ.get(m.group(1), ""), value)
+        return _VAR.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
     if isinstance(value, dict):
         return {k: _expand(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -20,7 +20,7 @@ from operators.detect import DetectFaces, working_faces
 from operators.embed import EmbedFaces
 from operators.read import ReadBytes
 from operators.rows import to_table
-from pipelines.config import Config
+from pipelines.config import Config, ModelPaths
 from plvm_model.bank import Concept, ConceptBank, UserBank, validate_user_id
 from plvm_model.concepts import ConceptEncoder
 from plvm_model.faces import Face, make_embedder
@@ -39,6 +39,9 @@ class EnrollResult:
     name: str
     concept_id: str
     references: int
+    """Reference photos of the concept, in all."""
+    added: int
+    """Reference photos added now (a photo enrolled before is not added again)."""
     created: bool
     bank: str
 
@@ -99,13 +102,39 @@ def enroll(
         bank = UserBank(user_id=user_id, embedder=space, aligner=models.aligner_identity)
     bank.check_compatible(embedder=space, aligner=models.aligner_identity, where=f" at {config.bank}")
 
+    concept = bank.find(name)
+    created = concept is None
+    if concept is not None:
+        images = [p for p in images if p not in concept.references]
+    if images:
+        concept = _add_references(config, bank, concept, name, images, face_index, models)
+        bank_store.save(bank)
+    return EnrollResult(
+        user_id=user_id,
+        name=name,
+        concept_id=concept.concept_id,
+        references=len(concept.references),
+        added=len(images),
+        created=created,
+        bank=bank_store.location(user_id),
+    )
+
+
+def _add_references(
+    config: Config,
+    bank: UserBank,
+    concept: Concept | None,
+    name: str,
+    images: list[str],
+    face_index: int | None,
+    models: ModelPaths,
+) -> Concept:
+    """``concept`` (a new one if None, added to ``bank``) with the faces of ``images`` as references."""
     rows = reference_faces(config, images)
     chosen = [choose_face(working_faces(row), row["path"], face_index) for row in rows]
     descriptors = np.asarray([row["faces"][i]["embedding"] for row, i in zip(rows, chosen)], np.float32)
 
-    concept = bank.find(name)
-    created = concept is None
-    if created:
+    if concept is None:
         encoder = ConceptEncoder(
             models.dinov2,
             models.aligner,
@@ -127,12 +156,4 @@ def enroll(
         concept.face_descriptors = np.concatenate([concept.face_descriptors, descriptors])
         concept.references = [*concept.references, *(r["path"] for r in rows)]
         concept.updated_at = datetime.now(UTC)
-    bank_store.save(bank)
-    return EnrollResult(
-        user_id=user_id,
-        name=name,
-        concept_id=concept.concept_id,
-        references=len(concept.references),
-        created=created,
-        bank=bank_store.location(user_id),
-    )
+    return concept

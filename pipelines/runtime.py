@@ -12,14 +12,18 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(config: RayConfig) -> None:
-    """Join ``config.address``, or start a private Ray on 127.0.0.1; a no-op when Ray is up."""
+    """Join ``config.address`` (or ``RAY_ADDRESS``, set inside a Ray job), else start a private Ray on 127.0.0.1.
+
+    A no-op when Ray is already up in this process.
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        if config.address:
-            ray.init(address=config.address, logging_level=logging.WARNING)
+        address = config.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
         else:
             ray.init(
                 num_cpus=config.num_cpus,

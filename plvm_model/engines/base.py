@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
 
 from plvm_model.injection import ConceptTokens, PromptTemplate, TokenizedPrompt, tokenize
 
@@ -61,7 +62,8 @@ class LlavaPrompter:
         )
 
     def pixel_values(self, images: list[np.ndarray]):
-        return self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        pil = [Image.fromarray(image) for image in images]
+        return self.processor.image_processor(images=pil, return_tensors="pt")["pixel_values"]
 
     def decode(self, token_ids) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

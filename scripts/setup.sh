@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up the project's Python environment in .venv (idempotent: a stamp records what was installed).
+#   scripts/setup.sh          the main environment (.venv)
+#   scripts/setup.sh --vllm   also the vLLM-on-CPU environment (.venv-vllm)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
+
+main_stamp=$(stamp_of pyproject.toml requirements/no-deps.txt scripts/setup.sh)
+if [[ ! -f .venv/.setup-$main_stamp ]]; then
+  echo "setup: building .venv (torch, Ray, transformers, face models; a few minutes the first time)"
+  [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+  # torch + torchvision first: on this kind of machine pip takes them from local disk.
+  .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  .venv/bin/pip install -q -e ".[test]"
+  # facenet-pytorch pins torch<2.3/numpy<2 but runs on current ones: installed without its pins.
+  .venv/bin/pip install -q --no-deps -r requirements/no-deps.txt
+  rm -f .venv/.setup-*
+  touch ".venv/.setup-$main_stamp"
+fi

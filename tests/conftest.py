@@ -1,0 +1,67 @@
+"""Shared fixtures: the sample photos, a private Ray, configs that use the tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("PLVM_TEST_DATA", REPO.parent / "shared" / "data" / "yollava-humans"))
+PEOPLE = ("phuc-map", "thao", "thuytien", "viruss", "willinvietnam")
+
+# Tiny models are built once into the project's cache; Ray workers inherit this variable.
+os.environ.setdefault("PLVM_CACHE", str(REPO / ".cache" / "plvm"))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def photo(person: str, name: str) -> str:
+    return str(DATA / person / name)
+
+
+@pytest.fixture(scope="session")
+def yollava() -> Path:
+    """The YoLLaVA sample people (../shared/data/yollava-humans); tests that need them skip without."""
+    if not all((DATA / p / "ref_img.jpg").exists() for p in PEOPLE):
+        pytest.skip(f"sample photos not found at {DATA} (set PLVM_TEST_DATA to the yollava-humans folder)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    from plvm_model.tiny import ensure_tiny_models
+
+    return ensure_tiny_models()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private Ray for the session, on 127.0.0.1, with a short no-progress timeout."""
+    import ray
+
+    from pipelines.config import RayConfig
+    from pipelines.runtime import init_ray
+
+    init_ray(RayConfig(num_cpus=2, no_progress_timeout_s=300, progress="off"))
+    yield ray
+    ray.shutdown()
+
+
+def make_config(tmp_path: Path, **sections):
+    """A config on the tiny models with small resources, banks and output under ``tmp_path``."""
+    from pipelines.config import Config
+
+    small = {"concurrency": 1, "num_cpus": 0.5, "threads": 1, "batch_size": 4}
+    data = {
+        "bank": str(tmp_path / "banks"),
+        "output": {"uri": str(tmp_path / "out")},
+        "ray": {"num_cpus": 2, "no_progress_timeout_s": 300, "progress": "off"},
+        "detect": {"resources": small},
+        "embed": {"resources": small},
+        "generate": {"max_new_tokens": 6, "questions": ["Who is in this photo?"], "resources": small},
+        "tasks": {"num_cpus": 0.25, "batch_size": 4},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return Config.model_validate(data)

@@ -1,0 +1,40 @@
+"""Configs are data, validated at start: a bad key or value is an error naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO
+from pipelines.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "llava-1.5-7b.yaml"])
+def test_shipped_configs_are_valid(name):
+    config = load_config(REPO / "configs" / name)
+    assert config.detect.long_side == 1024
+
+
+def test_unknown_keys_and_bad_values_are_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("detect:\n  long_sid: 800\nmatch:\n  threshold: -1\ngenerate:\n  engine: tensorrt\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    text = str(error.value)
+    assert "detect.long_sid: unknown key" in text
+    assert "match.threshold" in text and "generate.engine" in text
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+
+
+def test_environment_variables_and_overrides(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("bank: ${BANK_ROOT}/banks\noutput:\n  uri: ${OUT_ROOT:-/tmp/default-out}\n")
+    monkeypatch.setenv("BANK_ROOT", "s3://photos")
+    monkeypatch.delenv("OUT_ROOT", raising=False)
+    config = load_config(path, input__uri="/photos/2024", input__user="alice", output__uri=None)
+    assert config.bank == "s3://photos/banks"
+    assert config.output.uri == "/tmp/default-out"
+    assert (config.input.uri, config.input.user) == ("/photos/2024", "alice")

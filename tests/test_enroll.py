@@ -1,0 +1,97 @@
+"""Enrollment: real faces in, a bank row out; refusals leave the bank as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_config, photo
+from pipelines.enroll import EnrollError, enroll
+from plvm_model.bank import ConceptBank
+from plvm_model.concepts import ConceptEncoder
+
+
+def side_by_side(paths: list[str], height: int, out: str) -> str:
+    images = [Image.open(p).convert("RGB") for p in paths]
+    images = [im.resize((round(im.width * height / im.height), height)) for im in images]
+    canvas = Image.new("RGB", (sum(im.width for im in images), height), "white")
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.width
+    canvas.save(out)
+    return out
+
+
+def with_small_stranger(main: str, stranger: str, out: str) -> str:
+    canvas = Image.open(main).convert("RGB")
+    small = Image.open(stranger).convert("RGB")
+    small = small.resize((canvas.width // 4, round(small.height * canvas.width / 4 / small.width)))
+    canvas.paste(small, (0, canvas.height - small.height))
+    canvas.save(out)
+    return out
+
+
+@pytest.fixture
+def config(tmp_path, tiny_models):
+    return make_config(tmp_path)
+
+
+def test_enrolling_stores_descriptor_and_the_aligner_soft_tokens(config, yollava, tiny_models):
+    result = enroll(config, "alice", "Thao", [photo("thao", "ref_img.jpg")])
+    assert result.created and result.added == 1
+    bank = ConceptBank(config.bank).load("alice")
+    (concept,) = bank.concepts
+    assert concept.name == "Thao" and concept.face_descriptors.shape == (1, 128)
+    assert bank.embedder == "dlib-resnet-v1" and bank.aligner.startswith("plvm-aligner:")
+    paths = config.model_paths()
+    encoder = ConceptEncoder(paths.dinov2, paths.aligner, paths.aligner_shape)
+    expected, head = encoder.encode(np.asarray(Image.open(photo("thao", "ref_img.jpg")).convert("RGB")), None)
+    np.testing.assert_allclose(concept.soft_tokens, expected, atol=1e-5)
+    np.testing.assert_allclose(concept.head_weight, head, atol=1e-5)
+
+    again = enroll(config, "alice", "Thao", [photo("thao", "ref_img.jpg"), photo("thao", "3.jpg")])
+    assert (again.created, again.added, again.references) == (False, 1, 2)
+    (extended,) = ConceptBank(config.bank).load("alice").concepts
+    assert extended.face_descriptors.shape == (2, 128)
+    np.testing.assert_array_equal(extended.soft_tokens, concept.soft_tokens), "soft tokens stay the first photo's"
+
+
+def test_a_photo_without_a_face_is_refused_and_nothing_is_written(config, yollava, tmp_path):
+    empty = tmp_path / "wall.png"
+    Image.fromarray(np.full((300, 400, 3), 180, np.uint8)).save(empty)
+    with pytest.raises(EnrollError, match="wall.png: no face found"):
+        enroll(config, "bob", "Nobody", [str(empty)])
+    assert ConceptBank(config.bank).load("bob") is None
+
+    enroll(config, "bob", "Viruss", [photo("viruss", "ref_img.jpg")])
+    before = (tmp_path / "banks" / "bob" / "concepts.parquet").read_bytes()
+    with pytest.raises(EnrollError, match="no face found"):
+        enroll(config, "bob", "Thao", [photo("thao", "ref_img.jpg"), str(empty)])
+    assert (tmp_path / "banks" / "bob" / "concepts.parquet").read_bytes() == before
+
+
+def test_several_similar_faces_need_a_choice(config, yollava, tmp_path):
+    pair = side_by_side([photo("thao", "ref_img.jpg"), photo("viruss", "ref_img.jpg")], 500, str(tmp_path / "pair.jpg"))
+    with pytest.raises(EnrollError, match="2 faces of similar size and no way to choose.*--face"):
+        enroll(config, "carol", "Viruss", [pair])
+    assert ConceptBank(config.bank).load("carol") is None
+    enroll(config, "carol", "Viruss", [pair], face_index=1)
+    enroll(config, "carol", "Viruss2", [photo("viruss", "ref_img.jpg")])
+    first, alone = ConceptBank(config.bank).load("carol").concepts
+    assert np.linalg.norm(first.face_descriptors[0] - alone.face_descriptors[0]) < 0.3, "--face 1 took the right face"
+
+
+def test_a_clearly_larger_face_is_taken_over_a_small_stranger(config, yollava, tmp_path):
+    shot = with_small_stranger(photo("thao", "ref_img.jpg"), photo("viruss", "ref_img.jpg"), str(tmp_path / "s.jpg"))
+    enroll(config, "dave", "Thao", [shot])
+    enroll(config, "dave", "Thao-alone", [photo("thao", "ref_img.jpg")])
+    with_stranger, alone = ConceptBank(config.bank).load("dave").concepts
+    assert np.linalg.norm(with_stranger.face_descriptors[0] - alone.face_descriptors[0]) < 0.3
+
+
+@pytest.mark.parametrize("name", ["", "   ", "a<b", "x" * 101, "tab\tname"])
+def test_bad_names_are_refused(config, name):
+    with pytest.raises(EnrollError, match="invalid concept name"):
+        enroll(config, "erin", name, ["unused.jpg"])

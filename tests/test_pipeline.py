@@ -1,0 +1,148 @@
+"""The caption pipeline end to end on a real local Ray: one row per input photo, always."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, make_config, photo
+from operators.write import read_output
+from pipelines.caption import caption
+from pipelines.enroll import enroll
+from plvm_model.bank import ConceptBank, UserBank
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, yollava, tiny_models, ray_local):
+    """One pipeline run over a manifest mixing good photos, bad files and bad rows of several users."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    config = make_config(tmp)
+    enroll(config, "alice", "Thao", [photo("thao", "ref_img.jpg")])
+    enroll(config, "bob", "Viruss", [photo("viruss", "ref_img.jpg")])
+    paths = config.model_paths()
+    ConceptBank(config.bank).save(UserBank("zoe", "dlib-resnet-v1", paths.aligner_identity))  # an empty bank
+
+    good = tmp / "good.jpg"
+    Image.open(photo("thao", "7.jpg")).save(good)
+    bad = {
+        "empty.jpg": b"",
+        "notes.jpg": b"shopping list: eggs, milk\n",
+        "truncated.jpg": good.read_bytes()[:5000],
+    }
+    for name, data in bad.items():
+        (tmp / name).write_bytes(data)
+    rows = (
+        [(photo("thao", f"{i}.jpg"), "alice") for i in range(4)]
+        + [(photo("viruss", f"{i}.jpg"), "alice") for i in range(2)]
+        + [(photo("viruss", "3.jpg"), "bob"), (photo("thao", "4.jpg"), "bob")]
+        + [(str(good), "alice")]
+        + [(str(tmp / name), "alice") for name in bad]
+        + [(str(tmp / "missing.jpg"), "alice")]
+        + [(photo("thao", "5.jpg"), "nobody"), (photo("thao", "6.jpg"), "zoe")]
+        + [("", "alice"), (photo("thao", "8.jpg"), "../alice")]
+    )
+    manifest = tmp / "manifest.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "user_id"])
+        writer.writerows(rows)
+    config = config.model_copy(update={"input": config.input.model_copy(update={"uri": str(manifest)})})
+    summary = caption(config)
+    table = read_output(config.output.uri)
+    return rows, summary, {(r["path"], r["user_id"]): r for r in table.to_pylist()}, table, config
+
+
+def test_every_input_row_has_exactly_one_output_row(run):
+    rows, summary, by_key, table, _ = run
+    assert table.num_rows == len(rows) == summary.photos == summary.rows
+    assert len(by_key) == len(rows), "no input row is lost or written twice"
+    assert (None, "alice") in by_key, "the manifest row without a path has its row too"
+    assert summary.output and all(Path(f).exists() for f in summary.output)
+
+
+def test_enrolled_person_is_named_in_her_own_photos(run):
+    rows, _, by_key, _, _ = run
+    for i in range(4):
+        row = by_key[(photo("thao", f"{i}.jpg"), "alice")]
+        assert row["error"] is None
+        assert "Thao" in row["concepts"], row["faces"]
+        assert row["caption"] and row["answers"][0]["question"] == "Who is in this photo?"
+        assert row["model"] == "llava-tiny-random" and row["engine"] == "transformers"
+        named = [f for f in row["faces"] if f["concept"] == "Thao"]
+        assert len(named) == 1 and named[0]["distance"] < 0.6
+        x1, y1, x2, y2 = named[0]["box"]
+        assert 0 <= x1 < x2 <= row["width"] and 0 <= y1 < y2 <= row["height"]
+
+
+def test_other_people_and_other_users_concepts_are_not_named(run):
+    _, _, by_key, _, _ = run
+    for i in range(2):
+        assert "Thao" not in by_key[(photo("viruss", f"{i}.jpg"), "alice")]["concepts"]
+    assert by_key[(photo("viruss", "3.jpg"), "bob")]["concepts"] == ["Viruss"]
+    thao_in_bobs_photo = by_key[(photo("thao", "4.jpg"), "bob")]
+    assert thao_in_bobs_photo["error"] is None and thao_in_bobs_photo["faces"]
+    assert "Thao" not in thao_in_bobs_photo["concepts"], "alice's concept is never matched in bob's photo"
+
+
+def test_bad_inputs_get_clear_errors_and_nothing_else_is_lost(run):
+    _, summary, by_key, table, config = run
+    tmp = Path(config.bank).parent
+    expected = {
+        (str(tmp / "empty.jpg"), "alice"): "empty_file",
+        (str(tmp / "notes.jpg"), "alice"): "not_an_image",
+        (str(tmp / "truncated.jpg"), "alice"): "truncated",
+        (str(tmp / "missing.jpg"), "alice"): "missing_file",
+        (photo("thao", "5.jpg"), "nobody"): "unknown_user",
+        (photo("thao", "6.jpg"), "zoe"): "empty_bank",
+        (photo("thao", "8.jpg"), "../alice"): "invalid_user",
+    }
+    for key, kind in expected.items():
+        row = by_key[key]
+        assert row["error_kind"] == kind, row
+        assert row["caption"] is None
+    assert "nobody" in by_key[(photo("thao", "5.jpg"), "nobody")]["error"]
+    assert "empty.jpg" in by_key[(str(tmp / "empty.jpg"), "alice")]["error"]
+    no_path = [r for r in table.to_pylist() if r["path"] is None]
+    assert len(no_path) == 1 and no_path[0]["error_kind"] == "bad_manifest_row" and "row 16" in no_path[0]["error"]
+    good = by_key[(str(tmp / "good.jpg"), "alice")]
+    assert good["error"] is None and good["concepts"] == ["Thao"]
+    assert sum(summary.errors.values()) == len(expected) + 1
+    assert summary.errors["unknown_user"] == 1
+
+
+def test_run_record_is_written_next_to_the_output(run):
+    _, summary, _, _, config = run
+    record = json.loads((Path(config.output.uri) / "_runs" / f"{summary.run_id}.json").read_text())
+    assert record["rows"] == record["photos"] == summary.photos
+    assert not (Path(config.output.uri) / "_staging" / summary.run_id).exists()
+
+
+def test_the_readme_commands_work_from_the_command_line(tmp_path, yollava, tiny_models):
+    """enroll, caption and show through the ``plvm`` console script, as a user runs them."""
+    plvm = [sys.executable, "-m", "pipelines.cli"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def run_cli(*args: str) -> str:
+        done = subprocess.run([*plvm, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    out = run_cli("enroll", "--bank", "banks", "--user", "demo", "--name", "Viruss", photo("viruss", "ref_img.jpg"))
+    assert "enrolled 'Viruss'" in out
+    out = run_cli("caption", "--bank", "banks", "--user", "demo", "--input", str(yollava / "viruss" / "[4-6].jpg"),
+                  "--output", "captions")  # fmt: skip
+    assert "3 photos -> 3 rows" in out
+    assert json.loads(out.strip().splitlines()[-1])["rows"] == 3
+    shown = run_cli("show", "captions")
+    assert shown.count("[Viruss]") >= 2
+
+    bad = subprocess.run([*plvm, "caption", "--input", str(tmp_path / "nowhere"), "--output", "x"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)  # fmt: skip
+    assert bad.returncode == 2 and "nowhere does not exist" in bad.stderr
