@@ -41,6 +41,37 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_recognition(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import recognition
+
+    config = _config(args, match__threshold=args.threshold)
+    result = recognition(config, args.directory, protocol=args.protocol)
+    print(f"recognition, {result.protocol} protocol, threshold {result.threshold}:")
+    print(f"  positive accuracy {result.positive_accuracy:.4f} ({result.n_positive} photos)")
+    print(f"  negative accuracy {result.negative_accuracy:.4f} ({result.n_negative} photo-person pairs)")
+    print(f"  weighted accuracy {result.weighted_accuracy:.4f}, ROC AUC {result.roc_auc:.4f}")
+    for path in result.no_face:
+        print(f"  no face found: {path}")
+    for d in result.errors():
+        what = "missed" if d.positive else "false match"
+        distance = "no face" if d.distance is None else f"distance {d.distance:.3f}"
+        print(f"  {what}: {d.person} in {d.photo} ({distance})")
+    if args.report:
+        from pipelines.report import recognition_report
+
+        print(f"  report: {recognition_report(result, args.report)}")
+    print(json.dumps(result.summary()))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipelines.report import caption_report
+
+    page = caption_report(args.results, args.out, args.limit, _config(args).storage)
+    print(f"report: {page}")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from operators.write import read_output
 
@@ -78,6 +109,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--bank", help="root URI of the concept banks")
     s.add_argument("--output", help="output folder URI for the Parquet files")
     s.add_argument("--user", help="user of a folder's or glob's photos (default: the config's, 'default')")
+
+    evaluate = sub.add_parser("eval", help="evaluate recognition or VQA").add_subparsers(dest="what", required=True)
+    s = evaluate.add_parser("recognition", help="is P in this photo? on a PLVM/YoLLaVA-layout folder")
+    s.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name} of this project)")
+    s.set_defaults(handler=cmd_eval_recognition)
+    s.add_argument("directory", help="one folder per person: ref_img.* and that person's photos")
+    s.add_argument("--protocol", choices=["single", "bank"], default="single",
+                   help="single: each person alone in a bank (as the papers); bank: all in one bank")  # fmt: skip
+    s.add_argument("--threshold", type=float, help="match threshold (default: the config's)")
+    s.add_argument("--report", help="folder for an HTML report of the errors")
+
+    s = command("report", cmd_report, "draw a caption run's photos with their faces, names and captions (HTML + PNG)")
+    s.add_argument("results", help="output folder URI, or one Parquet file")
+    s.add_argument("--out", required=True, help="folder for index.html, the photos and the contact sheets")
+    s.add_argument("--limit", type=int, default=200, help="photos drawn (default 200)")
 
     s = command("show", cmd_show, "print the rows of a caption run's output: path, named people, caption or error")
     s.add_argument("output", help="output folder URI")

@@ -20,10 +20,10 @@ from operators.detect import DetectFaces, working_faces
 from operators.embed import EmbedFaces
 from operators.read import ReadBytes
 from operators.rows import to_table
-from pipelines.config import Config, ModelPaths
+from pipelines.config import Config
 from plvm_model.bank import Concept, ConceptBank, UserBank, validate_user_id
 from plvm_model.concepts import ConceptEncoder
-from plvm_model.faces import Face, make_embedder
+from plvm_model.faces import Face
 
 DOMINANCE = 2.0
 """A face at least this many times larger than every other one is the reference face."""
@@ -73,17 +73,91 @@ def choose_face(faces: list[Face], path: str, face_index: int | None) -> int:
     )
 
 
-def reference_faces(config: Config, paths: list[str]) -> list[dict]:
-    """Each reference photo's row after the read, decode, detect and embed operators."""
-    listing = to_table([{"path": p, "user_id": None} for p in paths], ["path", "user_id"])
-    batch: pa.Table = ReadBytes(config.read, config.storage)(listing)
-    for stage in (Decode(config.decode), DetectFaces(config.detect), EmbedFaces(config.embed)):
-        batch = stage(batch)
-    rows = batch.to_pylist()
-    for row in rows:
-        if row["error"]:
-            raise EnrollError(f"reference photo refused: {row['error']}")
-    return rows
+class Enroller:
+    """Enrollment with the face stages and the concept encoder loaded once, for many concepts."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = ConceptBank(config.bank, config.storage)
+        self.models = config.model_paths()
+        self.embed = EmbedFaces(config.embed)
+        self.stages = [ReadBytes(config.read, config.storage), Decode(config.decode), DetectFaces(config.detect)]
+        self._encoder: ConceptEncoder | None = None
+
+    @property
+    def encoder(self) -> ConceptEncoder:
+        if self._encoder is None:
+            self._encoder = ConceptEncoder(
+                self.models.dinov2,
+                self.models.aligner,
+                self.models.aligner_shape,
+                reference=self.models.aligner_reference,
+                device=self.config.models.device,
+            )
+        return self._encoder
+
+    def reference_faces(self, paths: list[str]) -> list[dict]:
+        """Each reference photo's row after the read, decode, detect and embed operators."""
+        batch: pa.Table = to_table([{"path": p, "user_id": None} for p in paths], ["path", "user_id"])
+        for stage in (*self.stages, self.embed):
+            batch = stage(batch)
+        rows = batch.to_pylist()
+        for row in rows:
+            if row["error"]:
+                raise EnrollError(f"reference photo refused: {row['error']}")
+        return rows
+
+    def enroll(self, user_id: str, name: str, images: list[str], face_index: int | None = None) -> EnrollResult:
+        """Add ``name`` with the reference photos ``images`` to ``user_id``'s bank."""
+        validate_user_id(user_id)
+        name = validate_name(name)
+        if not images:
+            raise EnrollError("give at least one reference photo")
+        bank = self.store.load(user_id)  # a damaged bank raises here, before any work
+        space, aligner = self.embed.embedder.space, self.models.aligner_identity
+        if bank is None:
+            bank = UserBank(user_id=user_id, embedder=space, aligner=aligner)
+        bank.check_compatible(embedder=space, aligner=aligner, where=f" at {self.config.bank}")
+        concept = bank.find(name)
+        created = concept is None
+        if concept is not None:
+            images = [p for p in images if p not in concept.references]
+        if images:
+            concept = self._add_references(bank, concept, name, images, face_index)
+            self.store.save(bank)
+        return EnrollResult(
+            user_id=user_id,
+            name=name,
+            concept_id=concept.concept_id,
+            references=len(concept.references),
+            added=len(images),
+            created=created,
+            bank=self.store.location(user_id),
+        )
+
+    def _add_references(
+        self, bank: UserBank, concept: Concept | None, name: str, images: list[str], face_index: int | None
+    ) -> Concept:
+        """``concept`` (a new one if None, added to ``bank``) with the faces of ``images`` as references."""
+        rows = self.reference_faces(images)
+        chosen = [choose_face(working_faces(row), row["path"], face_index) for row in rows]
+        descriptors = np.asarray([row["faces"][i]["embedding"] for row, i in zip(rows, chosen)], np.float32)
+        if concept is None:
+            first = rows[0]
+            soft_tokens, head_weight = self.encoder.encode(row_pixels(first), working_faces(first)[chosen[0]])
+            concept = Concept(
+                name=name,
+                face_descriptors=descriptors,
+                soft_tokens=soft_tokens,
+                head_weight=head_weight,
+                references=[r["path"] for r in rows],
+            )
+            bank.concepts.append(concept)
+        else:
+            concept.face_descriptors = np.concatenate([concept.face_descriptors, descriptors])
+            concept.references = [*concept.references, *(r["path"] for r in rows)]
+            concept.updated_at = datetime.now(UTC)
+        return concept
 
 
 def enroll(
@@ -91,69 +165,5 @@ def enroll(
 ) -> EnrollResult:
     """Add ``name`` with the reference photos ``images`` to ``user_id``'s bank."""
     validate_user_id(user_id)
-    name = validate_name(name)
-    if not images:
-        raise EnrollError("give at least one reference photo")
-    bank_store = ConceptBank(config.bank, config.storage)
-    bank = bank_store.load(user_id)  # a damaged bank raises here, before any work
-    space = make_embedder(config.embed.kind, **config.embed.options).space
-    models = config.model_paths()
-    if bank is None:
-        bank = UserBank(user_id=user_id, embedder=space, aligner=models.aligner_identity)
-    bank.check_compatible(embedder=space, aligner=models.aligner_identity, where=f" at {config.bank}")
-
-    concept = bank.find(name)
-    created = concept is None
-    if concept is not None:
-        images = [p for p in images if p not in concept.references]
-    if images:
-        concept = _add_references(config, bank, concept, name, images, face_index, models)
-        bank_store.save(bank)
-    return EnrollResult(
-        user_id=user_id,
-        name=name,
-        concept_id=concept.concept_id,
-        references=len(concept.references),
-        added=len(images),
-        created=created,
-        bank=bank_store.location(user_id),
-    )
-
-
-def _add_references(
-    config: Config,
-    bank: UserBank,
-    concept: Concept | None,
-    name: str,
-    images: list[str],
-    face_index: int | None,
-    models: ModelPaths,
-) -> Concept:
-    """``concept`` (a new one if None, added to ``bank``) with the faces of ``images`` as references."""
-    rows = reference_faces(config, images)
-    chosen = [choose_face(working_faces(row), row["path"], face_index) for row in rows]
-    descriptors = np.asarray([row["faces"][i]["embedding"] for row, i in zip(rows, chosen)], np.float32)
-
-    if concept is None:
-        encoder = ConceptEncoder(
-            models.dinov2,
-            models.aligner,
-            models.aligner_shape,
-            reference=models.aligner_reference,
-            device=config.models.device,
-        )
-        first = rows[0]
-        soft_tokens, head_weight = encoder.encode(row_pixels(first), working_faces(first)[chosen[0]])
-        concept = Concept(
-            name=name,
-            face_descriptors=descriptors,
-            soft_tokens=soft_tokens,
-            head_weight=head_weight,
-            references=[r["path"] for r in rows],
-        )
-        bank.concepts.append(concept)
-    else:
-        concept.face_descriptors = np.concatenate([concept.face_descriptors, descriptors])
-        concept.references = [*concept.references, *(r["path"] for r in rows)]
-        concept.updated_at = datetime.now(UTC)
-    return concept
+    validate_name(name)
+    return Enroller(config).enroll(user_id, name, images, face_index)

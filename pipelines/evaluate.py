@@ -1,0 +1,177 @@
+"""Evaluation of recognition ("is P in this photo?") through the caption pipeline's own operators.
+
+The data set is in the PLVM/YoLLaVA layout: one folder per person with ``ref_img.*`` (the
+only reference) and that person's photos. Each person is enrolled by the real enrollment
+code, the photos go through the Ray pipeline's read, decode, detect and embed stages, and
+the match operator names their faces.
+
+``single`` (as in the papers): each person P alone in a bank; P's photos are positives,
+every other person's photos negatives. ``bank``: everyone in one bank, each face
+identified among them; the same positives and negatives.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from operators.match import MatchFaces
+from operators.read import IMAGE_EXTENSIONS
+from operators.rows import to_table
+from pipelines.caption import build
+from pipelines.config import Config
+from pipelines.enroll import Enroller
+from pipelines.runtime import init_ray
+from plvm_model.faces.matching import distance_matrix
+
+Protocol = Literal["single", "bank"]
+
+
+@dataclass
+class Person:
+    name: str
+    reference: str
+    photos: list[str]
+
+
+@dataclass
+class Decision:
+    person: str
+    photo: str
+    positive: bool
+    predicted: bool
+    distance: float | None
+    """The smallest distance between the person's concept and a face of the photo."""
+    faces: list[dict] = field(default_factory=list, repr=False)
+    """The photo's faces: box, the concept the match stage gave it, the distance to this person."""
+    width: int = 0
+    height: int = 0
+
+
+@dataclass
+class RecognitionResult:
+    protocol: str
+    positive_accuracy: float
+    negative_accuracy: float
+    weighted_accuracy: float
+    n_positive: int
+    n_negative: int
+    roc_auc: float
+    threshold: float
+    no_face: list[str] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+
+    def errors(self) -> list[Decision]:
+        return [d for d in self.decisions if d.positive != d.predicted]
+
+    def summary(self) -> dict:
+        """The figures (the last line ``plvm eval recognition`` prints)."""
+        out = {k: v for k, v in asdict(self).items() if k != "decisions"}
+        out["errors"] = len(self.errors())
+        return out
+
+
+def people_of(directory: str | Path) -> list[Person]:
+    """The persons of a PLVM/YoLLaVA-layout folder, sorted by name."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"evaluation folder {root} does not exist")
+    people = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        refs = [p for p in images if p.stem == "ref_img"]
+        if not refs:
+            raise ValueError(f"{folder} has no ref_img.* reference photo")
+        photos = [str(p) for p in images if p.stem != "ref_img"]
+        people.append(Person(folder.name, str(refs[0]), photos))
+    if len(people) < 2:
+        raise ValueError(f"{root} needs at least two person folders, found {len(people)}")
+    return people
+
+
+def roc_auc(positive: list[float], negative: list[float]) -> float:
+    """Probability that a positive scores above a negative (ties count half)."""
+    pos, neg = np.asarray(positive, float)[:, None], np.asarray(negative, float)[None, :]
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+
+
+def face_table(config: Config, paths: list[str]) -> pa.Table:
+    """The photos' rows after the pipeline's read, decode, detect and embed stages (on Ray)."""
+    import ray
+
+    init_ray(config.ray)
+    listing = to_table([{"path": p, "user_id": "eval"} for p in paths], ["path", "user_id"])
+    ds = build(config, listing, None, stop="embed").drop_columns(["pixels"])
+    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
+
+
+def recognition(config: Config, directory: str | Path, protocol: Protocol = "single") -> RecognitionResult:
+    people = people_of(directory)
+    with tempfile.TemporaryDirectory(prefix="plvm-eval-") as banks:
+        config = config.model_copy(update={"bank": banks})
+        enroller = Enroller(config)
+        users = {}
+        for index, person in enumerate(people):
+            users[person.name] = f"eval-{index}" if protocol == "single" else "eval-all"
+            enroller.enroll(users[person.name], person.name, [person.reference])
+        photos = {photo: person.name for person in people for photo in person.photos}
+        faces = face_table(config, list(photos))
+        match = MatchFaces(config.match, banks, embedder_space=enroller.embed.embedder.space)
+        decisions = []
+        for person in people:
+            user = users[person.name]
+            refs = enroller.store.load(user).find(person.name).face_descriptors
+            owner = pa.array([user] * faces.num_rows, pa.string())
+            batch = faces.set_column(faces.schema.get_field_index("user_id"), "user_id", owner)
+            for row in match(batch).to_pylist():
+                embeddings = [f["embedding"] for f in row["faces"] or []]
+                vectors = np.asarray(embeddings, np.float32).reshape(-1, refs.shape[1])
+                distances = distance_matrix(vectors, [refs])[:, 0]
+                drawn = [
+                    {"box": f["box"], "concept": f.get("concept"), "distance": float(d)}
+                    for f, d in zip(row["faces"] or [], distances)
+                ]
+                decisions.append(
+                    Decision(
+                        person=person.name,
+                        photo=row["path"],
+                        positive=photos[row["path"]] == person.name,
+                        predicted=person.name in (row["concepts"] or []),
+                        distance=float(distances.min()) if len(distances) else None,
+                        faces=drawn,
+                        width=row["width"] or 0,
+                        height=row["height"] or 0,
+                    )
+                )
+    no_face = [row["path"] for row in faces.select(["path", "faces"]).to_pylist() if not row["faces"]]
+    return _score(protocol, config.match.threshold, decisions, no_face)
+
+
+def _score(protocol: str, threshold: float, decisions: list[Decision], no_face: list[str]) -> RecognitionResult:
+    pos = [d for d in decisions if d.positive]
+    neg = [d for d in decisions if not d.positive]
+    pos_acc = sum(d.predicted for d in pos) / len(pos)
+    neg_acc = sum(not d.predicted for d in neg) / len(neg)
+
+    def score(d: Decision) -> float:
+        return -d.distance if d.distance is not None else -np.inf
+
+    return RecognitionResult(
+        protocol=protocol,
+        positive_accuracy=pos_acc,
+        negative_accuracy=neg_acc,
+        weighted_accuracy=(pos_acc + neg_acc) / 2,
+        n_positive=len(pos),
+        n_negative=len(neg),
+        roc_auc=roc_auc([score(d) for d in pos], [score(d) for d in neg]),
+        threshold=threshold,
+        no_face=sorted(no_face),
+        decisions=decisions,
+    )
