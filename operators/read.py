@@ -87,7 +87,8 @@ def _read_manifest(uri: str, default_user: str, storage_options: storage.Storage
         row["user_id"] = default_user if users is None else users[index]
         where = f"manifest {uri} row {index + 1}"
         if row["path"] is None:
-            row.update(error=f"{where}: 'path' is empty", error_kind="bad_manifest_row")
+            # The row still needs an identity: its place in the manifest.
+            row.update(path=f"{uri}#row={index + 1}", error=f"{where}: 'path' is empty", error_kind="bad_manifest_row")
         elif row["user_id"] is None or str(row["user_id"]).strip() == "":
             row.update(error=f"{where}: 'user_id' is empty", error_kind="bad_manifest_row")
         else:

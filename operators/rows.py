@@ -42,6 +42,7 @@ INJECTED = pa.struct(
 ANSWER = pa.struct([pa.field("question", pa.string()), pa.field("answer", pa.string())])
 
 COLUMNS: dict[str, pa.DataType] = {
+    "index": pa.int64(),
     "path": pa.string(),
     "user_id": pa.string(),
     "data": pa.binary(),

@@ -1,17 +1,24 @@
-"""Stage 8, write: rows in the output schema, written to a staging prefix and committed at the end.
+"""Stage 8, write: rows in the output schema, committed part by part, each photo exactly once.
 
-Ray writes Parquet files under ``OUTPUT/_staging/<run_id>/``; :meth:`OutputWriter.commit`
-then counts their rows, moves each into ``OUTPUT/`` as ``part-<run_id>-<n>.parquet`` and
-writes ``OUTPUT/_runs/<run_id>.json``. Readers of ``OUTPUT`` (pyarrow, Ray, pandas, Spark
-skip ``_``-prefixed folders) never see a partial run.
+Each write task turns its batch into one Parquet part: the bytes go to
+``OUTPUT/_staging/<run>/`` first and are then renamed to ``OUTPUT/part-<run>-<key>.parquet``,
+so a part appears whole or not at all (readers of ``OUTPUT`` skip ``_`` folders, as
+pyarrow, pandas, Ray and Spark do). ``<key>`` is a hash of the input positions of the
+part's photos: a task that Ray retries after a worker died writes the same name again,
+never a second copy. A run that crashes leaves its committed parts, which ``--resume``
+keeps, and staging debris, which the next run removes. At the end the run checks that
+the output holds each listed photo exactly once and records itself in ``OUTPUT/_runs/``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import posixpath
-from dataclasses import asdict, dataclass
+import uuid
+from collections import Counter
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -56,81 +63,102 @@ class OutputConfig(StageConfig):
     uri: str | None = None
     face_embeddings: bool = False
     """Also write each face's descriptor."""
-    min_rows_per_file: int = Field(5000, ge=1)
+    rows_per_file: int = Field(1000, ge=1)
+    """Rows per Parquet part: the unit of commit (a crash loses at most the parts being written)."""
 
 
-class ToOutput:
-    """Any row -> a row of the output schema (working columns dropped, missing ones null)."""
+class OutputExists(ValueError):
+    """The output already holds committed rows, and the run was not told to resume or overwrite."""
 
-    def __init__(self, face_embeddings: bool = False) -> None:
-        self.schema = output_schema(face_embeddings)
+
+def keys(table: pa.Table) -> Counter:
+    """How many times each (path, user_id) occurs: an input photo's identity."""
+    return Counter(zip(table.column("path").to_pylist(), table.column("user_id").to_pylist()))
+
+
+class OutputFolder:
+    """The output folder ``uri``: its committed parts, staging and run records."""
+
+    def __init__(self, uri: str, storage_options: storage.StorageOptions | None = None) -> None:
+        self.uri = uri
+        self.storage_options = storage_options
+        self.fs, self.root = storage.filesystem(uri, storage_options)
+
+    def staging(self, run_id: str) -> str:
+        return posixpath.join(self.root, "_staging", run_id)
+
+    def part_files(self, run_id: str = "*") -> list[str]:
+        return sorted(self.fs.glob(posixpath.join(self.root, f"part-{run_id}-*.parquet")))
+
+    def read(self, columns: list[str] | None = None, run_id: str = "*") -> pa.Table:
+        """The committed rows (of one run, if ``run_id`` is given), with ``columns`` only if given."""
+        tables = []
+        for path in self.part_files(run_id):
+            with self.fs.open(path, "rb") as f:
+                tables.append(pq.read_table(f, columns=columns))
+        if not tables:
+            empty = output_schema().empty_table()
+            return empty if columns is None else empty.select(columns)
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def clear(self) -> None:
+        """Remove every earlier run's output (``--overwrite``)."""
+        for path in self.part_files():
+            self.fs.rm(path)
+        for folder in ("_runs", "_staging"):
+            if self.fs.exists(posixpath.join(self.root, folder)):
+                self.fs.rm(posixpath.join(self.root, folder), recursive=True)
+
+    def discard_staging(self) -> list[str]:
+        """Remove what interrupted runs left in ``_staging`` (never visible output); returns the folders."""
+        base = posixpath.join(self.root, "_staging")
+        stale = self.fs.ls(base, detail=False) if self.fs.exists(base) else []
+        for path in stale:
+            self.fs.rm(path, recursive=True)
+        return stale
+
+    def record(self, run_id: str, summary: dict) -> None:
+        """Write ``_runs/<run_id>.json`` and drop the run's staging folder."""
+        path = posixpath.join(self.root, "_runs", f"{run_id}.json")
+        storage.write_atomic(self.fs, path, json.dumps(summary, indent=1).encode())
+        if self.fs.exists(self.staging(run_id)):
+            self.fs.rm(self.staging(run_id), recursive=True)
+
+
+def read_output(uri: str, storage_options: storage.StorageOptions | None = None, columns=None) -> pa.Table:
+    """All committed rows under ``uri``."""
+    return OutputFolder(uri, storage_options).read(columns)
+
+
+@dataclass
+class WriteParts:
+    """Internal rows -> one committed Parquet part per batch; returns (file, rows) per part."""
+
+    uri: str
+    run_id: str
+    storage_options: storage.StorageOptions | None = None
+    face_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        self.schema = output_schema(self.face_embeddings)
         self.face_fields = [f.name for f in self.schema.field("faces").type.value_type]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def to_output(self, batch: pa.Table) -> pa.Table:
+        """The batch in the output schema: working columns dropped, missing ones null."""
         rows = batch.select([c for c in batch.column_names if c in self.schema.names]).to_pylist()
         for row in rows:
             row["faces"] = [{k: face.get(k) for k in self.face_fields} for face in row.get("faces") or []]
         return pa.Table.from_pylist(rows, schema=self.schema)
 
-
-def read_output(uri: str, storage_options: storage.StorageOptions | None = None, columns=None) -> pa.Table:
-    """All committed rows under ``uri`` (staging and run records are skipped)."""
-    fs, root = storage.filesystem(uri, storage_options)
-    files = sorted(p for p in fs.glob(posixpath.join(root, "part-*.parquet")))
-    if not files:
-        return output_schema().empty_table() if columns is None else output_schema().empty_table().select(columns)
-    return pa.concat_tables(
-        [pq.read_table(fs.open(p, "rb"), columns=columns) for p in files], promote_options="permissive"
-    )
-
-
-@dataclass
-class Commit:
-    run_id: str
-    files: list[str]
-    rows: int
-
-
-class OutputWriter:
-    """Staging and commit of one run's Parquet files under ``uri``."""
-
-    def __init__(self, uri: str, run_id: str, storage_options: storage.StorageOptions | None = None) -> None:
-        self.uri = uri
-        self.run_id = run_id
-        self.fs, self.root = storage.filesystem(uri, storage_options)
-        self.staging = posixpath.join(self.root, "_staging", run_id)
-
-    def staging_target(self) -> tuple[pa.fs.FileSystem, str]:
-        """(pyarrow filesystem, path) for Ray's ``write_parquet``."""
-        from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
-        from fsspec.implementations.local import LocalFileSystem as FsspecLocal
-
-        if isinstance(self.fs, FsspecLocal):
-            return LocalFileSystem(), self.staging
-        return PyFileSystem(FSSpecHandler(self.fs)), self.staging
-
-    def staged_files(self) -> list[str]:
-        if not self.fs.exists(self.staging):
-            return []
-        return sorted(p for p in self.fs.find(self.staging) if p.endswith(".parquet"))
-
-    def count_rows(self, paths: list[str]) -> int:
-        return sum(pq.read_metadata(io.BytesIO(self.fs.cat_file(p))).num_rows for p in paths)
-
-    def commit(self, summary: dict | None = None) -> Commit:
-        """Move the staged files into the output folder and record the run."""
-        staged = self.staged_files()
-        rows = self.count_rows(staged)
-        final = []
-        for index, path in enumerate(staged):
-            target = posixpath.join(self.root, f"part-{self.run_id}-{index:05d}.parquet")
-            self.fs.mv(path, target)
-            final.append(target)
-        commit = Commit(self.run_id, [storage.unstrip(self.uri, p) for p in final], rows)
-        record = {**asdict(commit), **(summary or {})}
-        storage.write_atomic(
-            self.fs, posixpath.join(self.root, "_runs", f"{self.run_id}.json"), json.dumps(record, indent=1).encode()
-        )
-        if self.fs.exists(self.staging):
-            self.fs.rm(self.staging, recursive=True)
-        return commit
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        folder = OutputFolder(self.uri, self.storage_options)
+        positions = ",".join(map(str, sorted(batch.column("index").to_pylist())))
+        key = hashlib.sha1(positions.encode()).hexdigest()[:20]
+        final = posixpath.join(folder.root, f"part-{self.run_id}-{key}.parquet")
+        data = io.BytesIO()
+        pq.write_table(self.to_output(batch), data)
+        staged = posixpath.join(folder.staging(self.run_id), f"{key}.{uuid.uuid4().hex[:8]}.tmp")
+        folder.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
+        folder.fs.pipe_file(staged, data.getvalue())
+        folder.fs.mv(staged, final)  # a retried task renames identical bytes onto the same name
+        return pa.table({"file": [storage.unstrip(self.uri, final)], "rows": [batch.num_rows]})

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from typing import Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from operators.base import Resources
 from operators.decode import Decode
@@ -26,7 +25,7 @@ from operators.generate import Generate
 from operators.match import MatchFaces, check_banks
 from operators.prompt import ChooseConcepts
 from operators.read import ReadBytes, list_inputs
-from operators.write import OutputWriter, ToOutput
+from operators.write import OutputExists, OutputFolder, WriteParts, keys
 from pipelines.config import Config, ModelPaths
 from pipelines.runtime import init_ray
 from plvm_model.faces import make_embedder
@@ -44,7 +43,13 @@ class RowCountMismatch(RuntimeError):
 class RunSummary:
     run_id: str
     photos: int
+    """Photos processed by this run."""
     rows: int
+    """Rows this run wrote."""
+    skipped: int = 0
+    """Listed photos already written by earlier runs (``--resume``)."""
+    missing: int = 0
+    duplicates: int = 0
     faces: int = 0
     matched: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -53,9 +58,11 @@ class RunSummary:
     output: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
+        """The summary as printed at the end of a run."""
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())) or "none"
+        skipped = f" ({self.skipped} written before, skipped)" if self.skipped else ""
         return [
-            f"run {self.run_id}: {self.photos} photos -> {self.rows} rows",
+            f"run {self.run_id}: {self.photos} photos -> {self.rows} rows{skipped}",
             f"faces {self.faces}, named {self.matched}, errors {sum(self.errors.values())} ({errors})",
             f"wall {self.wall_s:.1f} s, {self.photos_per_s:.2f} photos/s",
         ]
@@ -91,8 +98,12 @@ def _actors(ds, cls, args: tuple, resources: Resources, **ray_args):
     )
 
 
-def build(config: Config, listing: pa.Table, models: ModelPaths | None, stop: Stop = "write"):
-    """The Ray dataset of ``listing``'s photos through the stages up to ``stop`` (inclusive)."""
+def build(config: Config, listing: pa.Table, models: ModelPaths | None, stop: Stop = "write", run_id: str = ""):
+    """The Ray dataset of ``listing``'s photos through the stages up to ``stop`` (inclusive).
+
+    Through ``write`` the dataset's rows are the committed parts (file, rows), and
+    ``listing`` needs its ``index`` column (the photos' positions in the whole input).
+    """
     import ray.data
 
     storage_options = config.storage
@@ -110,54 +121,87 @@ def build(config: Config, listing: pa.Table, models: ModelPaths | None, stop: St
     assert models is not None
     ds = _tasks(ds, ChooseConcepts(config.prompt, config.bank, storage_options, models.aligner_identity), config.tasks)
     ds = _actors(ds, Generate, (config.generate, models.llava), config.generate.resources)
-    return _tasks(ds, ToOutput(config.output.face_embeddings), config.tasks)
+    write = WriteParts(config.output.uri, run_id, storage_options, config.output.face_embeddings)
+    return ds.map_batches(
+        write, batch_format="pyarrow", batch_size=config.output.rows_per_file, num_cpus=config.tasks.num_cpus
+    )
 
 
-def summarize(writer: OutputWriter, files: list[str]) -> Counter:
-    counts: Counter = Counter()
-    for path in files:
-        table = pq.read_table(writer.fs.open(path, "rb"), columns=["faces", "concepts", "error_kind"])
-        counts["rows"] += table.num_rows
-        for faces, concepts, kind in zip(*(table.column(c).to_pylist() for c in ("faces", "concepts", "error_kind"))):
-            counts["faces"] += len(faces or [])
-            counts["matched"] += len(concepts or [])
-            if kind:
-                counts[f"error:{kind}"] += 1
+def summarize(table: pa.Table) -> Counter:
+    """Rows, faces, named faces and errors by kind of a table of output rows."""
+    counts: Counter = Counter(rows=table.num_rows)
+    for faces, concepts, kind in zip(*(table.column(c).to_pylist() for c in ("faces", "concepts", "error_kind"))):
+        counts["faces"] += len(faces or [])
+        counts["matched"] += len(concepts or [])
+        if kind:
+            counts[f"error:{kind}"] += 1
     return counts
 
 
-def caption(config: Config) -> RunSummary:
-    """Run the caption pipeline of ``config`` and commit its output; the summary is written beside it."""
+def remaining(listing: pa.Table, done: Counter) -> pa.Table:
+    """The listing without the photos already written (each occurrence of a listed photo once)."""
+    left = Counter(done)
+    keep = []
+    for key in zip(listing.column("path").to_pylist(), listing.column("user_id").to_pylist()):
+        keep.append(left[key] <= 0)
+        left[key] -= 1
+    return listing.filter(pa.array(keep, pa.bool_()))
+
+
+def caption(config: Config, resume: bool = False, overwrite: bool = False) -> RunSummary:
+    """Run the caption pipeline of ``config``; the summary is also written beside the output.
+
+    With ``resume``, photos that earlier runs into the same output already wrote are skipped;
+    with ``overwrite``, earlier runs' output is removed first. Without either, an output
+    that already holds rows is refused, so that no photo is ever written twice.
+    """
     if not config.output.uri:
         raise ValueError("no output given: set output.uri in the config or pass --output")
     started = time.monotonic()
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    output = OutputFolder(config.output.uri, config.storage)
     listing = list_inputs(config.input, config.storage)
-    valid = listing.filter(listing.column("error").is_null())
+    listing = listing.append_column("index", pa.array(range(listing.num_rows), pa.int64()))
+    done = keys(output.read(["path", "user_id"]))
+    if overwrite:
+        output.clear()
+        done = Counter()
+    elif done and not resume:
+        raise OutputExists(
+            f"{config.output.uri} already holds {sum(done.values())} rows from earlier runs: pass --resume to "
+            "write only the photos not written yet, or --overwrite to start again"
+        )
+    for stale in output.discard_staging():
+        log.warning("removed %s, left by a run that did not finish", stale)
+    todo = remaining(listing, done)
+    valid = todo.filter(todo.column("error").is_null())
     check_banks(valid.column("user_id").to_pylist(), config.bank, config.storage)
     models = config.model_paths()
-    init_ray(config.ray)
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    writer = OutputWriter(config.output.uri, run_id, config.storage)
-    filesystem, staging = writer.staging_target()
-    build(config, listing, models).write_parquet(
-        staging, filesystem=filesystem, min_rows_per_file=config.output.min_rows_per_file
-    )
-    counts = summarize(writer, writer.staged_files())
+    parts: list[dict] = []
+    if todo.num_rows:
+        init_ray(config.ray)
+        parts = build(config, todo, models, run_id=run_id).take_all()
+    counts = summarize(output.read(["faces", "concepts", "error_kind"], run_id=run_id))
     wall = time.monotonic() - started
+    listed, written = keys(listing), keys(output.read(["path", "user_id"]))
     summary = RunSummary(
         run_id=run_id,
-        photos=listing.num_rows,
+        photos=todo.num_rows,
         rows=counts["rows"],
+        skipped=listing.num_rows - todo.num_rows,
+        missing=sum((listed - written).values()),
+        duplicates=sum(max(0, written[k] - n) for k, n in listed.items()),
         faces=counts["faces"],
         matched=counts["matched"],
         errors={k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("error:")},
         wall_s=wall,
-        photos_per_s=listing.num_rows / wall if wall else 0.0,
+        photos_per_s=todo.num_rows / wall if wall else 0.0,
+        output=sorted(p["file"] for p in parts),
     )
-    if summary.rows != summary.photos:
+    output.record(run_id, asdict(summary))
+    if summary.rows != summary.photos or summary.missing or summary.duplicates:
         raise RowCountMismatch(
-            f"run {run_id} wrote {summary.rows} rows for {summary.photos} photos; "
-            f"nothing was committed (staged files left under {writer.staging})"
+            f"run {run_id} wrote {summary.rows} rows for {summary.photos} photos; the output holds "
+            f"{summary.missing} fewer and {summary.duplicates} more rows than the {listing.num_rows} listed photos"
         )
-    summary.output = writer.commit(asdict(summary)).files
     return summary

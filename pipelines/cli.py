@@ -34,7 +34,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from pipelines.caption import caption
 
     config = _config(args, input__uri=args.input, input__user=args.user, output__uri=args.output)
-    summary = caption(config)
+    summary = caption(config, resume=args.resume, overwrite=args.overwrite)
     for line in summary.lines():
         print(line)
     print(json.dumps(asdict(summary)))
@@ -109,6 +109,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--bank", help="root URI of the concept banks")
     s.add_argument("--output", help="output folder URI for the Parquet files")
     s.add_argument("--user", help="user of a folder's or glob's photos (default: the config's, 'default')")
+    again = s.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="skip photos that earlier runs already wrote")
+    again.add_argument("--overwrite", action="store_true", help="remove earlier runs' output first")
 
     evaluate = sub.add_parser("eval", help="evaluate recognition or VQA").add_subparsers(dest="what", required=True)
     s = evaluate.add_parser("recognition", help="is P in this photo? on a PLVM/YoLLaVA-layout folder")

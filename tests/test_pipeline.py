@@ -63,7 +63,8 @@ def test_every_input_row_has_exactly_one_output_row(run):
     rows, summary, by_key, table, _ = run
     assert table.num_rows == len(rows) == summary.photos == summary.rows
     assert len(by_key) == len(rows), "no input row is lost or written twice"
-    assert (None, "alice") in by_key, "the manifest row without a path has its row too"
+    manifest = Path(run[4].input.uri)
+    assert (f"{manifest}#row=16", "alice") in by_key, "the manifest row without a path has its row too"
     assert summary.output and all(Path(f).exists() for f in summary.output)
 
 
@@ -109,8 +110,8 @@ def test_bad_inputs_get_clear_errors_and_nothing_else_is_lost(run):
         assert row["caption"] is None
     assert "nobody" in by_key[(photo("thao", "5.jpg"), "nobody")]["error"]
     assert "empty.jpg" in by_key[(str(tmp / "empty.jpg"), "alice")]["error"]
-    no_path = [r for r in table.to_pylist() if r["path"] is None]
-    assert len(no_path) == 1 and no_path[0]["error_kind"] == "bad_manifest_row" and "row 16" in no_path[0]["error"]
+    no_path = by_key[(f"{config.input.uri}#row=16", "alice")]
+    assert no_path["error_kind"] == "bad_manifest_row" and "row 16: 'path' is empty" in no_path["error"]
     good = by_key[(str(tmp / "good.jpg"), "alice")]
     assert good["error"] is None and good["concepts"] == ["Thao"]
     assert sum(summary.errors.values()) == len(expected) + 1
