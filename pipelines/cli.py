@@ -33,7 +33,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def cmd_caption(args: argparse.Namespace) -> int:
     from pipelines.caption import caption
 
-    config = _config(args, input__uri=args.input, input__user=args.user, output__uri=args.output)
+    config = _config(
+        args, input__uri=args.input, input__user=args.user, output__uri=args.output, generate__engine=args.engine
+    )
     summary = caption(config, resume=args.resume, overwrite=args.overwrite)
     for line in summary.lines():
         print(line)
@@ -109,6 +111,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--bank", help="root URI of the concept banks")
     s.add_argument("--output", help="output folder URI for the Parquet files")
     s.add_argument("--user", help="user of a folder's or glob's photos (default: the config's, 'default')")
+    s.add_argument("--engine", choices=["transformers", "vllm"], help="generation engine (default: the config's)")
     again = s.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="skip photos that earlier runs already wrote")
     again.add_argument("--overwrite", action="store_true", help="remove earlier runs' output first")

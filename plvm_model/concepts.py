@@ -66,7 +66,7 @@ class ConceptEncoder:
         self.reference = reference
         self.face_margin = face_margin
         self.device = torch.device(device)
-        self.processor = AutoImageProcessor.from_pretrained(dinov2_path)
+        self.processor = AutoImageProcessor.from_pretrained(dinov2_path, backend="pil")
         self.dinov2 = Dinov2Model.from_pretrained(dinov2_path).eval().to(self.device)
         if self.dinov2.config.hidden_size != shape.embedding_dim:
             raise ValueError(

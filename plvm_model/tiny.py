@@ -11,13 +11,11 @@ which both transformers and vLLM load.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from plvm_model.aligner import Aligner, AlignerShape
+from plvm_model.cache import build_once, cache_root
 
 TINY_VERSION = "1"
 IMAGE_TOKEN = "<image>"
@@ -45,10 +43,6 @@ class TinyModels:
     """A PLVM-format state dict (``aligner.pt``) with its shape beside it (``aligner.json``)."""
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("PLVM_CACHE", Path.home() / ".cache" / "plvm")).expanduser()
-
-
 def ensure_tiny_models(root: Path | None = None) -> TinyModels:
     """Build the tiny models under ``root`` (default: the plvm cache) unless already there."""
     from transformers.utils import logging
@@ -59,27 +53,9 @@ def ensure_tiny_models(root: Path | None = None) -> TinyModels:
         base / "llava-tiny-random", base / "dinov2-tiny-random", base / "aligner-tiny-random" / "aligner.pt"
     )
     for target, build in ((models.llava, _build_llava), (models.dinov2, _build_dinov2)):
-        _build_once(target, build)
-    _build_once(models.aligner.parent, lambda out: _build_aligner(out, models.llava, models.dinov2))
+        build_once(target, build)
+    build_once(models.aligner.parent, lambda out: _build_aligner(out, models.llava, models.dinov2))
     return models
-
-
-def _build_once(target: Path, build) -> None:
-    """Build into a temporary sibling folder, then rename: concurrent builders never see half a model."""
-    if (target / ".complete").exists():
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / ".complete").touch()
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / ".complete").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _tokenizer():

