@@ -2,8 +2,9 @@
 
     python submit.py --address http://HEAD:8265 [--wait] [--config configs/x.yaml] -- caption --input s3://... --output s3://...
 
-Everything after ``--`` is the ``plvm`` command line run on the cluster, in this project's
-code (shipped as the job's working directory unless ``--no-working-dir``). The job id is
+Everything after ``--`` is the ``plvm`` command line run on the cluster by the cluster's
+``python``, in this project's code (shipped as the job's working directory unless
+``--no-working-dir``); a local ``--config`` file travels with the job. The job id is
 printed; ``--wait`` follows the job, streams its logs, and exits non-zero if it fails.
 Ray's token authentication is used as configured in the environment (``RAY_AUTH_MODE``,
 ``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``).
@@ -18,13 +19,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+CONFIG_VARIABLE = "PLVM_CONFIG_YAML"
 EXCLUDES = [".venv", ".venv-vllm", ".git", ".cache", "demo", "output", "banks", "__pycache__", "*.parquet"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", required=True, help="the cluster's dashboard/jobs address, e.g. http://127.0.0.1:8265")
-    p.add_argument("--config", help="config file, shipped with the job (a path inside this project)")
+    p.add_argument("--config", help="config file (local; its text travels with the job), or a URI the cluster reads")
     p.add_argument("--wait", action="store_true", help="follow the job and its logs; exit non-zero if it fails")
     p.add_argument("--job-id", help="submission id (default: chosen by Ray)")
     p.add_argument("--pip", action="append", default=[], help="pip requirement to install for the job (repeatable)")
@@ -43,7 +45,7 @@ def entrypoint(args: argparse.Namespace) -> str:
     if not plvm:
         raise SystemExit("submit.py: give the plvm command after --, e.g. -- caption --input ... --output ...")
     if args.config:
-        plvm[1:1] = ["--config", args.config]
+        plvm[1:1] = ["--config", args.config if "://" in args.config else f"env:{CONFIG_VARIABLE}"]
     return shlex.join(["python", "-m", "pipelines.cli", *plvm])
 
 
@@ -54,8 +56,11 @@ def runtime_env(args: argparse.Namespace) -> dict:
         env["excludes"] = EXCLUDES
     if args.pip:
         env["pip"] = args.pip
-    if args.env:
-        env["env_vars"] = dict(item.split("=", 1) for item in args.env)
+    variables = dict(item.split("=", 1) for item in args.env)
+    if args.config and "://" not in args.config:
+        variables[CONFIG_VARIABLE] = Path(args.config).read_text()
+    if variables:
+        env["env_vars"] = variables
     return env
 
 

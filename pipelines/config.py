@@ -134,13 +134,31 @@ def _describe(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _config_text(path: str) -> str:
+    """The text of a config: a local file, any fsspec URI, or ``env:NAME`` (an environment variable)."""
+    if path.startswith("env:"):
+        if path[4:] not in os.environ:
+            raise ConfigError(f"config {path}: the environment variable {path[4:]} is not set")
+        return os.environ[path[4:]]
+    if "://" in path:
+        import fsspec
+
+        with fsspec.open(path, "r") as f:
+            return f.read()
+    return Path(path).read_text()
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
-    """The config at ``path`` (or the defaults), with dotted-key ``overrides`` (``input__uri=...``) applied."""
+    """The config at ``path`` (or the defaults), with dotted-key ``overrides`` (``input__uri=...``) applied.
+
+    ``path`` is a file, an fsspec URI, or ``env:NAME`` for YAML held in an environment variable
+    (how ``submit.py`` ships a config to a cluster job).
+    """
     data: dict[str, Any] = {}
     source = str(path) if path else "(defaults)"
     if path:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(_config_text(str(path))) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as error:
