@@ -83,3 +83,26 @@ def test_assignment_is_one_to_one_and_respects_the_threshold():
     assert assigned[2] is None and matches[2].distance == pytest.approx(d[2].min())
     assert all(m.concept is None for m in assign(d, threshold=0.01))
     assert assign(distance_matrix(faces, []), 0.5) == [Match(None, None)] * 3
+
+
+def test_landmark_alignment_agrees_with_dlibs_and_both_average(yollava, models):
+    detector, dlib_aligned = models
+    image = load(photo("thuytien", "ref_img.jpg"))
+    faces = detector.detect(image)
+    by_landmarks = DlibEmbedder(alignment="landmarks").embed(image, faces)[0]
+    both = DlibEmbedder(alignment="both", flip=True).embed(image, faces)[0]
+    plain = dlib_aligned.embed(image, faces)[0]
+    assert 0 < np.linalg.norm(plain - by_landmarks) < 0.25, "the two alignments see the same face"
+    assert np.linalg.norm(both - (plain + by_landmarks) / 2) < 0.1
+    with pytest.raises(ValueError, match="alignment must be one of"):
+        DlibEmbedder(alignment="eyes")
+
+
+def test_similarity_transform_recovers_a_known_transform():
+    from plvm_model.faces.alignment import CHIP_TEMPLATE, similarity_transform
+
+    angle, scale, shift = 0.3, 2.5, np.array([40.0, -7.0])
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    moved = CHIP_TEMPLATE @ (scale * rotation).T + shift
+    matrix = similarity_transform(CHIP_TEMPLATE, moved)
+    assert np.allclose(matrix[:, :2], scale * rotation) and np.allclose(matrix[:, 2], shift)

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from plvm_model.faces.alignment import CHIP_SIZE, landmark_chip
 from plvm_model.faces.detector import Face
 
 
@@ -44,19 +45,29 @@ def face_models_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
-class DlibEmbedder:
-    """dlib ``face_recognition_model_v1`` on chips aligned by dlib's 5-point shape predictor.
+ALIGNMENTS = ("dlib", "landmarks", "both")
 
-    ``flip`` averages the descriptors of the chip and its mirror image; ``num_jitters``
-    averages over that many randomly jittered copies (dlib's own option, deterministic seed).
+
+class DlibEmbedder:
+    """dlib ``face_recognition_model_v1`` on aligned 150 px chips.
+
+    ``alignment``: ``dlib`` (its 5-point shape predictor on the detector's box, as dlib
+    intends), ``landmarks`` (a similarity transform of MTCNN's own five points, see
+    :mod:`plvm_model.faces.alignment`) or ``both``. ``flip`` adds each chip's mirror image.
+    The descriptor is the mean over these chips; ``num_jitters`` is dlib's own averaging
+    over randomly jittered copies.
     """
 
     dim = 128
     space = "dlib-resnet-v1"
 
-    def __init__(self, num_jitters: int = 0, flip: bool = False, padding: float = 0.25) -> None:
+    def __init__(
+        self, num_jitters: int = 0, flip: bool = False, padding: float = 0.25, alignment: str = "dlib"
+    ) -> None:
         import dlib
 
+        if alignment not in ALIGNMENTS:
+            raise ValueError(f"face alignment must be one of {ALIGNMENTS}, not {alignment!r}")
         models = face_models_dir()
         self._dlib = dlib
         self._shape = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
@@ -64,28 +75,30 @@ class DlibEmbedder:
         self.num_jitters = num_jitters
         self.flip = flip
         self.padding = padding
-        self.name = f"dlib-resnet-v1(jitter={num_jitters},flip={int(flip)})"
+        self.alignment = alignment
+        self.name = f"dlib-resnet-v1(align={alignment},flip={int(flip)},jitter={num_jitters})"
 
-    def chips(self, image: np.ndarray, faces: list[Face]) -> list[np.ndarray]:
-        """150x150 aligned face chips, the network's input."""
-        image = np.ascontiguousarray(image)
+    def chips(self, image: np.ndarray, face: Face) -> list[np.ndarray]:
+        """The face's 150x150 chips: the network's input, before mirroring."""
         chips = []
-        for face in faces:
+        if self.alignment in ("dlib", "both"):
             x1, y1, x2, y2 = face.box
-            rect = self._dlib.rectangle(round(x1), round(y1), round(x2), round(y2))
-            shape = self._shape(image, rect)
-            chips.append(self._dlib.get_face_chip(image, shape, size=150, padding=self.padding))
+            shape = self._shape(image, self._dlib.rectangle(round(x1), round(y1), round(x2), round(y2)))
+            chips.append(self._dlib.get_face_chip(image, shape, size=CHIP_SIZE, padding=self.padding))
+        if self.alignment in ("landmarks", "both"):
+            chips.append(landmark_chip(image, face.landmarks))
         return chips
 
     def embed(self, image: np.ndarray, faces: list[Face]) -> np.ndarray:
         if not faces:
             return np.zeros((0, self.dim), np.float32)
-        chips = self.chips(image, faces)
-        batch = chips + [np.ascontiguousarray(c[:, ::-1]) for c in chips] if self.flip else chips
-        vectors = np.asarray(self._net.compute_face_descriptor(batch, self.num_jitters), np.float32)
+        image = np.ascontiguousarray(image)
+        per_face = [self.chips(image, face) for face in faces]
         if self.flip:
-            vectors = (vectors[: len(chips)] + vectors[len(chips) :]) / 2
-        return vectors
+            per_face = [chips + [np.ascontiguousarray(c[:, ::-1]) for c in chips] for chips in per_face]
+        batch = [chip for chips in per_face for chip in chips]
+        vectors = np.asarray(self._net.compute_face_descriptor(batch, self.num_jitters), np.float32)
+        return vectors.reshape(len(faces), -1, self.dim).mean(axis=1)
 
 
 def make_embedder(kind: str, **options: Any) -> FaceEmbedder:
