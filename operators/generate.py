@@ -3,12 +3,17 @@
 One engine per actor (transformers or vLLM, by config). All prompts of a batch (a caption
 and each configured question, for every photo) go to the engine together. When the engine
 fails on a batch, the photos are tried one by one, so that only the photo at fault gets
-the error.
+the error. An engine that gives no answer within ``timeout_s`` (engines can hang on
+internal errors) has its batch's photos marked ``engine_timeout`` and the run moves on;
+the next batch first waits (at most ``timeout_s`` again) for the engine to come back, and
+is marked too if it does not.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +29,10 @@ from plvm_model.injection import PromptTemplate
 
 log = logging.getLogger(__name__)
 PROJECT = Path(__file__).resolve().parent.parent
+
+
+class EngineTimeout(Exception):
+    pass
 
 
 class TemplateConfig(StageConfig):
@@ -53,6 +62,8 @@ class GenerateConfig(StageConfig):
     questions: list[str] = []
     """VQA questions asked about every photo; answers go to ``answers``."""
     max_new_tokens: int = Field(48, ge=1)
+    timeout_s: float | None = Field(900.0, gt=0)
+    """Longest wait for the engine's answers to one batch; null waits for ever."""
     dtype: str = "float32"
     quantization: str | None = None
     device: str = "cpu"
@@ -99,13 +110,33 @@ class Generate:
         if config.engine == "vllm":
             options["vllm"] = config.vllm
         self.engine = make_engine(config.engine, **options)
+        self._runner = ThreadPoolExecutor(max_workers=1)
+        self._late: Future | None = None
+        """A call that missed its deadline and may still be running."""
+
+    def _generate(self, requests: list[GenerationRequest]) -> list[str]:
+        timeout = self.config.timeout_s
+        if self._late is not None:
+            try:
+                self._late.result(timeout=timeout)
+            except FutureTimeout:
+                raise EngineTimeout(f"the {self.engine.name} engine is still stuck on an earlier batch") from None
+            except Exception:  # the late call's own failure was reported with its batch
+                pass
+            self._late = None
+        future = self._runner.submit(self.engine.generate, requests)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            self._late = future
+            raise EngineTimeout(f"the {self.engine.name} engine gave no answer within {timeout} s") from None
 
     def _answer(self, rows: list[dict]) -> None:
         prompts = self.config.prompts()
         requests = [
             GenerationRequest(row_pixels(row), prompt, injected_tokens(row)) for row in rows for prompt in prompts
         ]
-        texts = iter(self.engine.generate(requests) if requests else [])
+        texts = iter(self._generate(requests) if requests else [])
         for row in rows:
             answers = [next(texts) for _ in prompts]
             if self.config.caption:
@@ -117,6 +148,9 @@ class Generate:
         todo = [row for row in rows if row.get("error") is None]
         try:
             self._answer(todo)
+        except EngineTimeout as error:
+            for row in todo:
+                fail(row, "engine_timeout", f"{row['path']}: {error}")
         except Exception:
             log.exception("the %s engine failed on a batch of %d photos; trying them one by one", self.engine.name, len(todo))
             for row in todo:

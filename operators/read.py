@@ -70,9 +70,21 @@ def _read_manifest(uri: str, default_user: str, storage_options: storage.Storage
         data = fs.cat_file(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"manifest {uri} does not exist") from None
+    ragged: list = []  # CSV lines with a wrong number of fields: each still gets its row
+
+    def keep_ragged(row) -> str:
+        ragged.append(row)
+        return "skip"
+
     try:
         if path.lower().endswith(".csv"):
-            table = pa_csv.read_csv(io.BytesIO(data), convert_options=pa_csv.ConvertOptions(strings_can_be_null=True))
+            table = pa_csv.read_csv(
+                io.BytesIO(data),
+                read_options=pa_csv.ReadOptions(use_threads=False),  # so that bad lines know their number
+                parse_options=pa_csv.ParseOptions(invalid_row_handler=keep_ragged),
+                convert_options=pa_csv.ConvertOptions(strings_can_be_null=True, column_types={"path": pa.string(),
+                                                                                              "user_id": pa.string()}),
+            )  # fmt: skip
         else:
             table = pq.read_table(io.BytesIO(data))
     except pa.ArrowException as error:
@@ -100,6 +112,16 @@ def _read_manifest(uri: str, default_user: str, storage_options: storage.Storage
             if "://" not in row["path"] and not row["path"].startswith("/"):
                 row["path"] = f"{base}/{row['path']}"
         rows.append(row)
+    for bad in ragged:
+        rows.append(
+            {
+                "path": f"{uri}#line={bad.number}",
+                "user_id": default_user,
+                "error": f"manifest {uri} line {bad.number} has {bad.actual_columns} fields, "
+                f"expected {bad.expected_columns}: {bad.text!r}",
+                "error_kind": "bad_manifest_row",
+            }
+        )
     return to_table(rows, LISTING_COLUMNS)
 
 

@@ -8,6 +8,7 @@ pools, each actor loading its model once.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 from collections import Counter
@@ -26,7 +27,7 @@ from operators.match import MatchFaces, check_banks
 from operators.prompt import ChooseConcepts
 from operators.read import ReadBytes, list_inputs
 from operators.write import OutputExists, OutputFolder, WriteParts, keys
-from pipelines.config import Config, ModelPaths
+from pipelines.config import Config, ModelPaths, RayConfig
 from pipelines.runtime import init_ray
 from plvm_model.faces import make_embedder
 
@@ -131,6 +132,27 @@ def build(config: Config, listing: pa.Table, models: ModelPaths | None, stop: St
     )
 
 
+class Progress:
+    """Periodic progress lines on stderr (photos written, rate, time left) for non-interactive runs."""
+
+    def __init__(self, total: int, config: RayConfig) -> None:
+        interactive = sys.stderr.isatty()
+        self.enabled = config.progress == "lines" or (config.progress == "auto" and not interactive)
+        self.total, self.interval = total, config.progress_interval_s
+        self.done = 0
+        self.started = self.last = time.monotonic()
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        now = time.monotonic()
+        if self.enabled and (now - self.last >= self.interval or self.done == self.total):
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            left = (self.total - self.done) / rate if rate else float("inf")
+            print(f"progress: {self.done}/{self.total} photos written ({100 * self.done / max(self.total, 1):.0f}%), "
+                  f"{rate:.2f} photos/s, about {left:.0f} s left", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def summarize(table: pa.Table) -> Counter:
     """Rows, faces, named faces and errors by kind of a table of output rows."""
     counts: Counter = Counter(rows=table.num_rows)
@@ -184,7 +206,10 @@ def caption(config: Config, resume: bool = False, overwrite: bool = False) -> Ru
     parts: list[dict] = []
     if todo.num_rows:
         init_ray(config.ray)
-        parts = build(config, todo, models, run_id=run_id).take_all()
+        progress = Progress(todo.num_rows, config.ray)
+        for part in build(config, todo, models, run_id=run_id).iter_rows():
+            parts.append(part)
+            progress.update(part["rows"])
     counts = summarize(output.read(["faces", "concepts", "error_kind"], run_id=run_id))
     wall = time.monotonic() - started
     listed, written = keys(listing), keys(output.read(["path", "user_id"]))

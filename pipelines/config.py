@@ -43,7 +43,9 @@ class RayConfig(StageConfig):
     no_progress_timeout_s: float = 1800.0
     """Fail the run if no stage makes progress for this long."""
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
-    """Progress bars on a terminal, periodic lines otherwise."""
+    """auto: Ray's progress bars on a terminal, periodic lines otherwise."""
+    progress_interval_s: float = Field(30.0, gt=0)
+    """Seconds between progress lines."""
 
 
 class ModelsConfig(StageConfig):

@@ -106,3 +106,9 @@ def test_similarity_transform_recovers_a_known_transform():
     moved = CHIP_TEMPLATE @ (scale * rotation).T + shift
     matrix = similarity_transform(CHIP_TEMPLATE, moved)
     assert np.allclose(matrix[:, :2], scale * rotation) and np.allclose(matrix[:, 2], shift)
+
+
+def test_an_image_smaller_than_a_face_has_no_faces(models):
+    detector, _ = models
+    assert detector.detect(np.zeros((8, 6, 3), np.uint8)) == []
+    assert detector.detect(np.full((19, 300, 3), 128, np.uint8)) == []

@@ -10,13 +10,38 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 from PIL import Image
 
 from conftest import REPO, make_config, photo
+from test_decode import _png_claiming as png_claiming
 from operators.write import read_output
 from pipelines.caption import caption
 from pipelines.enroll import enroll
 from plvm_model.bank import ConceptBank, UserBank
+
+
+def unusual_versions(source: str, folder: Path) -> list[Path]:
+    """The photo as 16-bit grayscale, CMYK, palette, RGBA, grayscale, EXIF-rotated, and a tiny image."""
+    image = Image.open(source).convert("RGB")
+    image.thumbnail((800, 800))
+    gray16 = Image.fromarray((np.asarray(image.convert("L"), np.uint16) * 257))
+    rotated_exif = Image.Exif()
+    rotated_exif[0x0112] = 8  # stored turned clockwise; shown upright after a 90-degree counter-turn
+    versions = {
+        "gray16.png": (gray16, {}),
+        "cmyk.jpg": (image.convert("CMYK"), {}),
+        "palette.png": (image.convert("P", palette=Image.Palette.ADAPTIVE), {}),
+        "rgba.png": (image.convert("RGBA"), {}),
+        "gray.jpg": (image.convert("L"), {}),
+        "rotated.jpg": (image.transpose(Image.Transpose.ROTATE_270), {"exif": rotated_exif}),
+        "tiny.png": (image.resize((6, 8)), {}),
+    }
+    paths = []
+    for name, (picture, options) in versions.items():
+        picture.save(folder / name, **options)
+        paths.append(folder / name)
+    return paths
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +60,17 @@ def run(tmp_path_factory, yollava, tiny_models, ray_local):
         "empty.jpg": b"",
         "notes.jpg": b"shopping list: eggs, milk\n",
         "truncated.jpg": good.read_bytes()[:5000],
+        "bomb.png": png_claiming(80_000, 80_000),
     }
     for name, data in bad.items():
         (tmp / name).write_bytes(data)
+    unusual = unusual_versions(photo("thao", "9.jpg"), tmp)
     rows = (
         [(photo("thao", f"{i}.jpg"), "alice") for i in range(4)]
         + [(photo("viruss", f"{i}.jpg"), "alice") for i in range(2)]
         + [(photo("viruss", "3.jpg"), "bob"), (photo("thao", "4.jpg"), "bob")]
         + [(str(good), "alice")]
+        + [(str(path), "alice") for path in unusual]
         + [(str(tmp / name), "alice") for name in bad]
         + [(str(tmp / "missing.jpg"), "alice")]
         + [(photo("thao", "5.jpg"), "nobody"), (photo("thao", "6.jpg"), "zoe")]
@@ -53,18 +81,21 @@ def run(tmp_path_factory, yollava, tiny_models, ray_local):
         writer = csv.writer(f)
         writer.writerow(["path", "user_id"])
         writer.writerows(rows)
+        f.write(f"{photo('thao', '9.jpg')},alice,an extra field\n")  # a ragged line
     config = config.model_copy(update={"input": config.input.model_copy(update={"uri": str(manifest)})})
     summary = caption(config)
     table = read_output(config.output.uri)
+    rows.append((f"{manifest}#line={len(rows) + 2}", "default"))  # the manifest's default user
     return rows, summary, {(r["path"], r["user_id"]): r for r in table.to_pylist()}, table, config
 
 
 def test_every_input_row_has_exactly_one_output_row(run):
     rows, summary, by_key, table, _ = run
     assert table.num_rows == len(rows) == summary.photos == summary.rows
-    assert len(by_key) == len(rows), "no input row is lost or written twice"
-    manifest = Path(run[4].input.uri)
-    assert (f"{manifest}#row=16", "alice") in by_key, "the manifest row without a path has its row too"
+    manifest = run[4].input.uri
+    # a manifest row without a path is known by its place in the manifest
+    expected = {(path or f"{manifest}#row={i + 1}", user) for i, (path, user) in enumerate(rows)}
+    assert set(by_key) == expected, "no input row is lost or written twice"
     assert summary.output and all(Path(f).exists() for f in summary.output)
 
 
@@ -93,13 +124,15 @@ def test_other_people_and_other_users_concepts_are_not_named(run):
 
 
 def test_bad_inputs_get_clear_errors_and_nothing_else_is_lost(run):
-    _, summary, by_key, table, config = run
+    rows, summary, by_key, table, config = run
     tmp = Path(config.bank).parent
     expected = {
         (str(tmp / "empty.jpg"), "alice"): "empty_file",
         (str(tmp / "notes.jpg"), "alice"): "not_an_image",
         (str(tmp / "truncated.jpg"), "alice"): "truncated",
         (str(tmp / "missing.jpg"), "alice"): "missing_file",
+        (str(tmp / "bomb.png"), "alice"): "decompression_bomb",
+        rows[-1]: "bad_manifest_row",  # the ragged line
         (photo("thao", "5.jpg"), "nobody"): "unknown_user",
         (photo("thao", "6.jpg"), "zoe"): "empty_bank",
         (photo("thao", "8.jpg"), "../alice"): "invalid_user",
@@ -110,12 +143,27 @@ def test_bad_inputs_get_clear_errors_and_nothing_else_is_lost(run):
         assert row["caption"] is None
     assert "nobody" in by_key[(photo("thao", "5.jpg"), "nobody")]["error"]
     assert "empty.jpg" in by_key[(str(tmp / "empty.jpg"), "alice")]["error"]
-    no_path = by_key[(f"{config.input.uri}#row=16", "alice")]
-    assert no_path["error_kind"] == "bad_manifest_row" and "row 16: 'path' is empty" in no_path["error"]
+    empty = rows.index(("", "alice")) + 1
+    no_path = by_key[(f"{config.input.uri}#row={empty}", "alice")]
+    assert no_path["error_kind"] == "bad_manifest_row" and f"row {empty}: 'path' is empty" in no_path["error"]
+    assert "has 3 fields, expected 2" in by_key[rows[-1]]["error"]
     good = by_key[(str(tmp / "good.jpg"), "alice")]
     assert good["error"] is None and good["concepts"] == ["Thao"]
     assert sum(summary.errors.values()) == len(expected) + 1
     assert summary.errors["unknown_user"] == 1
+
+
+def test_unusual_but_valid_photos_are_handled_and_named(run):
+    _, _, by_key, _, config = run
+    tmp = Path(config.bank).parent
+    for name in ("gray16.png", "cmyk.jpg", "palette.png", "rgba.png", "gray.jpg", "rotated.jpg"):
+        row = by_key[(str(tmp / name), "alice")]
+        assert row["error"] is None, row["error"]
+        assert row["concepts"] == ["Thao"], f"{name}: {row['faces']}"
+    rotated = by_key[(str(tmp / "rotated.jpg"), "alice")]
+    assert rotated["height"] > rotated["width"], "EXIF orientation applied: the photo is upright, portrait"
+    tiny = by_key[(str(tmp / "tiny.png"), "alice")]
+    assert tiny["error"] is None and tiny["faces"] == [] and tiny["caption"], "no face is a normal row"
 
 
 def test_run_record_is_written_next_to_the_output(run):

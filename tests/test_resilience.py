@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -127,3 +128,21 @@ def test_overwrite_starts_again(tmp_path, yollava, tiny_models, ray_local):
     assert second.run_id != first.run_id
     assert_exactly_once(config.output.uri, paths, "max")
     assert OutputFolder(config.output.uri).part_files(first.run_id) == []
+
+
+def test_an_engine_that_does_not_answer_in_time_cannot_hang_the_run(tmp_path, yollava, tiny_models, ray_local):
+    """Each batch the engine misses its deadline on is marked, and the run goes on to its end."""
+    small = {"concurrency": 1, "num_cpus": 0.25, "threads": 1, "batch_size": 2}
+    config = make_config(tmp_path, generate={"timeout_s": 0.001, "resources": small})
+    enroll(config, "pat", "Thao", [photo("thao", "ref_img.jpg")])
+    paths = photos(3)
+    config = config.model_copy(
+        update={"input": config.input.model_copy(update={"uri": write_manifest(tmp_path / "m.csv", paths, "pat")})}
+    )
+    summary = caption(config)
+    assert summary.rows == len(paths) and summary.errors == {"engine_timeout": len(paths)}
+    assert_exactly_once(config.output.uri, paths, "pat")
+    for row in read_output(config.output.uri).to_pylist():
+        assert re.search("gave no answer within 0.001 s|still stuck on an earlier batch", row["error"])
+        assert row["caption"] is None
+        assert row["faces"], "the stages before generation kept their results"

@@ -61,6 +61,7 @@ class MTCNNDetector:
         from facenet_pytorch import MTCNN
 
         self.long_side = long_side
+        self.min_face_size = min_face_size
         self.score_threshold = score_threshold
         self._mtcnn = MTCNN(
             min_face_size=min_face_size,
@@ -77,6 +78,8 @@ class MTCNNDetector:
         if scale < 1.0:
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
             pil = pil.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        if min(pil.size) < self.min_face_size:
+            return []  # smaller than the smallest face MTCNN looks for (its image pyramid would be empty)
         boxes, probs, points = self._mtcnn.detect(pil, landmarks=True)
         if boxes is None:
             return []
