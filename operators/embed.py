@@ -16,7 +16,7 @@ from plvm_model.faces import make_embedder
 class EmbedConfig(StageConfig):
     kind: str = "dlib"
     options: dict[str, Any] = {}
-    """Passed to the embedder, e.g. ``{num_jitters: 1, flip: true}`` for dlib."""
+    """Passed to the embedder, e.g. dlib's ``{alignment: both, flip: true, num_jitters: 0}`` (its defaults)."""
     resources: Resources = Resources()
 
 

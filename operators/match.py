@@ -3,24 +3,42 @@
 A bank is read once per worker process and user, and cached for the run. A photo whose
 user has no bank, or an empty one, gets an error; a damaged bank is refused before the run
 starts (see :func:`check_banks`).
+
+With ``normalization: cohort`` (the default) a face is named when its distance divided by
+the concept's cohort scale is at most ``relative_threshold``. The scale of a concept is
+measured on its user's cohort: the bank's other concepts and every face of the user's
+photos in the run farther than ``cohort_min_distance`` from the concept (see
+``plvm_model.faces.matching.cohort_scale``). It needs all of a user's faces first, so the
+pipeline embeds every photo before it matches any (:class:`CohortScales`). A concept
+without a cohort falls back to the raw ``threshold``.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from operators.base import StageConfig
 from operators.rows import RowError, map_rows
 from plvm_model import storage
 from plvm_model.bank import BankError, ConceptBank, UserBank
-from plvm_model.faces.matching import assign, distance_matrix
+from plvm_model.faces.matching import assign, cohort_scale, distance_matrix
 
 
 class MatchConfig(StageConfig):
-    threshold: float = Field(0.6, gt=0)
-    """Largest descriptor distance at which a face is named."""
+    normalization: Literal["cohort", "none"] = "cohort"
+    threshold: float = Field(0.504, gt=0)
+    """Largest raw descriptor distance at which a face is named (``none``, or a concept without a cohort)."""
+    relative_threshold: float = Field(0.887, gt=0)
+    """Largest distance / cohort scale at which a face is named."""
+    cohort_min_distance: float = Field(0.55, ge=0)
+    """Run faces at most this far from a concept are left out of its cohort (probably the person)."""
+    cohort_fraction: float = Field(0.02, gt=0, le=1)
+    """The nearest share of the cohort that the scale averages."""
 
 
 class BankCache:
@@ -72,6 +90,67 @@ def check_banks(users: list[str], bank_uri: str, storage_options: storage.Storag
         bank.load(user)  # raises BankError naming the file
 
 
+Scales = dict[tuple[str, str], float]
+"""(user_id, concept_id) -> cohort scale."""
+
+
+SCALE_SCHEMA = pa.schema([("user_id", pa.string()), ("concept_id", pa.string()), ("scale", pa.float64())])
+
+
+class CohortScales:
+    """All rows of one user (with face embeddings) -> (user_id, concept_id, scale) per concept of the bank."""
+
+    def __init__(
+        self,
+        config: MatchConfig,
+        bank_uri: str,
+        storage_options: storage.StorageOptions | None = None,
+        embedder_space: str | None = None,
+    ) -> None:
+        self.config = config
+        self.banks = BankCache(bank_uri, storage_options, embedder_space)
+
+    def __call__(self, group: pa.Table) -> pa.Table:
+        out: dict[str, list] = {"user_id": [], "concept_id": [], "scale": []}
+        user = group.column("user_id")[0].as_py() if group.num_rows else None
+        try:
+            bank = self.banks.get(user)
+        except RowError:  # those photos get their error in the match stage
+            return pa.table(out, schema=SCALE_SCHEMA)
+        faces = [f["embedding"] for faces in group.column("faces").to_pylist() for f in faces or [] if f["embedding"]]
+        run = np.asarray(faces, np.float32).reshape(-1, bank.concepts[0].face_descriptors.shape[1])
+        for concept in bank.concepts:
+            others = [c.face_descriptors for c in bank.concepts if c is not concept]
+            cohort = np.concatenate([*others, run]) if others else run
+            scale = cohort_scale(
+                concept.face_descriptors, cohort, self.config.cohort_min_distance, self.config.cohort_fraction
+            )
+            if scale is not None:
+                out["user_id"].append(user)
+                out["concept_id"].append(concept.concept_id)
+                out["scale"].append(scale)
+        return pa.table(out, schema=SCALE_SCHEMA)
+
+
+def cohort_scales(
+    rows,
+    config: MatchConfig,
+    bank_uri: str,
+    storage_options: storage.StorageOptions | None = None,
+    embedder_space: str | None = None,
+) -> Scales:
+    """Every user's concept scales from ``rows`` with face embeddings (a Ray dataset or a pyarrow table)."""
+    scales = CohortScales(config, bank_uri, storage_options, embedder_space)
+    if isinstance(rows, pa.Table):
+        users = pc.unique(rows.column("user_id")).to_pylist()
+        found = [scales(rows.filter(pc.equal(rows.column("user_id"), user))) for user in users]
+        out = pa.concat_tables(found).to_pylist() if found else []
+    else:
+        grouped = rows.select_columns(["user_id", "faces"]).groupby("user_id")
+        out = grouped.map_groups(scales, batch_format="pyarrow").take_all()
+    return {(r["user_id"], r["concept_id"]): r["scale"] for r in out}
+
+
 class MatchFaces:
     """faces (with embeddings) + user_id -> each face's concept, concept_id, distance; ``concepts``."""
 
@@ -81,8 +160,10 @@ class MatchFaces:
         bank_uri: str,
         storage_options: storage.StorageOptions | None = None,
         embedder_space: str | None = None,
+        scales: Scales | None = None,
     ) -> None:
-        self.threshold = config.threshold
+        self.config = config
+        self.scales = scales or {}
         self.banks = BankCache(bank_uri, storage_options, embedder_space)
 
     def _match(self, row: dict) -> None:
@@ -93,8 +174,17 @@ class MatchFaces:
             return
         vectors = np.asarray([f["embedding"] for f in faces], np.float32)
         distances = distance_matrix(vectors, [c.face_descriptors for c in bank.concepts])
-        for face, match in zip(faces, assign(distances, self.threshold)):
-            face["distance"] = match.distance
+        relative = self.config.normalization == "cohort"
+        if relative:
+            fallback = self.config.threshold / self.config.relative_threshold
+            scale = [self.scales.get((row["user_id"], c.concept_id), fallback) for c in bank.concepts]
+            scores, threshold = distances / np.asarray(scale, np.float32), self.config.relative_threshold
+        else:
+            scores, threshold = distances, self.config.threshold
+        for i, (face, match) in enumerate(zip(faces, assign(scores, threshold))):
+            nearest = match.concept if match.concept is not None else int(scores[i].argmin())
+            face["distance"] = float(distances[i, nearest])
+            face["relative_distance"] = float(scores[i, nearest]) if relative else None
             if match.concept is not None:
                 concept = bank.concepts[match.concept]
                 face["concept"], face["concept_id"] = concept.name, concept.concept_id

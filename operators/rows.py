@@ -25,6 +25,7 @@ FACE = pa.struct(
         pa.field("concept", pa.string()),
         pa.field("concept_id", pa.string()),
         pa.field("distance", pa.float32()),
+        pa.field("relative_distance", pa.float32()),
     ]
 )
 """A face: box (x1, y1, x2, y2) and landmarks in pixels of the original photo (after EXIF rotation)."""

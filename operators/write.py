@@ -34,6 +34,7 @@ _FACE_FIELDS = [
     pa.field("concept", pa.string()),
     pa.field("concept_id", pa.string()),
     pa.field("distance", pa.float32()),
+    pa.field("relative_distance", pa.float32()),
 ]
 _ANSWER = pa.struct([pa.field("question", pa.string()), pa.field("answer", pa.string())])
 

@@ -2,7 +2,9 @@
 
 read -> decode -> detect -> embed -> match -> prompt -> generate -> write, as Ray Data
 stages. The model-free stages run as tasks; detect, embed and generate run in actor
-pools, each actor loading its model once.
+pools, each actor loading its model once. With cohort-normalised matching (the default)
+the faces of the whole run are embedded first, the users' concept scales measured on
+them, and the photos decoded again for the LLM after matching.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from operators.decode import Decode
 from operators.detect import DetectFaces
 from operators.embed import EmbedFaces
 from operators.generate import Generate
-from operators.match import MatchFaces, check_banks
+from operators.match import MatchFaces, check_banks, cohort_scales
 from operators.prompt import ChooseConcepts
 from operators.read import ReadBytes, list_inputs
 from operators.write import OutputExists, OutputFolder, WriteParts, keys
@@ -116,11 +118,21 @@ def build(config: Config, listing: pa.Table, models: ModelPaths | None, stop: St
     ds = _actors(ds, EmbedFaces, (config.embed,), config.embed.resources)
     if stop == "embed":
         return ds
-    ds = _tasks(ds, MatchFaces(config.match, config.bank, storage_options, embedder_space), config.tasks)
+    cohort = config.match.normalization == "cohort"
+    scales = None
+    if cohort:
+        # The barrier: every face of a user is embedded before any is matched. The pixels are
+        # dropped here (the faces are kept, small) and decoded again for the LLM below.
+        ds = ds.drop_columns(["pixels"]).materialize()
+        scales = cohort_scales(ds, config.match, config.bank, storage_options, embedder_space)
+    ds = _tasks(ds, MatchFaces(config.match, config.bank, storage_options, embedder_space, scales), config.tasks)
     if stop == "match":
         return ds
     assert models is not None
     ds = _tasks(ds, ChooseConcepts(config.prompt, config.bank, storage_options, models.aligner_identity), config.tasks)
+    if cohort:
+        ds = _tasks(ds, ReadBytes(config.read, storage_options), config.tasks)
+        ds = _tasks(ds, Decode(config.decode), config.tasks)
     runtime_env = config.generate.runtime_env()
     ds = _actors(
         ds, Generate, (config.generate, models.llava), config.generate.resources,

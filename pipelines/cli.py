@@ -46,12 +46,23 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_eval_recognition(args: argparse.Namespace) -> int:
     from pipelines.evaluate import recognition
 
-    config = _config(args, match__threshold=args.threshold)
+    config = _config(args)
+    if args.threshold is not None:
+        key = "relative_threshold" if config.match.normalization == "cohort" else "threshold"
+        config = config.model_copy(update={"match": config.match.model_copy(update={key: args.threshold})})
     result = recognition(config, args.directory, protocol=args.protocol)
-    print(f"recognition, {result.protocol} protocol, threshold {result.threshold}:")
+    kind = "distance / cohort scale" if config.match.normalization == "cohort" else "distance"
+    print(f"recognition, {result.protocol} protocol, {kind} <= {result.threshold}:")
     print(f"  positive accuracy {result.positive_accuracy:.4f} ({result.n_positive} photos)")
     print(f"  negative accuracy {result.negative_accuracy:.4f} ({result.n_negative} photo-person pairs)")
     print(f"  weighted accuracy {result.weighted_accuracy:.4f}, ROC AUC {result.roc_auc:.4f}")
+    if args.cv:
+        from pipelines.evaluate import cross_validate
+
+        cv = cross_validate(result)
+        print(f"  leave-one-person-out: weighted {cv.weighted_accuracy:.4f} (positive {cv.positive_accuracy:.4f}, "
+              f"negative {cv.negative_accuracy:.4f}); thresholds chosen without each person: "
+              f"{min(cv.thresholds.values()):.3f}-{max(cv.thresholds.values()):.3f}")  # fmt: skip
     for path in result.no_face:
         print(f"  no face found: {path}")
     for d in result.errors():
@@ -123,7 +134,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("directory", help="one folder per person: ref_img.* and that person's photos")
     s.add_argument("--protocol", choices=["single", "bank"], default="single",
                    help="single: each person alone in a bank (as the papers); bank: all in one bank")  # fmt: skip
-    s.add_argument("--threshold", type=float, help="match threshold (default: the config's)")
+    s.add_argument("--threshold", type=float, help="match threshold (relative with cohort normalization; default: the config's)")
+    s.add_argument("--cv", action="store_true", help="also choose the threshold by leave-one-person-out cross-validation")
     s.add_argument("--report", help="folder for an HTML report of the errors")
 
     s = command("report", cmd_report, "draw a caption run's photos with their faces, names and captions (HTML + PNG)")

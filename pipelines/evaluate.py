@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from operators.match import MatchFaces
+from operators.match import MatchFaces, cohort_scales
 from operators.read import IMAGE_EXTENSIONS
 from operators.rows import to_table
 from pipelines.caption import build
@@ -47,6 +47,8 @@ class Decision:
     predicted: bool
     distance: float | None
     """The smallest distance between the person's concept and a face of the photo."""
+    score: float | None = None
+    """That distance as the match stage compared it: divided by the concept's cohort scale, if any."""
     faces: list[dict] = field(default_factory=list, repr=False)
     """The photo's faces: box, the concept the match stage gave it, the distance to this person."""
     width: int = 0
@@ -114,44 +116,107 @@ def face_table(config: Config, paths: list[str]) -> pa.Table:
 
 def recognition(config: Config, directory: str | Path, protocol: Protocol = "single") -> RecognitionResult:
     people = people_of(directory)
+    relative = config.match.normalization == "cohort"
     with tempfile.TemporaryDirectory(prefix="plvm-eval-") as banks:
         config = config.model_copy(update={"bank": banks})
         enroller = Enroller(config)
+        space = enroller.embed.embedder.space
         users = {}
         for index, person in enumerate(people):
             users[person.name] = f"eval-{index}" if protocol == "single" else "eval-all"
             enroller.enroll(users[person.name], person.name, [person.reference])
         photos = {photo: person.name for person in people for photo in person.photos}
         faces = face_table(config, list(photos))
-        match = MatchFaces(config.match, banks, embedder_space=enroller.embed.embedder.space)
         decisions = []
-        for person in people:
-            user = users[person.name]
-            refs = enroller.store.load(user).find(person.name).face_descriptors
+        for user in dict.fromkeys(users.values()):
             owner = pa.array([user] * faces.num_rows, pa.string())
             batch = faces.set_column(faces.schema.get_field_index("user_id"), "user_id", owner)
-            for row in match(batch).to_pylist():
-                embeddings = [f["embedding"] for f in row["faces"] or []]
-                vectors = np.asarray(embeddings, np.float32).reshape(-1, refs.shape[1])
-                distances = distance_matrix(vectors, [refs])[:, 0]
-                drawn = [
-                    {"box": f["box"], "concept": f.get("concept"), "distance": float(d)}
-                    for f, d in zip(row["faces"] or [], distances)
-                ]
-                decisions.append(
-                    Decision(
-                        person=person.name,
-                        photo=row["path"],
-                        positive=photos[row["path"]] == person.name,
-                        predicted=person.name in (row["concepts"] or []),
-                        distance=float(distances.min()) if len(distances) else None,
-                        faces=drawn,
-                        width=row["width"] or 0,
-                        height=row["height"] or 0,
-                    )
-                )
+            scales = cohort_scales(batch, config.match, banks, embedder_space=space) if relative else {}
+            matched = MatchFaces(config.match, banks, embedder_space=space, scales=scales)(batch).to_pylist()
+            bank = enroller.store.load(user)
+            for concept in bank.concepts:
+                scale = scales.get((user, concept.concept_id)) if relative else None
+                decisions += [_decide(row, concept, scale, photos) for row in matched]
     no_face = [row["path"] for row in faces.select(["path", "faces"]).to_pylist() if not row["faces"]]
-    return _score(protocol, config.match.threshold, decisions, no_face)
+    threshold = config.match.relative_threshold if relative else config.match.threshold
+    return _score(protocol, threshold, decisions, no_face)
+
+
+def _decide(row: dict, concept, scale: float | None, photos: dict[str, str]) -> Decision:
+    """The answer to "is <concept> in this photo?" that the match stage gave for ``row``."""
+    refs = concept.face_descriptors
+    vectors = np.asarray([f["embedding"] for f in row["faces"] or []], np.float32).reshape(-1, refs.shape[1])
+    distances = distance_matrix(vectors, [refs])[:, 0]
+    drawn = [
+        {"box": f["box"], "concept": f.get("concept"), "distance": float(d)} for f, d in zip(row["faces"] or [], distances)
+    ]
+    nearest = float(distances.min()) if len(distances) else None
+    return Decision(
+        person=concept.name,
+        photo=row["path"],
+        positive=photos[row["path"]] == concept.name,
+        predicted=concept.name in (row["concepts"] or []),
+        distance=nearest,
+        score=None if nearest is None else nearest / scale if scale else nearest,
+        faces=drawn,
+        width=row["width"] or 0,
+        height=row["height"] or 0,
+    )
+
+
+def _accuracy(decisions: list[Decision], predicted: list[bool]) -> tuple[float, float]:
+    pos = [p for d, p in zip(decisions, predicted) if d.positive]
+    neg = [not p for d, p in zip(decisions, predicted) if not d.positive]
+    return sum(pos) / max(len(pos), 1), sum(neg) / max(len(neg), 1)
+
+
+def best_threshold(decisions: list[Decision]) -> float:
+    """The score threshold of highest weighted accuracy: the middle of the widest gap that reaches it."""
+    scores = np.array([d.score if d.score is not None else np.inf for d in decisions])
+    positive = np.array([d.positive for d in decisions])
+    values = np.unique(scores[np.isfinite(scores)])
+    if len(values) == 0:
+        return float("inf")
+    cuts = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
+    pos, neg = np.sort(scores[positive]), np.sort(scores[~positive])
+    true_pos = np.searchsorted(pos, cuts, side="right") / max(len(pos), 1)
+    true_neg = 1 - np.searchsorted(neg, cuts, side="right") / max(len(neg), 1)
+    weighted = true_pos + true_neg
+    best = np.flatnonzero(weighted >= weighted.max() - 1e-12)
+    # runs of consecutive winning cuts; the widest run's middle is the most robust choice
+    runs = np.split(best, np.flatnonzero(np.diff(best) > 1) + 1)
+    widest = max(runs, key=lambda run: cuts[run[-1]] - cuts[run[0]])
+    return float((cuts[widest[0]] + cuts[widest[-1]]) / 2)
+
+
+@dataclass
+class CrossValidation:
+    positive_accuracy: float
+    negative_accuracy: float
+    weighted_accuracy: float
+    thresholds: dict[str, float]
+    """The threshold chosen without each person (leave-one-person-out)."""
+
+
+def cross_validate(result: RecognitionResult) -> CrossValidation:
+    """Leave one person out: choose the threshold on the others' questions, answer the person's questions with it.
+
+    A person's questions are those where the person is enrolled or owns the photo.
+    """
+    owner = {}
+    for d in result.decisions:
+        if d.positive:
+            owner[d.photo] = d.person
+    people = sorted({d.person for d in result.decisions})
+    predicted, held, thresholds = [], [], {}
+    for person in people:
+        train = [d for d in result.decisions if d.person != person and owner.get(d.photo) != person]
+        test = [d for d in result.decisions if d.person == person or owner.get(d.photo) == person]
+        thresholds[person] = best_threshold(train)
+        held += test
+        predicted += [d.score is not None and d.score <= thresholds[person] for d in test]
+    pos, neg = _accuracy(held, predicted)
+    return CrossValidation(pos, neg, (pos + neg) / 2, thresholds)
 
 
 def _score(protocol: str, threshold: float, decisions: list[Decision], no_face: list[str]) -> RecognitionResult:
@@ -161,7 +226,7 @@ def _score(protocol: str, threshold: float, decisions: list[Decision], no_face: 
     neg_acc = sum(not d.predicted for d in neg) / len(neg)
 
     def score(d: Decision) -> float:
-        return -d.distance if d.distance is not None else -np.inf
+        return -d.score if d.score is not None else -np.inf
 
     return RecognitionResult(
         protocol=protocol,

@@ -60,8 +60,8 @@ def test_same_person_is_closer_than_another_person(yollava, models):
 
 
 def test_flip_averaging_is_symmetric_and_close_to_plain(yollava, models):
-    detector, plain = models
-    flipped = DlibEmbedder(flip=True)
+    detector, _ = models
+    plain, flipped = DlibEmbedder(alignment="dlib", flip=False), DlibEmbedder(alignment="dlib", flip=True)
     image = load(photo("viruss", "ref_img.jpg"))
     faces = detector.detect(image)
     a, b = plain.embed(image, faces)[0], flipped.embed(image, faces)[0]
@@ -86,12 +86,13 @@ def test_assignment_is_one_to_one_and_respects_the_threshold():
 
 
 def test_landmark_alignment_agrees_with_dlibs_and_both_average(yollava, models):
-    detector, dlib_aligned = models
+    detector, both_flipped = models
     image = load(photo("thuytien", "ref_img.jpg"))
     faces = detector.detect(image)
-    by_landmarks = DlibEmbedder(alignment="landmarks").embed(image, faces)[0]
-    both = DlibEmbedder(alignment="both", flip=True).embed(image, faces)[0]
-    plain = dlib_aligned.embed(image, faces)[0]
+    by_landmarks = DlibEmbedder(alignment="landmarks", flip=False).embed(image, faces)[0]
+    both = DlibEmbedder(alignment="both", flip=False).embed(image, faces)[0]
+    plain = DlibEmbedder(alignment="dlib", flip=False).embed(image, faces)[0]
+    assert np.linalg.norm(both_flipped.embed(image, faces)[0] - both) < 0.1, "the default: both, and mirrored"
     assert 0 < np.linalg.norm(plain - by_landmarks) < 0.25, "the two alignments see the same face"
     assert np.linalg.norm(both - (plain + by_landmarks) / 2) < 0.1
     with pytest.raises(ValueError, match="alignment must be one of"):
@@ -112,3 +113,14 @@ def test_an_image_smaller_than_a_face_has_no_faces(models):
     detector, _ = models
     assert detector.detect(np.zeros((8, 6, 3), np.uint8)) == []
     assert detector.detect(np.full((19, 300, 3), 128, np.uint8)) == []
+
+
+def test_cohort_scale_is_a_lower_tail_mean_beyond_the_self_cut():
+    from plvm_model.faces.matching import cohort_scale
+
+    reference = np.zeros((1, 2), np.float32)
+    cohort = np.array([[0.1, 0], [0.3, 0], [0.6, 0], [0.7, 0], [0.8, 0], [0.9, 0]], np.float32)
+    assert cohort_scale(reference, cohort, min_distance=0.55, fraction=0.5) == pytest.approx((0.6 + 0.7) / 2)
+    assert cohort_scale(reference, cohort, min_distance=0.55, fraction=0.01) == pytest.approx(0.6), "at least one"
+    assert cohort_scale(reference, cohort, min_distance=0.95, fraction=0.5) is None, "no cohort beyond the cut"
+    assert cohort_scale(reference, cohort[:0], min_distance=0.0, fraction=0.5) is None

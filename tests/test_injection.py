@@ -113,3 +113,20 @@ def test_batched_generation_equals_one_by_one(engine, concepts, yollava):
         GenerationRequest(image, "Where is everyone standing in this photo?", [concepts["Thao"], concepts["Viruss"]]),
     ]
     assert engine.generate_ids(requests) == [engine.generate_ids([r])[0] for r in requests]
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_bitsandbytes_quantized_engine_injects_and_generates(quantization, tiny_models, concepts, yollava):
+    quantized = TransformersEngine(str(tiny_models.llava), max_new_tokens=4, quantization=quantization)
+    kinds = {type(m).__name__ for m in quantized.model.model.language_model.modules()}
+    assert kinds & {"Linear8bitLt", "Linear4bit"}, "the language model's layers are quantized"
+    assert type(quantized.model.lm_head).__name__ == "Linear", "the output head stays in full precision"
+    vision = {type(m).__name__ for m in quantized.model.model.vision_tower.modules()}
+    projector = {type(m).__name__ for m in quantized.model.model.multi_modal_projector.modules()}
+    assert "Linear" in vision and not vision & {"Linear8bitLt", "Linear4bit"}, "so does the vision tower"
+    assert not projector & {"Linear8bitLt", "Linear4bit"}
+    image = rgb(photo("thao", "0.jpg"))
+    ids = quantized.generate_ids([GenerationRequest(image, "Who is this?", [concepts["Thao"]])])
+    assert len(ids) == 1 and len(ids[0]) > 0
+    with pytest.raises(ValueError, match="choose one of 8bit, 4bit"):
+        TransformersEngine(str(tiny_models.llava), quantization="fp8")

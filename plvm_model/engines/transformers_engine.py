@@ -40,7 +40,8 @@ def _quantization_config(quantization: str | None):
     from transformers import BitsAndBytesConfig
 
     # The vision tower, projector and output head stay in full precision, as PLVM runs them.
-    keep = ["vision_tower", "multi_modal_projector", "lm_head"]
+    # (transformers matches these as prefixes of the module names)
+    keep = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return BitsAndBytesConfig(

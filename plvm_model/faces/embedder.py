@@ -62,7 +62,7 @@ class DlibEmbedder:
     space = "dlib-resnet-v1"
 
     def __init__(
-        self, num_jitters: int = 0, flip: bool = False, padding: float = 0.25, alignment: str = "dlib"
+        self, num_jitters: int = 0, flip: bool = True, padding: float = 0.25, alignment: str = "both"
     ) -> None:
         import dlib
 

@@ -3,10 +3,17 @@
 Each face goes to at most one concept and each concept to at most one face: a photo shows
 a person once. The assignment minimises the total distance over the pairs under the
 threshold (Hungarian algorithm), so two similar faces cannot both take the same name.
+
+Distances can be normalised per concept by a *cohort scale*: how close other people's
+faces come to that concept's reference. dlib's descriptor space is more crowded for some
+faces than others (on the YoLLaVA people, different persons sit 0.51-0.55 apart, where
+celebrity sets need 0.6 for profile shots), and one raw threshold cannot serve both;
+``distance / scale`` against one relative threshold can.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +38,23 @@ def distance_matrix(faces: np.ndarray, concepts: list[np.ndarray]) -> np.ndarray
             diff = faces[:, None, :].astype(np.float32) - refs[None, :, :].astype(np.float32)
             out[:, j] = np.sqrt((diff**2).sum(-1)).min(1)
     return out
+
+
+def cohort_scale(references: np.ndarray, cohort: np.ndarray, min_distance: float, fraction: float) -> float | None:
+    """Mean distance from a concept's references to its nearest cohort faces farther than ``min_distance``.
+
+    The cohort is faces known or presumed to be other people (the bank's other concepts, and
+    the faces of the run: those within ``min_distance`` are left out as probably the person
+    herself). The nearest ``fraction`` of them (at least one) are averaged, so the scale is a
+    lower-tail quantile that does not drift with the cohort's size. None without a cohort.
+    """
+    if len(cohort) == 0 or len(references) == 0:
+        return None
+    distances = distance_matrix(np.asarray(cohort, np.float32), [np.asarray(references, np.float32)])[:, 0]
+    distances = np.sort(distances[distances > min_distance])
+    if len(distances) == 0:
+        return None
+    return float(distances[: max(1, math.ceil(fraction * len(distances)))].mean())
 
 
 def assign(distances: np.ndarray, threshold: float) -> list[Match]:

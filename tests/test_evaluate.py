@@ -1,0 +1,64 @@
+"""Recognition evaluation: the harness's arithmetic, and the default's figures on the sample people."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, make_config
+from pipelines.evaluate import Decision, RecognitionResult, best_threshold, cross_validate, recognition, roc_auc
+
+
+def decision(person: str, photo: str, positive: bool, score: float | None) -> Decision:
+    return Decision(person, photo, positive, predicted=False, distance=score, score=score)
+
+
+def test_best_threshold_is_the_middle_of_the_widest_perfect_gap():
+    decisions = [decision("a", f"p{i}", True, s) for i, s in enumerate((0.2, 0.3, 0.4))]
+    decisions += [decision("a", f"n{i}", False, s) for i, s in enumerate((0.8, 0.9, None))]
+    assert best_threshold(decisions) == pytest.approx(0.6)
+    assert roc_auc([-0.2, -0.3], [-0.8, -0.9]) == 1.0 and roc_auc([-0.5], [-0.5]) == 0.5
+
+
+def test_cross_validation_chooses_each_threshold_without_the_held_out_person():
+    people = ("ann", "bob", "cid")
+    decisions = []
+    for enrolled in people:
+        for owner in people:
+            for i in range(3):
+                positive = enrolled == owner
+                # bob's own photos look far from him: a threshold learnt on the others misses them
+                score = (0.9 if owner == "bob" else 0.3) if positive else 1.2
+                decisions.append(decision(enrolled, f"{owner}/{i}.jpg", positive, score))
+    result = RecognitionResult("single", 0, 0, 0, 9, 18, 1.0, 1.0, decisions=decisions)
+    cv = cross_validate(result)
+    assert cv.thresholds["bob"] == pytest.approx((0.3 + 1.2) / 2)
+    assert cv.thresholds["ann"] == pytest.approx((0.9 + 1.2) / 2)
+    # in-sample a threshold of 1.05 answers everything right; held out, bob's photos are missed
+    assert cv.positive_accuracy == pytest.approx(6 / 9) and cv.negative_accuracy == pytest.approx(1.0)
+
+
+def test_default_recognition_on_the_sample_people_beats_the_published_figures(tmp_path, yollava, tiny_models):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "eval", "recognition", str(yollava), "--cv", "--report", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1200,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["protocol"] == "single" and (figures["n_positive"], figures["n_negative"]) == (50, 200)
+    assert figures["weighted_accuracy"] >= 0.99, done.stdout
+    assert figures["positive_accuracy"] >= 0.98 and figures["negative_accuracy"] >= 0.98, done.stdout
+    assert "leave-one-person-out" in done.stdout
+    page = (tmp_path / "index.html").read_text()
+    assert page.count("<figure>") == figures["errors"]
+
+
+def test_bank_protocol_identifies_each_face_among_everyone(tmp_path, yollava, tiny_models, ray_local):
+    result = recognition(make_config(tmp_path), yollava, protocol="bank")
+    assert result.protocol == "bank" and result.n_positive == 50 and result.n_negative == 200
+    assert result.weighted_accuracy >= 0.98
