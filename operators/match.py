@@ -115,7 +115,7 @@ class CohortScales:
         user = group.column("user_id")[0].as_py() if group.num_rows else None
         try:
             bank = self.banks.get(user)
-        except RowError:  # those photos get their error in the match stage
+        except (RowError, ValueError):  # no usable bank, or no valid user id: the match stage reports it
             return pa.table(out, schema=SCALE_SCHEMA)
         faces = [f["embedding"] for faces in group.column("faces").to_pylist() for f in faces or [] if f["embedding"]]
         run = np.asarray(faces, np.float32).reshape(-1, bank.concepts[0].face_descriptors.shape[1])
@@ -139,15 +139,17 @@ def cohort_scales(
     storage_options: storage.StorageOptions | None = None,
     embedder_space: str | None = None,
 ) -> Scales:
-    """Every user's concept scales from ``rows`` with face embeddings (a Ray dataset or a pyarrow table)."""
+    """Every user's concept scales from ``rows`` with face embeddings (a materialized Ray dataset or a table)."""
     scales = CohortScales(config, bank_uri, storage_options, embedder_space)
     if isinstance(rows, pa.Table):
         users = pc.unique(rows.column("user_id")).to_pylist()
         found = [scales(rows.filter(pc.equal(rows.column("user_id"), user))) for user in users]
         out = pa.concat_tables(found).to_pylist() if found else []
     else:
-        grouped = rows.select_columns(["user_id", "faces"]).groupby("user_id")
-        out = grouped.map_groups(scales, batch_format="pyarrow").take_all()
+        # one partition per block at most: a small run should not pay for 200 shuffle partitions
+        partitions = max(1, min(200, rows.num_blocks()))
+        grouped = rows.select_columns(["user_id", "faces"]).groupby("user_id", num_partitions=partitions)
+        out = grouped.map_groups(scales.__call__, batch_format="pyarrow").take_all()
     return {(r["user_id"], r["concept_id"]): r["scale"] for r in out}
 
 
