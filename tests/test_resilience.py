@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import os
@@ -91,7 +92,8 @@ def test_an_interrupted_run_is_completed_by_resume_without_duplicates(tmp_path, 
     while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.5)
     family = psutil.Process(run.pid).children(recursive=True) if run.poll() is None else []
-    os.killpg(run.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(run.pid, signal.SIGKILL)
     for proc in family:
         try:
             proc.kill()
