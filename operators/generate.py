@@ -114,7 +114,8 @@ class Generate:
         self._late: Future | None = None
         """A call that missed its deadline and may still be running."""
 
-    def _generate(self, requests: list[GenerationRequest]) -> list[str]:
+    def generate(self, requests: list[GenerationRequest]) -> list[str]:
+        """The engine's answers, or EngineTimeout when it gives none within ``timeout_s``."""
         timeout = self.config.timeout_s
         if self._late is not None:
             try:
@@ -136,7 +137,7 @@ class Generate:
         requests = [
             GenerationRequest(row_pixels(row), prompt, injected_tokens(row)) for row in rows for prompt in prompts
         ]
-        texts = iter(self._generate(requests) if requests else [])
+        texts = iter(self.generate(requests) if requests else [])
         for row in rows:
             answers = [next(texts) for _ in prompts]
             if self.config.caption:

@@ -77,6 +77,21 @@ def cmd_eval_recognition(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_vqa(args: argparse.Namespace) -> int:
+    from pipelines.vqa import vqa
+
+    result = vqa(_config(args, generate__engine=args.engine), args.questions, root=args.root)
+    print(f"VQA, {result.n} multiple-choice questions: accuracy {result.accuracy:.4f}")
+    for source, (right, asked) in result.by_source.items():
+        if asked:
+            print(f"  answered by the {source}: {right}/{asked} right")
+    if args.answers:
+        Path(args.answers).write_text("".join(json.dumps(a) + "\n" for a in result.answers))
+        print(f"  answers: {args.answers}")
+    print(json.dumps(result.summary()))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pipelines.report import caption_report
 
@@ -104,8 +119,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def command(name: str, handler: Callable, help: str) -> argparse.ArgumentParser:
-        s = sub.add_parser(name, help=help, description=help)
+    def command(name: str, handler: Callable, help: str, under=sub) -> argparse.ArgumentParser:
+        s = under.add_parser(name, help=help, description=help)
         s.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name} of this project)")
         s.set_defaults(handler=handler)
         return s
@@ -128,15 +143,19 @@ def parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true", help="remove earlier runs' output first")
 
     evaluate = sub.add_parser("eval", help="evaluate recognition or VQA").add_subparsers(dest="what", required=True)
-    s = evaluate.add_parser("recognition", help="is P in this photo? on a PLVM/YoLLaVA-layout folder")
-    s.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name} of this project)")
-    s.set_defaults(handler=cmd_eval_recognition)
+    s = command("recognition", cmd_eval_recognition, "is P in this photo? on a PLVM/YoLLaVA-layout folder", evaluate)
     s.add_argument("directory", help="one folder per person: ref_img.* and that person's photos")
     s.add_argument("--protocol", choices=["single", "bank"], default="single",
                    help="single: each person alone in a bank (as the papers); bank: all in one bank")  # fmt: skip
     s.add_argument("--threshold", type=float, help="match threshold (relative with cohort normalization; default: the config's)")
     s.add_argument("--cv", action="store_true", help="also choose the threshold by leave-one-person-out cross-validation")
     s.add_argument("--report", help="folder for an HTML report of the errors")
+
+    s = command("vqa", cmd_eval_vqa, "multiple-choice questions about enrolled people, PLVM's JSON format", evaluate)
+    s.add_argument("questions", help="JSON list of {ref_img, query_img?, question with <sks>, multiple_choice, correct_answer}")
+    s.add_argument("--root", help="folder the image paths are relative to (default: the file's folder or its parent)")
+    s.add_argument("--engine", choices=["transformers", "vllm"], help="generation engine (default: the config's)")
+    s.add_argument("--answers", help="write each question's choice, source and model text here (JSON lines)")
 
     s = command("report", cmd_report, "draw a caption run's photos with their faces, names and captions (HTML + PNG)")
     s.add_argument("results", help="output folder URI, or one Parquet file")

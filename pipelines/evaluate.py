@@ -114,9 +114,16 @@ def face_table(config: Config, paths: list[str]) -> pa.Table:
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
+def match_as(config: Config, faces: pa.Table, user: str, space: str) -> tuple[list[dict], dict]:
+    """The match stage's rows for ``faces`` taken as ``user``'s photos (against ``config.bank``), and its cohort scales."""
+    batch = faces.set_column(faces.schema.get_field_index("user_id"), "user_id", pa.array([user] * faces.num_rows, pa.string()))
+    relative = config.match.normalization == "cohort"
+    scales = cohort_scales(batch, config.match, config.bank, embedder_space=space) if relative else {}
+    return MatchFaces(config.match, config.bank, embedder_space=space, scales=scales)(batch).to_pylist(), scales
+
+
 def recognition(config: Config, directory: str | Path, protocol: Protocol = "single") -> RecognitionResult:
     people = people_of(directory)
-    relative = config.match.normalization == "cohort"
     with tempfile.TemporaryDirectory(prefix="plvm-eval-") as banks:
         config = config.model_copy(update={"bank": banks})
         enroller = Enroller(config)
@@ -129,16 +136,13 @@ def recognition(config: Config, directory: str | Path, protocol: Protocol = "sin
         faces = face_table(config, list(photos))
         decisions = []
         for user in dict.fromkeys(users.values()):
-            owner = pa.array([user] * faces.num_rows, pa.string())
-            batch = faces.set_column(faces.schema.get_field_index("user_id"), "user_id", owner)
-            scales = cohort_scales(batch, config.match, banks, embedder_space=space) if relative else {}
-            matched = MatchFaces(config.match, banks, embedder_space=space, scales=scales)(batch).to_pylist()
+            matched, scales = match_as(config, faces, user, space)
             bank = enroller.store.load(user)
             for concept in bank.concepts:
-                scale = scales.get((user, concept.concept_id)) if relative else None
+                scale = scales.get((user, concept.concept_id))
                 decisions += [_decide(row, concept, scale, photos) for row in matched]
     no_face = [row["path"] for row in faces.select(["path", "faces"]).to_pylist() if not row["faces"]]
-    threshold = config.match.relative_threshold if relative else config.match.threshold
+    threshold = config.match.relative_threshold if config.match.normalization == "cohort" else config.match.threshold
     return _score(protocol, threshold, decisions, no_face)
 
 
