@@ -55,7 +55,7 @@ class VQAResult:
     accuracy: float
     n: int
     by_source: dict[str, list[int]] = field(default_factory=dict)
-    """source ("model" or "face box") -> [right, asked]."""
+    """source ("model", "face box", or "unreadable photo") -> [right, asked]."""
     answers: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -145,6 +145,9 @@ def vqa(config: Config, questions: str | Path, root: str | Path | None = None) -
     requests, asked = [], []
     for n, item in enumerate(items):
         row = matched[(item.reference, item.photo)]
+        if row["error"]:
+            answers[n] = {"choice": None, "source": "unreadable photo", "text": row["error"]}
+            continue
         face = next((f for f in row["faces"] or [] if f.get("concept")), None)
         if face is not None and POSITION_QUESTION.search(item.question):
             choice = position_choice(face["box"], row["width"], row["height"], item.choices)
@@ -174,6 +177,7 @@ def vqa(config: Config, questions: str | Path, root: str | Path | None = None) -
     for item, answer in zip(items, answers):
         answer["right"] = answer["choice"] == item.answer
         tally[(answer["source"], answer["right"])] += 1
-    by_source = {s: [tally[(s, True)], tally[(s, True)] + tally[(s, False)]] for s in ("model", "face box")}
+    sources = dict.fromkeys(["model", "face box", *(a["source"] for a in answers)])
+    by_source = {s: [tally[(s, True)], tally[(s, True)] + tally[(s, False)]] for s in sources}
     rows = [{**asdict(item), **answer} for item, answer in zip(items, answers)]
     return VQAResult(sum(a["right"] for a in answers) / len(items), len(items), by_source, rows)

@@ -56,6 +56,7 @@ def test_eval_vqa_answers_positions_from_the_matched_face_and_asks_the_model_the
     left = _placed(photo("thao", "2.jpg"), "left", thao / "left.jpg")
     right = _placed(photo("thao", "3.jpg"), "right", thao / "right.jpg")
     Image.open(photo("viruss", "1.jpg")).save(thao / "someone-else.jpg")
+    (thao / "broken.jpg").write_bytes(open(photo("thao", "4.jpg"), "rb").read()[:300])
     where = "Where is the position of <sks> in this photo?"
     items = [
         {"ref_img": "thao/ref_img.jpg", "query_img": f"thao/{left}", "question": where, "multiple_choice": SIDES,
@@ -67,6 +68,8 @@ def test_eval_vqa_answers_positions_from_the_matched_face_and_asks_the_model_the
          "multiple_choice": SIDES, "correct_answer": "B"},
         {"ref_img": "thao/ref_img.jpg", "question": "Is <sks> a man or a woman?",
          "multiple_choice": {"A": "man", "B": "woman"}, "correct_answer": "B"},
+        {"ref_img": "thao/ref_img.jpg", "query_img": "thao/broken.jpg", "question": where, "multiple_choice": SIDES,
+         "correct_answer": "A"},
     ]  # fmt: skip
     questions = tmp_path / "questions.json"
     questions.write_text(json.dumps(items))
@@ -77,15 +80,17 @@ def test_eval_vqa_answers_positions_from_the_matched_face_and_asks_the_model_the
     assert main(["eval", "vqa", str(questions), "--config", str(config), "--answers", str(answers)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
-    assert summary["n"] == 4 and len(rows) == 4
-    assert [r["source"] for r in rows] == ["face box", "face box", "model", "model"]
+    assert summary["n"] == 5 and len(rows) == 5
+    assert [r["source"] for r in rows] == ["face box", "face box", "model", "model", "unreadable photo"]
     assert [r["choice"] for r in rows[:2]] == ["A", "C"], "the face box places Thao left, then right"
-    for row in rows[2:]:
+    assert rows[4]["choice"] is None and "broken.jpg" in rows[4]["text"]
+    for row in rows[2:4]:
         assert row["text"], "the model wrote an answer"
         assert row["choice"] in (None, *row["choices"])
         assert "Thao" not in row["question"] and row["right"] == (row["choice"] == row["answer"])
     assert summary["by_source"] == {
-        "model": [sum(r["right"] for r in rows[2:]), 2],
+        "model": [sum(r["right"] for r in rows[2:4]), 2],
         "face box": [2, 2],
+        "unreadable photo": [0, 1],
     }
-    assert summary["accuracy"] == pytest.approx(sum(r["right"] for r in rows) / 4)
+    assert summary["accuracy"] == pytest.approx(sum(r["right"] for r in rows) / 5)
