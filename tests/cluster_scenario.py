@@ -90,7 +90,7 @@ def main(result_file: Path) -> None:
             worker = run(str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
                          "--num-cpus=1", env=env)  # fmt: skip
             result["worker"] = [worker.returncode, worker.stderr[-2000:]]
-            nodes = run(sys.executable, "-c", "import ray, json; ray.init(address='auto', logging_level='ERROR');"
+            nodes = run(sys.executable, "-c", f"import ray, json; ray.init(address='127.0.0.1:{port}', logging_level='ERROR');"
                         "print(json.dumps([n['Alive'] for n in ray.nodes()]))", env=env)  # fmt: skip
             result["nodes"] = json.loads(nodes.stdout.strip().splitlines()[-1]) if nodes.returncode == 0 else nodes.stderr
             job = run(sys.executable, str(REPO / "submit.py"), "--address", f"http://127.0.0.1:{dashboard}", "--wait",
