@@ -33,7 +33,7 @@ from pipelines.config import load_config  # noqa: E402
 from pipelines.enroll import Enroller  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
 from plvm_model.faces import MTCNNDetector, make_embedder  # noqa: E402
-from plvm_model.faces.matching import assign, distance_matrix  # noqa: E402
+from plvm_model.faces.matching import assign, cohort_scale, distance_matrix  # noqa: E402
 
 
 class Meter:
@@ -100,13 +100,24 @@ def loop(config, paths: list[str], refs: list[np.ndarray]) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     detector = MTCNNDetector(config.detect.long_side, config.detect.min_face_size, config.detect.score_threshold)
     embedder = make_embedder(config.embed.kind, **config.embed.options)
-    named = 0
+    per_photo = []
     for path in paths:
         pixels, _, _ = decode_image(Path(path).read_bytes(), config.decode.max_side, config.decode.max_pixels)
-        faces = detector.detect(pixels)
-        vectors = embedder.embed(pixels, faces)
-        named += sum(m.concept is not None for m in assign(distance_matrix(vectors, refs), config.match.threshold))
-    return named
+        per_photo.append(embedder.embed(pixels, detector.detect(pixels)))
+    match = config.match
+    if match.normalization == "cohort":  # as the pipeline: every face of the run first, then the scales
+        run = np.concatenate(per_photo)
+        scales = []
+        for j, own in enumerate(refs):
+            cohort = np.concatenate([*(r for i, r in enumerate(refs) if i != j), run])
+            scale = cohort_scale(own, cohort, match.cohort_min_distance, match.cohort_fraction)
+            scales.append(scale or match.threshold / match.relative_threshold)
+        divisor, threshold = np.asarray(scales, np.float32), match.relative_threshold
+    else:
+        divisor, threshold = np.float32(1), match.threshold
+    return sum(
+        m.concept is not None for vectors in per_photo for m in assign(distance_matrix(vectors, refs) / divisor, threshold)
+    )
 
 
 def pipeline(config, paths: list[str]) -> int:
