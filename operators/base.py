@@ -19,7 +19,7 @@ class Resources(StageConfig):
     num_gpus: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1)
     threads: int | None = Field(None, ge=1)
-    """torch threads in each actor (default: its CPU share, at least 1)."""
+    """torch threads in each actor of a stage that runs torch (default: its CPU share, at least 1)."""
 
     def torch_threads(self) -> int:
         return self.threads or max(1, round(self.num_cpus))

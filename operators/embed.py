@@ -24,9 +24,7 @@ class EmbedFaces:
     """pixels + faces -> each face's ``embedding``."""
 
     def __init__(self, config: EmbedConfig) -> None:
-        import torch
-
-        torch.set_num_threads(config.resources.torch_threads())
+        # dlib runs without torch: this actor does not import it (seconds of CPU per actor)
         self.embedder = make_embedder(config.kind, **config.options)
 
     def _embed(self, row: dict) -> None:

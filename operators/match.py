@@ -39,6 +39,9 @@ class MatchConfig(StageConfig):
     """Run faces at most this far from a concept are left out of its cohort (probably the person)."""
     cohort_fraction: float = Field(0.02, gt=0, le=1)
     """The nearest share of the cohort that the scale averages."""
+    cohort_gather_mb: float = Field(256, ge=0)
+    """A run whose embedded faces take at most this much is scaled in the driver; a larger one by a
+    groupby on the cluster (a shuffle, which costs a small run more than its matching)."""
 
 
 class BankCache:
@@ -141,12 +144,16 @@ def cohort_scales(
 ) -> Scales:
     """Every user's concept scales from ``rows`` with face embeddings (a materialized Ray dataset or a table)."""
     scales = CohortScales(config, bank_uri, storage_options, embedder_space)
+    if not isinstance(rows, pa.Table) and rows.size_bytes() <= config.cohort_gather_mb * 2**20:
+        import ray
+
+        rows = pa.concat_tables([t.select(["user_id", "faces"]) for t in ray.get(rows.to_arrow_refs())])
     if isinstance(rows, pa.Table):
         users = pc.unique(rows.column("user_id")).to_pylist()
         found = [scales(rows.filter(pc.equal(rows.column("user_id"), user))) for user in users]
         out = pa.concat_tables(found).to_pylist() if found else []
     else:
-        # one partition per block at most: a small run should not pay for 200 shuffle partitions
+        # one partition per block at most
         partitions = max(1, min(200, rows.num_blocks()))
         grouped = rows.select_columns(["user_id", "faces"]).groupby("user_id", num_partitions=partitions)
         out = grouped.map_groups(scales.__call__, batch_format="pyarrow").take_all()

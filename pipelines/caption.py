@@ -31,7 +31,7 @@ from operators.read import ReadBytes, list_inputs
 from operators.write import OutputExists, OutputFolder, WriteParts, keys
 from pipelines.config import Config, ModelPaths, RayConfig
 from pipelines.runtime import init_ray
-from plvm_model.faces import make_embedder
+from plvm_model.faces import embedder_class
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,12 @@ def _blocks(listing: pa.Table, size: int) -> list[pa.Table]:
 
 
 def _tasks(ds, fn, resources: Resources):
+    """A model-free stage: at most ``resources.concurrency`` tasks at once (each worker started costs seconds of CPU)."""
+    import ray.data
+
     return ds.map_batches(
         fn,
+        compute=ray.data.TaskPoolStrategy(size=resources.concurrency),
         batch_format="pyarrow",
         batch_size=resources.batch_size,
         num_cpus=resources.num_cpus,
@@ -110,7 +114,7 @@ def build(config: Config, listing: pa.Table, models: ModelPaths | None, stop: St
     import ray.data
 
     storage_options = config.storage
-    embedder_space = make_embedder(config.embed.kind, **config.embed.options).space
+    embedder_space = embedder_class(config.embed.kind).space
     ds = ray.data.from_arrow(_blocks(listing, config.tasks.batch_size))
     ds = _tasks(ds, ReadBytes(config.read, storage_options), config.tasks)
     ds = _tasks(ds, Decode(config.decode), config.tasks)
@@ -139,8 +143,12 @@ def build(config: Config, listing: pa.Table, models: ModelPaths | None, stop: St
         **({"runtime_env": runtime_env} if runtime_env else {}),
     )  # fmt: skip
     write = WriteParts(config.output.uri, run_id, storage_options, config.output.face_embeddings)
-    return ds.map_batches(
-        write, batch_format="pyarrow", batch_size=config.output.rows_per_file, num_cpus=config.tasks.num_cpus
+    return ds.map_batches(  # one row per part written: not a _tasks stage, which keeps row counts
+        write,
+        compute=ray.data.TaskPoolStrategy(size=config.tasks.concurrency),
+        batch_format="pyarrow",
+        batch_size=config.output.rows_per_file,
+        num_cpus=config.tasks.num_cpus,
     )
 
 

@@ -92,8 +92,9 @@ class Config(StageConfig):
     match: MatchConfig = MatchConfig()
     prompt: PromptConfig = PromptConfig()
     generate: GenerateConfig = GenerateConfig()
-    tasks: Resources = Field(default_factory=lambda: Resources(num_cpus=0.25, batch_size=8))
-    """Resources of the model-free stages (read, decode, match, prompt, write)."""
+    tasks: Resources = Field(default_factory=lambda: Resources(concurrency=2, num_cpus=0.25, batch_size=8))
+    """Resources of the model-free stages (read, decode, match, prompt, write); ``concurrency`` is the
+    most tasks of each stage at once."""
 
     def model_paths(self) -> ModelPaths:
         """The models' local paths, building the tiny ones first where ``tiny`` is named."""

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the bank and the model-free stages use this module without torch
+    import torch
 
 CONCEPT_MARK = "<concept>"
 IMAGE_MARK = "<image>"
@@ -106,6 +109,8 @@ def splice(
 
     ``offset`` shifts every span, for sequences padded on the left. Returns ``embeds``.
     """
+    import torch
+
     for start, index in prompt.concept_spans:
         vectors = torch.as_tensor(concepts[index].context, dtype=embeds.dtype, device=embeds.device)
         if vectors.shape[-1] != embeds.shape[-1]:

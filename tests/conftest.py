@@ -60,7 +60,7 @@ def make_config(tmp_path: Path, **sections):
         "detect": {"resources": small},
         "embed": {"resources": small},
         "generate": {"max_new_tokens": 6, "questions": ["Who is in this photo?"], "resources": small},
-        "tasks": {"num_cpus": 0.25, "batch_size": 4},
+        "tasks": {"concurrency": 2, "num_cpus": 0.25, "batch_size": 4},
     }
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value

@@ -101,8 +101,16 @@ class DlibEmbedder:
         return vectors.reshape(len(faces), -1, self.dim).mean(axis=1)
 
 
+EMBEDDERS: dict[str, type] = {"dlib": DlibEmbedder}
+
+
+def embedder_class(kind: str) -> type:
+    """The embedder class named ``kind``; its ``space`` names the descriptors it writes, without loading it."""
+    if kind not in EMBEDDERS:
+        raise ValueError(f"unknown face embedder {kind!r}; available: {', '.join(EMBEDDERS)}")
+    return EMBEDDERS[kind]
+
+
 def make_embedder(kind: str, **options: Any) -> FaceEmbedder:
-    """The embedder named ``kind`` with its options (the ``faces.embedder`` config section)."""
-    if kind == "dlib":
-        return DlibEmbedder(**options)
-    raise ValueError(f"unknown face embedder {kind!r}; available: dlib")
+    """The embedder named ``kind`` with its options (the ``embed`` config section)."""
+    return embedder_class(kind)(**options)
