@@ -115,9 +115,12 @@ def build(config: Config, listing: pa.Table, models: ModelPaths | None, stop: St
 
     storage_options = config.storage
     embedder_space = embedder_class(config.embed.kind).space
-    ds = ray.data.from_arrow(_blocks(listing, config.tasks.batch_size))
-    ds = _tasks(ds, ReadBytes(config.read, storage_options), config.tasks)
-    ds = _tasks(ds, Decode(config.decode), config.tasks)
+    blocks = _blocks(listing, config.tasks.batch_size)
+    # no more tasks at once than blocks: a small run starts no idle workers (and Ray does not warn)
+    tasks = config.tasks.model_copy(update={"concurrency": min(config.tasks.concurrency, len(blocks))})
+    ds = ray.data.from_arrow(blocks)
+    ds = _tasks(ds, ReadBytes(config.read, storage_options), tasks)
+    ds = _tasks(ds, Decode(config.decode), tasks)
     ds = _actors(ds, DetectFaces, (config.detect,), config.detect.resources)
     ds = _actors(ds, EmbedFaces, (config.embed,), config.embed.resources)
     if stop == "embed":
@@ -129,26 +132,27 @@ def build(config: Config, listing: pa.Table, models: ModelPaths | None, stop: St
         # dropped here (the faces are kept, small) and decoded again for the LLM below.
         ds = ds.drop_columns(["pixels"]).materialize()
         scales = cohort_scales(ds, config.match, config.bank, storage_options, embedder_space)
-    ds = _tasks(ds, MatchFaces(config.match, config.bank, storage_options, embedder_space, scales), config.tasks)
+    ds = _tasks(ds, MatchFaces(config.match, config.bank, storage_options, embedder_space, scales), tasks)
     if stop == "match":
         return ds
     assert models is not None
-    ds = _tasks(ds, ChooseConcepts(config.prompt, config.bank, storage_options, models.aligner_identity), config.tasks)
+    ds = _tasks(ds, ChooseConcepts(config.prompt, config.bank, storage_options, models.aligner_identity), tasks)
     if cohort:
-        ds = _tasks(ds, ReadBytes(config.read, storage_options), config.tasks)
-        ds = _tasks(ds, Decode(config.decode), config.tasks)
+        ds = _tasks(ds, ReadBytes(config.read, storage_options), tasks)
+        ds = _tasks(ds, Decode(config.decode), tasks)
     runtime_env = config.generate.runtime_env()
     ds = _actors(
         ds, Generate, (config.generate, models.llava), config.generate.resources,
         **({"runtime_env": runtime_env} if runtime_env else {}),
     )  # fmt: skip
     write = WriteParts(config.output.uri, run_id, storage_options, config.output.face_embeddings)
+    parts = max(1, -(-listing.num_rows // config.output.rows_per_file))
     return ds.map_batches(  # one row per part written: not a _tasks stage, which keeps row counts
         write,
-        compute=ray.data.TaskPoolStrategy(size=config.tasks.concurrency),
+        compute=ray.data.TaskPoolStrategy(size=min(tasks.concurrency, parts)),
         batch_format="pyarrow",
         batch_size=config.output.rows_per_file,
-        num_cpus=config.tasks.num_cpus,
+        num_cpus=tasks.num_cpus,
     )
 
 
