@@ -168,9 +168,11 @@ def vqa(config: Config, questions: str | Path, root: str | Path | None = None) -
         )  # fmt: skip
         size = generate.resources.batch_size
         texts = []
-        for start in range(0, len(requests), size):
-            texts += ray.get(actor.generate.remote(requests[start : start + size]))
-        ray.kill(actor)
+        try:
+            for start in range(0, len(requests), size):
+                texts += ray.get(actor.generate.remote(requests[start : start + size]))
+        finally:  # an engine error must not leave the engine's actor (and its memory) behind
+            ray.kill(actor)
         for n, text in zip(asked, texts):
             answers[n] = {"choice": model_choice(text, items[n].choices), "source": "model", "text": text}
     tally = Counter()
