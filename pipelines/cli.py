@@ -1,4 +1,7 @@
-"""The ``plvm`` command: enroll people, caption photos, evaluate, report."""
+"""The ``plvm`` command: enroll people, caption photos, evaluate, report.
+
+Exit codes: see ``plvm_model.errors.EXIT_CODES`` (and the README).
+"""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     config = _config(
         args, input__uri=args.input, input__user=args.user, output__uri=args.output, generate__engine=args.engine
     )
-    summary = caption(config, resume=args.resume, overwrite=args.overwrite)
+    summary = caption(config, resume=args.resume, overwrite=args.overwrite, retry_errors=args.retry_errors)
     for line in summary.lines():
         print(line)
     print(json.dumps(asdict(summary)))
@@ -141,6 +144,8 @@ def parser() -> argparse.ArgumentParser:
     again = s.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="skip photos that earlier runs already wrote")
     again.add_argument("--overwrite", action="store_true", help="remove earlier runs' output first")
+    s.add_argument("--retry-errors", action="store_true",
+                   help="write again the rows whose error is retryable (timeouts, stage failures); implies --resume")  # fmt: skip
 
     evaluate = sub.add_parser("eval", help="evaluate recognition or VQA").add_subparsers(dest="what", required=True)
     s = command("recognition", cmd_eval_recognition, "is P in this photo? on a PLVM/YoLLaVA-layout folder", evaluate)
@@ -173,14 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from plvm_model.bank import BankError
-    from pipelines.config import ConfigError
+    from plvm_model.errors import PlvmError
 
     try:
         return args.handler(args)
-    except (ConfigError, BankError, ValueError, FileNotFoundError) as error:
+    except PlvmError as error:  # the user's to act on: one message; anything else is a bug and keeps its traceback
         print(f"plvm {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
 
 
 if __name__ == "__main__":

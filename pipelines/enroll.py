@@ -13,24 +13,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
-import pyarrow as pa
 
-from operators.decode import Decode, row_pixels
-from operators.detect import DetectFaces, working_faces
-from operators.embed import EmbedFaces
-from operators.read import ReadBytes
-from operators.rows import to_table
+from operators.rows import row_pixels, to_table, working_faces
+from pipelines.caption import face_stages
 from pipelines.config import Config
+from pipelines.stages import InProcess
 from plvm_model.bank import Concept, ConceptBank, UserBank, validate_user_id
 from plvm_model.concepts import ConceptEncoder
-from plvm_model.faces import Face
+from plvm_model.errors import InputError
+from plvm_model.faces import Face, embedder_class
 
 DOMINANCE = 2.0
 """A face at least this many times larger than every other one is the reference face."""
 
 
-class EnrollError(ValueError):
-    pass
+class EnrollError(InputError):
+    """A refused enrollment: nothing was written."""
 
 
 @dataclass
@@ -80,8 +78,9 @@ class Enroller:
         self.config = config
         self.store = ConceptBank(config.bank, config.storage)
         self.models = config.model_paths()
-        self.embed = EmbedFaces(config.embed)
-        self.stages = [ReadBytes(config.read, config.storage), Decode(config.decode), DetectFaces(config.detect)]
+        self.space = embedder_class(config.embed.kind).space
+        """The face descriptors' space, recorded in the bank."""
+        self.faces = InProcess(face_stages(config))
         self._encoder: ConceptEncoder | None = None
 
     @property
@@ -98,10 +97,7 @@ class Enroller:
 
     def reference_faces(self, paths: list[str]) -> list[dict]:
         """Each reference photo's row after the read, decode, detect and embed operators."""
-        batch: pa.Table = to_table([{"path": p, "user_id": None} for p in paths], ["path", "user_id"])
-        for stage in (*self.stages, self.embed):
-            batch = stage(batch)
-        rows = batch.to_pylist()
+        rows = self.faces(to_table([{"path": p, "user_id": None} for p in paths], ["path", "user_id"])).to_pylist()
         for row in rows:
             if row["error"]:
                 raise EnrollError(f"reference photo refused: {row['error']}")
@@ -114,7 +110,7 @@ class Enroller:
         if not images:
             raise EnrollError("give at least one reference photo")
         bank = self.store.load(user_id)  # a damaged bank raises here, before any work
-        space, aligner = self.embed.embedder.space, self.models.aligner_identity
+        space, aligner = self.space, self.models.aligner_identity
         if bank is None:
             bank = UserBank(user_id=user_id, embedder=space, aligner=aligner)
         bank.check_compatible(embedder=space, aligner=aligner, where=f" at {self.config.bank}")

@@ -20,13 +20,13 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from operators.match import MatchFaces, cohort_scales
+from operators.match import MatchFaces
 from operators.read import IMAGE_EXTENSIONS
 from operators.rows import to_table
-from pipelines.caption import build
+from pipelines.caption import dataset, face_stages
+from pipelines.cohort import cohort_scales
 from pipelines.config import Config
 from pipelines.enroll import Enroller
-from pipelines.runtime import init_ray
 from plvm_model.faces.matching import distance_matrix
 
 Protocol = Literal["single", "bank"]
@@ -108,9 +108,8 @@ def face_table(config: Config, paths: list[str]) -> pa.Table:
     """The photos' rows after the pipeline's read, decode, detect and embed stages (on Ray)."""
     import ray
 
-    init_ray(config.ray)
     listing = to_table([{"path": p, "user_id": "eval"} for p in paths], ["path", "user_id"])
-    ds = build(config, listing, None, stop="embed").drop_columns(["pixels"])
+    ds = dataset(config, listing, face_stages).drop_columns(["pixels"])
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
@@ -127,7 +126,7 @@ def recognition(config: Config, directory: str | Path, protocol: Protocol = "sin
     with tempfile.TemporaryDirectory(prefix="plvm-eval-") as banks:
         config = config.model_copy(update={"bank": banks})
         enroller = Enroller(config)
-        space = enroller.embed.embedder.space
+        space = enroller.space
         users = {}
         for index, person in enumerate(people):
             users[person.name] = f"eval-{index}" if protocol == "single" else "eval-all"
@@ -140,28 +139,31 @@ def recognition(config: Config, directory: str | Path, protocol: Protocol = "sin
             bank = enroller.store.load(user)
             for concept in bank.concepts:
                 scale = scales.get((user, concept.concept_id))
-                decisions += [_decide(row, concept, scale, photos) for row in matched]
+                decisions += [_decide(row, concept, scale, photos, config) for row in matched]
     no_face = [row["path"] for row in faces.select(["path", "faces"]).to_pylist() if not row["faces"]]
     threshold = config.match.relative_threshold if config.match.normalization == "cohort" else config.match.threshold
     return _score(protocol, threshold, decisions, no_face)
 
 
-def _decide(row: dict, concept, scale: float | None, photos: dict[str, str]) -> Decision:
+def _decide(row: dict, concept, scale: float | None, photos: dict[str, str], config: Config) -> Decision:
     """The answer to "is <concept> in this photo?" that the match stage gave for ``row``."""
     refs = concept.face_descriptors
     vectors = np.asarray([f["embedding"] for f in row["faces"] or []], np.float32).reshape(-1, refs.shape[1])
-    distances = distance_matrix(vectors, [refs])[:, 0]
+    distances = distance_matrix(vectors, [refs])
+    scores = config.match.rule().scores(distances, [scale])[:, 0]
+    distances = distances[:, 0]
     drawn = [
         {"box": f["box"], "concept": f.get("concept"), "distance": float(d)} for f, d in zip(row["faces"] or [], distances)
     ]
     nearest = float(distances.min()) if len(distances) else None
+    score = float(scores.min()) if len(scores) else None
     return Decision(
         person=concept.name,
         photo=row["path"],
         positive=photos[row["path"]] == concept.name,
         predicted=concept.name in (row["concepts"] or []),
         distance=nearest,
-        score=None if nearest is None else nearest / scale if scale else nearest,
+        score=score,
         faces=drawn,
         width=row["width"] or 0,
         height=row["height"] or 0,

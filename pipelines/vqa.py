@@ -134,7 +134,7 @@ def vqa(config: Config, questions: str | Path, root: str | Path | None = None) -
         for ref in references:
             enroller.enroll(users[ref], names[ref], [ref])
         faces = face_table(config, sorted({i.photo for i in items}))
-        space = enroller.embed.embedder.space
+        space = enroller.space
         matched = {}
         for ref in references:
             for row in match_as(config, faces, users[ref], space)[0]:
