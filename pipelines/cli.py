@@ -23,7 +23,9 @@ def _config(args: argparse.Namespace, **overrides):
 def cmd_enroll(args: argparse.Namespace) -> int:
     from pipelines.enroll import enroll
 
-    result = enroll(_config(args), args.user, args.name, args.images, face_index=args.face)
+    result = enroll(
+        _config(args), args.user, args.name, args.images, face_index=args.face, face_policy=args.face_policy
+    )
     verb = "enrolled" if result.created else "extended" if result.added else "already enrolled from these photos:"
     print(f"{verb} {result.name!r} ({result.concept_id}) for user {result.user_id!r}: "
           f"{result.references} reference photo(s), bank {result.bank}")  # fmt: skip
@@ -114,6 +116,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_face_policy(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--face-policy", choices=["largest", "centre"], default="largest",
+                   help="reference face of a photo with several: largest, one at least twice as large as the others "
+                        "(else refused; the default), or centre, the one nearest the photo's centre")  # fmt: skip
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plvm", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -130,6 +138,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--user", required=True, help="the user whose bank gets the concept")
     s.add_argument("--name", required=True, help="the person's name, as captions will say it")
     s.add_argument("--face", type=int, help="which face of a reference photo with several (0 = leftmost)")
+    add_face_policy(s)
     s.add_argument("images", nargs="+", help="reference photos (paths or URIs)")
 
     s = command("caption", cmd_caption, "caption photos with the people of their owner's concept bank")
