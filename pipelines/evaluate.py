@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+from scipy.stats import mannwhitneyu
 
 from operators.match import MatchFaces, cohort_scales
 from operators.read import IMAGE_EXTENSIONS
@@ -97,11 +98,11 @@ def people_of(directory: str | Path) -> list[Person]:
 
 
 def roc_auc(positive: list[float], negative: list[float]) -> float:
-    """Probability that a positive scores above a negative (ties count half)."""
-    pos, neg = np.asarray(positive, float)[:, None], np.asarray(negative, float)[None, :]
-    if pos.size == 0 or neg.size == 0:
+    """Probability that a positive scores above a negative (ties count half): Mann-Whitney U / (n_pos * n_neg)."""
+    if len(positive) == 0 or len(negative) == 0:
         return float("nan")
-    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+    u = mannwhitneyu(positive, negative, alternative="two-sided", method="asymptotic").statistic
+    return float(u / (len(positive) * len(negative)))
 
 
 def face_table(config: Config, paths: list[str]) -> pa.Table:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,7 +22,15 @@ def test_best_threshold_is_the_middle_of_the_widest_perfect_gap():
     decisions = [decision("a", f"p{i}", True, s) for i, s in enumerate((0.2, 0.3, 0.4))]
     decisions += [decision("a", f"n{i}", False, s) for i, s in enumerate((0.8, 0.9, None))]
     assert best_threshold(decisions) == pytest.approx(0.6)
+
+
+def test_roc_auc_counts_the_pairs_a_positive_wins_ties_half():
     assert roc_auc([-0.2, -0.3], [-0.8, -0.9]) == 1.0 and roc_auc([-0.5], [-0.5]) == 0.5
+    # -0.1 beats all four negatives; -0.4 beats -0.9 and -inf and ties -0.4: (4 + 2.5) / 8
+    assert roc_auc([-0.1, -0.4], [-0.2, -0.4, -0.9, -math.inf]) == pytest.approx(6.5 / 8)
+    # a photo without a face (-inf) loses to every scored one and ties the other: (0 + 0.5 + 1) / 4
+    assert roc_auc([-math.inf, -0.3], [-math.inf, -0.2]) == pytest.approx(1.5 / 4)
+    assert math.isnan(roc_auc([], [-0.2])) and math.isnan(roc_auc([-0.2], []))
 
 
 def test_cross_validation_chooses_each_threshold_without_the_held_out_person():
