@@ -52,9 +52,12 @@ def cmd_eval_recognition(args: argparse.Namespace) -> int:
     if args.threshold is not None:
         key = "relative_threshold" if config.match.normalization == "cohort" else "threshold"
         config = config.model_copy(update={"match": config.match.model_copy(update={key: args.threshold})})
-    result = recognition(config, args.directory, protocol=args.protocol)
+    result = recognition(config, args.directory, protocol=args.protocol, face_policy=args.face_policy)
     kind = "distance / cohort scale" if config.match.normalization == "cohort" else "distance"
-    print(f"recognition, {result.protocol} protocol, {kind} <= {result.threshold}:")
+    print(f"recognition, {result.protocol} protocol, reference face: {result.face_policy}, "
+          f"{kind} <= {result.threshold}:")  # fmt: skip
+    for skip in result.skipped:
+        print(f"  skipped {skip.person}: {skip.reason}")
     print(f"  positive accuracy {result.positive_accuracy:.4f} ({result.n_positive} photos)")
     print(f"  negative accuracy {result.negative_accuracy:.4f} ({result.n_negative} photo-person pairs)")
     print(f"  weighted accuracy {result.weighted_accuracy:.4f}, ROC AUC {result.roc_auc:.4f}")
@@ -159,6 +162,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, help="match threshold (relative with cohort normalization; default: the config's)")
     s.add_argument("--cv", action="store_true", help="also choose the threshold by leave-one-person-out cross-validation")
     s.add_argument("--report", help="folder for an HTML report of the errors")
+    add_face_policy(s)
 
     s = command("vqa", cmd_eval_vqa, "multiple-choice questions about enrolled people, PLVM's JSON format", evaluate)
     s.add_argument("questions", help="JSON list of {ref_img, query_img?, question with <sks>, multiple_choice, correct_answer}")

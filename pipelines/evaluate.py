@@ -8,6 +8,10 @@ the match operator names their faces.
 ``single`` (as in the papers): each person P alone in a bank; P's photos are positives,
 every other person's photos negatives. ``bank``: everyone in one bank, each face
 identified among them; the same positives and negatives.
+
+A person whose reference photo cannot be enrolled (unreadable, no face, or several faces and
+none chosen by the face policy) is skipped: nobody is enrolled in their place, their photos
+stay negatives for the enrolled people, and the result lists them with the reason.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from operators.read import IMAGE_EXTENSIONS
 from operators.rows import to_table
 from pipelines.caption import build
 from pipelines.config import Config
-from pipelines.enroll import Enroller
+from pipelines.enroll import Enroller, EnrollError, FacePolicy
 from pipelines.runtime import init_ray
 from plvm_model.faces.matching import distance_matrix
 
@@ -38,6 +42,14 @@ class Person:
     name: str
     reference: str
     photos: list[str]
+
+
+@dataclass
+class Skipped:
+    """A person left out of the evaluation because their reference could not be enrolled."""
+
+    person: str
+    reason: str
 
 
 @dataclass
@@ -66,7 +78,9 @@ class RecognitionResult:
     n_negative: int
     roc_auc: float
     threshold: float
+    face_policy: str = "largest"
     no_face: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
 
     def errors(self) -> list[Decision]:
@@ -123,16 +137,27 @@ def match_as(config: Config, faces: pa.Table, user: str, space: str) -> tuple[li
     return MatchFaces(config.match, config.bank, embedder_space=space, scales=scales)(batch).to_pylist(), scales
 
 
-def recognition(config: Config, directory: str | Path, protocol: Protocol = "single") -> RecognitionResult:
+def recognition(
+    config: Config, directory: str | Path, protocol: Protocol = "single", face_policy: FacePolicy = "largest"
+) -> RecognitionResult:
+    """Recognition figures on ``directory``; ``face_policy`` chooses each reference's face (see :data:`FacePolicy`)."""
     people = people_of(directory)
     with tempfile.TemporaryDirectory(prefix="plvm-eval-") as banks:
         config = config.model_copy(update={"bank": banks})
         enroller = Enroller(config)
         space = enroller.embed.embedder.space
-        users = {}
+        users, skipped = {}, []
         for index, person in enumerate(people):
-            users[person.name] = f"eval-{index}" if protocol == "single" else "eval-all"
-            enroller.enroll(users[person.name], person.name, [person.reference])
+            user = f"eval-{index}" if protocol == "single" else "eval-all"
+            try:
+                enroller.enroll(user, person.name, [person.reference], face_policy=face_policy)
+            except EnrollError as error:
+                skipped.append(Skipped(person.name, str(error)))
+                continue
+            users[person.name] = user
+        if not users:
+            reasons = "; ".join(f"{s.person}: {s.reason}" for s in skipped)
+            raise ValueError(f"no person of {directory} could be enrolled ({reasons})")
         photos = {photo: person.name for person in people for photo in person.photos}
         faces = face_table(config, list(photos))
         decisions = []
@@ -144,7 +169,7 @@ def recognition(config: Config, directory: str | Path, protocol: Protocol = "sin
                 decisions += [_decide(row, concept, scale, photos) for row in matched]
     no_face = [row["path"] for row in faces.select(["path", "faces"]).to_pylist() if not row["faces"]]
     threshold = config.match.relative_threshold if config.match.normalization == "cohort" else config.match.threshold
-    return _score(protocol, threshold, decisions, no_face)
+    return _score(protocol, threshold, decisions, no_face, face_policy, skipped)
 
 
 def _decide(row: dict, concept, scale: float | None, photos: dict[str, str]) -> Decision:
@@ -224,7 +249,14 @@ def cross_validate(result: RecognitionResult) -> CrossValidation:
     return CrossValidation(pos, neg, (pos + neg) / 2, thresholds)
 
 
-def _score(protocol: str, threshold: float, decisions: list[Decision], no_face: list[str]) -> RecognitionResult:
+def _score(
+    protocol: str,
+    threshold: float,
+    decisions: list[Decision],
+    no_face: list[str],
+    face_policy: FacePolicy,
+    skipped: list[Skipped],
+) -> RecognitionResult:
     pos = [d for d in decisions if d.positive]
     neg = [d for d in decisions if not d.positive]
     pos_acc = sum(d.predicted for d in pos) / len(pos)
@@ -242,6 +274,8 @@ def _score(protocol: str, threshold: float, decisions: list[Decision], no_face: 
         n_negative=len(neg),
         roc_auc=roc_auc([score(d) for d in pos], [score(d) for d in neg]),
         threshold=threshold,
+        face_policy=face_policy,
         no_face=sorted(no_face),
+        skipped=skipped,
         decisions=decisions,
     )
