@@ -31,7 +31,8 @@ class BankCache:
         except BankError as error:
             return RowError(ErrorKind.BANK_ERROR, str(error))
         if bank is None:
-            return RowError(ErrorKind.UNKNOWN_USER, f"user {user_id!r} has no concept bank at {self.bank.location(user_id)}")
+            where = self.bank.location(user_id)
+            return RowError(ErrorKind.UNKNOWN_USER, f"user {user_id!r} has no concept bank at {where}")
         if not bank.concepts:
             return RowError(ErrorKind.EMPTY_BANK, f"the concept bank of user {user_id!r} has no concepts")
         try:

@@ -91,25 +91,11 @@ class GenerateConfig(StageConfig):
         return env
 
 
-def _restarted_actor() -> bool:
-    """Whether this process is a Ray actor that Ray restarted after it died."""
-    import ray
-
-    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
-        return False
-    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
-
-
 class Generate:
     """pixels + injected -> caption, answers, model, engine."""
 
     def __init__(self, config: GenerateConfig, model_path: str) -> None:
         import torch
-
-        if _restarted_actor():
-            # Ray restarts a dead actor; an engine whose process died stops the run instead (--resume
-            # finishes it): a crash that recurs would otherwise reload the model again and again.
-            raise EngineDead("the engine's process died during the run; it is not restarted")
 
         torch.set_num_threads(config.resources.torch_threads())
         self.config = config

@@ -104,7 +104,8 @@ def _read_manifest(uri: str, default_user: str, storage_options: storage.Storage
         where = f"manifest {uri} row {index + 1}"
         if row["path"] is None:
             # The row still needs an identity: its place in the manifest.
-            row.update(path=f"{uri}#row={index + 1}", error=f"{where}: 'path' is empty", error_kind=ErrorKind.BAD_MANIFEST_ROW)
+            row.update(path=f"{uri}#row={index + 1}", error=f"{where}: 'path' is empty",
+                       error_kind=ErrorKind.BAD_MANIFEST_ROW)  # fmt: skip
         elif row["user_id"] is None or str(row["user_id"]).strip() == "":
             row.update(error=f"{where}: 'user_id' is empty", error_kind=ErrorKind.BAD_MANIFEST_ROW)
         else:

@@ -159,7 +159,8 @@ def stage(config: OutputConfig, run_id: str, storage_options: storage.StorageOpt
           parts: int) -> Stage:  # fmt: skip
     """One task per part (``rows_per_file`` rows): its rows become one committed file, and the stage's
     rows are the parts written (file, rows), not the photos."""
-    resources = tasks.model_copy(update={"batch_size": config.rows_per_file, "concurrency": min(tasks.concurrency, parts)})
+    concurrency = min(tasks.concurrency, parts)
+    resources = tasks.model_copy(update={"batch_size": config.rows_per_file, "concurrency": concurrency})
     args = (config.uri, run_id, storage_options, config.face_embeddings)
     return Stage(
         "write", WriteParts, args, resources, needs=("index", *OUTPUT), adds=("file", "rows"), keeps_rows=False

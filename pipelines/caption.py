@@ -177,10 +177,11 @@ def _run_failure(error: BaseException) -> RunFailed | None:
     import ray.exceptions
 
     found = cause_of(error, StageFailed, RunFailed)
-    if isinstance(found, RunFailed):
-        return found
+    if isinstance(found, StageFailed):
+        retried = f"{found}\n(failed after its retries; fix the cause, then run again with --resume)"
+        found = found.fatal or RunFailed(retried)
     if found is not None:
-        return RunFailed(f"{found}\n(failed after its retries; fix the cause, then run again with --resume)")
+        return found
     died = cause_of(error, ray.exceptions.RayActorError)
     if died is not None:
         return RunFailed(f"an actor of the run died and was not restarted: {died}\n(run again with --resume)")

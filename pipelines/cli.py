@@ -157,7 +157,7 @@ def parser() -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true", help="skip photos that earlier runs already wrote")
     again.add_argument("--overwrite", action="store_true", help="remove earlier runs' output first")
     s.add_argument("--retry-errors", action="store_true",
-                   help="write again the rows whose error is retryable (timeouts, stage failures); implies --resume")  # fmt: skip
+                   help="write again the rows whose error is retryable (see the README); implies --resume")  # fmt: skip
 
     evaluate = sub.add_parser("eval", help="evaluate recognition or VQA").add_subparsers(dest="what", required=True)
     s = command("recognition", cmd_eval_recognition, "is P in this photo? on a PLVM/YoLLaVA-layout folder", evaluate)

@@ -29,23 +29,32 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from ray.data.exceptions import UserCodeException
 
 from operators.base import FromRun, Resources, Stage
 from operators.rows import ErrorKind, fail, to_table
 from plvm_model.errors import RunFailed
 
 
-class StageFailed(Exception):
-    """A stage raised an unexpected exception on a batch; Ray retries these, then the run stops."""
+class StageFailed(UserCodeException):
+    """What a stage's batch raises when it fails in the system: the stage, its photos and the traceback.
+
+    Ray Data retries it (its message carries :attr:`MARK`) unless it carries a :class:`RunFailed`
+    (``fatal``: a dead engine), and raises it in the driver as it is (``raise_original_map_exception``),
+    where :func:`cause_of` finds it. It is a ``UserCodeException`` so that Ray reports it as the
+    user's error, not its own.
+    """
 
     MARK = "failed on a batch of"
-    """In every message of this class: what Ray Data's ``retried_map_errors`` matches."""
+    """In the message of every retryable one: what Ray Data's ``retried_map_errors`` matches."""
 
-    def __init__(self, stage: str, paths: list[str], detail: str) -> None:
-        super().__init__(stage, paths, detail)
-        self.stage, self.paths, self.detail = stage, paths, detail
+    def __init__(self, stage: str, paths: list[str], detail: str, fatal: RunFailed | None = None) -> None:
+        super().__init__(stage, paths, detail, fatal)
+        self.stage, self.paths, self.detail, self.fatal = stage, paths, detail, fatal
 
     def __str__(self) -> str:
+        if self.fatal is not None:
+            return f"stage {self.stage} stopped the run: {self.fatal}"
         first = self.paths[0] if self.paths else "?"
         return f"stage {self.stage} {self.MARK} {len(self.paths)} photos (the first: {first}):\n{self.detail}"
 
@@ -68,13 +77,13 @@ class Guarded:
         missing = [c for c in self.stage.needs if c not in batch.column_names]
         if missing:
             raise ValueError(f"stage {self.stage.name} got a batch without the columns {missing}")
+        paths = batch.column("path").to_pylist() if "path" in batch.column_names else []
         try:
             out = self.udf(batch)
-        except RunFailed:
-            raise
+        except RunFailed as error:
+            raise StageFailed(self.stage.name, paths, traceback.format_exc(), fatal=error) from error
         except Exception as error:
             if not self.tolerate or not self.stage.keeps_rows:
-                paths = batch.column("path").to_pylist() if "path" in batch.column_names else []
                 raise StageFailed(self.stage.name, paths, traceback.format_exc()) from error
             out = self._row_by_row(batch)
         if self.stage.keeps_rows and out.num_rows != batch.num_rows:
@@ -88,8 +97,8 @@ class Guarded:
             row = batch.slice(i, 1)
             try:
                 parts.append(self.udf(row))
-            except RunFailed:
-                raise
+            except RunFailed as error:
+                raise StageFailed(self.stage.name, row["path"].to_pylist(), traceback.format_exc(), error) from error
             except Exception as error:
                 failed = row.to_pylist()[0]
                 fail(failed, ErrorKind.STAGE_FAILED, f"{failed.get('path')}: {self.stage.name} failed: {_where(error)}")
@@ -143,9 +152,10 @@ def apply(ds, steps: list[Step], tolerate: bool, retries: int, values: dict[str,
 
     values = {} if values is None else values
     check_columns(steps, ds.columns())
-    context = ray.data.DataContext.get_current()
+    context = ds.context  # the dataset's own copy of Ray Data's settings, taken when it was created
     context.retried_map_errors = [StageFailed.MARK]  # Ray Data retries a map task whose error says this
     context.max_map_retries = retries
+    context.raise_original_map_exception = True  # the driver gets the StageFailed itself
     for step in steps:
         if isinstance(step, Barrier):
             ds = step.run(ds, values)
@@ -187,11 +197,13 @@ class InProcess:
 
 
 def cause_of(error: BaseException, *types: type[BaseException]) -> BaseException | None:
-    """The first exception of ``types`` in ``error``'s chain of causes (Ray wraps what a task raised)."""
+    """The first exception of ``types`` in ``error``'s chain of causes (Ray wraps what a task raised: its
+    ``RayTaskError`` is also an instance of the cause's class, and holds the cause itself as ``cause``)."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, types):
-            return error
-        error = error.__cause__ or error.__context__
+        for candidate in (getattr(error, "cause", None), error):
+            if isinstance(candidate, types):
+                return candidate
+        error = error.__cause__ or error.__context__ or getattr(error, "cause", None)
     return None

@@ -4,22 +4,26 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import threading
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import ray.cloudpickle
 
 from conftest import REPO, make_config, photo
 from operators.detect import DetectFaces
 from operators.rows import ErrorKind
-from operators.write import keys, read_output
+from operators.write import read_output
 from pipelines.caption import caption, caption_stages
 from pipelines.enroll import enroll
 from plvm_model.errors import EXIT_CODES, RunFailed
-from test_resilience import assert_exactly_once, caption_command, kill_once, photos, write_manifest
+from test_resilience import assert_exactly_once, photos, write_manifest
+
+
+# Ray's workers cannot import the tests: the buggy stage below travels by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class FailsOn(DetectFaces):
@@ -117,42 +121,6 @@ def test_an_engine_stuck_twice_stops_the_run_instead_of_marking_every_photo(tmp_
     with pytest.raises(RunFailed, match="twice in a row: it is stuck"):
         caption(config)
     assert read_output(config.output.uri).num_rows < len(photos(3))
-
-
-def test_an_engine_whose_process_dies_stops_the_run_and_resume_finishes_it(tmp_path, yollava, tiny_models):
-    small = {"concurrency": 1, "num_cpus": 0.25, "threads": 1, "batch_size": 1}
-    config = make_config(tmp_path, output={"rows_per_file": 1}, generate={"max_new_tokens": 24, "resources": small})
-    enroll(config, "flo", "Thao", [photo("thao", "ref_img.jpg")])
-    paths = photos(5)
-    command, env = caption_command(tmp_path, config, paths, "flo")
-    out = Path(config.output.uri)
-
-    killed: list[int] = []
-    stop = threading.Event()
-    first_part = threading.Event()
-
-    def kill_after_first_part() -> None:
-        while not stop.is_set() and not list(out.glob("part-*.parquet")):
-            stop.wait(0.2)
-        first_part.set()
-        kill_once("MapBatches(Generate)", killed, stop)
-
-    killer = threading.Thread(target=kill_after_first_part, daemon=True)
-    killer.start()
-    try:
-        run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    finally:
-        stop.set()
-    assert killed, "the engine's actor was killed during the run"
-    assert run.returncode == 3, run.stderr[-3000:]
-    assert "actor of the run died" in run.stderr
-    written = keys(read_output(str(out), columns=["path", "user_id"]))
-    assert 0 < sum(written.values()) < len(paths) and all(n == 1 for n in written.values())
-    assert not any(r["error"] for r in read_output(str(out)).to_pylist()), "no photo was marked for the dead engine"
-
-    done = subprocess.run([*command, "--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert_exactly_once(str(out), paths, "flo")
 
 
 def test_every_error_kind_and_exit_code_is_in_the_readme():
