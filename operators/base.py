@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StageConfig(BaseModel):
     """A config section: unknown keys are errors that name the key."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _subsections_start_from_their_defaults(cls, data: Any) -> Any:
+        """A subsection given in part keeps its field's default for the rest (``tasks: {batch_size: 4}`` keeps
+        ``tasks``' own concurrency and num_cpus, not those of a bare ``Resources``)."""
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, field in cls.model_fields.items():
+            if isinstance(field.default, BaseModel) and isinstance(data.get(name), dict):
+                merged[name] = field.default.model_dump(exclude_defaults=True) | data[name]
+        return merged
 
 
 class Resources(StageConfig):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO
-from pipelines.config import ConfigError, load_config
+from pipelines.config import Config, ConfigError, load_config
 
 
 @pytest.mark.parametrize("name", ["local.yaml", "llava-1.5-7b.yaml"])
@@ -38,3 +38,10 @@ def test_environment_variables_and_overrides(tmp_path, monkeypatch):
     assert config.bank == "s3://photos/banks"
     assert config.output.uri == "/tmp/default-out"
     assert (config.input.uri, config.input.user) == ("/photos/2024", "alice")
+
+
+def test_a_section_given_in_part_keeps_its_defaults_for_the_rest():
+    tasks = Config.model_validate({"tasks": {"batch_size": 4}}).tasks
+    assert tasks == Config().tasks.model_copy(update={"batch_size": 4})
+    vllm = Config.model_validate({"generate": {"vllm": {"max_model_len": 1024}}}).generate.vllm
+    assert vllm == Config().generate.vllm.model_copy(update={"max_model_len": 1024})
