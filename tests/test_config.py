@@ -45,3 +45,14 @@ def test_a_section_given_in_part_keeps_its_defaults_for_the_rest():
     assert tasks == Config().tasks.model_copy(update={"batch_size": 4})
     vllm = Config.model_validate({"generate": {"vllm": {"max_model_len": 1024}}}).generate.vllm
     assert vllm == Config().generate.vllm.model_copy(update={"max_model_len": 1024})
+
+
+def test_vllm_options_pass_through_except_those_the_engine_sets():
+    given = {"max_model_len": 1024, "engine_args": {"kv_cache_dtype": "fp8", "swap_space": 2}}
+    args = load_config(None, generate__vllm=given).generate.vllm.llm_args()
+    assert args["max_model_len"] == 1024 and args["kv_cache_dtype"] == "fp8" and args["swap_space"] == 2
+    assert "tensor_parallel_size" in args and not args.keys() & {"python", "env", "engine_args"}
+    with pytest.raises(ConfigError, match=r"generate\.vllm: .*engine_args: dtype, seed: set by the vllm engine itself"):
+        load_config(None, generate__vllm={"engine_args": {"dtype": "float16", "seed": 1}})
+    with pytest.raises(ConfigError, match=r"generate\.vllm: .*give max_model_len as its own key"):
+        load_config(None, generate__vllm={"engine_args": {"max_model_len": 2048}})
