@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from conftest import REPO
 from pipelines.config import Config, ConfigError, load_config
 
+SHIPPED = ["local.yaml", "llava-1.5-7b.yaml"]
 
-@pytest.mark.parametrize("name", ["local.yaml", "llava-1.5-7b.yaml"])
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_are_valid(name):
     config = load_config(REPO / "configs" / name)
     assert config.detect.long_side == 1024
+
+
+def restated(data: dict[str, Any], defaults: BaseModel, prefix: str = "") -> list[str]:
+    """The dotted keys of ``data`` whose value is the default's (``${VAR}`` values are never defaults)."""
+    out = []
+    for key, value in data.items():
+        default = getattr(defaults, key)
+        if isinstance(default, BaseModel) and isinstance(value, dict):
+            out += restated(value, default, f"{prefix}{key}.")
+        elif getattr(type(defaults).model_validate({key: value}), key) == default:
+            out.append(prefix + key)
+    return out
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_list_only_what_differs_from_the_defaults(name):
+    data = yaml.safe_load((REPO / "configs" / name).read_text())
+    assert restated(data, Config()) == [], f"configs/{name} restates defaults of the config models"
 
 
 def test_unknown_keys_and_bad_values_are_named(tmp_path):
