@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import runpy
 from typing import Any
 
 import pytest
@@ -36,6 +37,14 @@ def restated(data: dict[str, Any], defaults: BaseModel, prefix: str = "") -> lis
 def test_shipped_configs_list_only_what_differs_from_the_defaults(name):
     data = yaml.safe_load((REPO / "configs" / name).read_text())
     assert restated(data, Config()) == [], f"configs/{name} restates defaults of the config models"
+
+
+def test_the_readme_configuration_table_is_the_generated_one():
+    script = runpy.run_path(str(REPO / "scripts" / "config_table.py"))
+    readme = (REPO / "README.md").read_text()
+    table = script["config_table"]()
+    assert "| `generate.vllm.engine_args` |" in table
+    assert script["with_table"](readme, table) == readme, "regenerate it: python scripts/config_table.py --readme"
 
 
 def test_unknown_keys_and_bad_values_are_named(tmp_path):
