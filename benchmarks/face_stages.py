@@ -30,12 +30,11 @@ sys.path.insert(0, str(REPO))
 from operators.decode import decode_image  # noqa: E402
 from operators.read import IMAGE_EXTENSIONS  # noqa: E402
 from operators.rows import to_table  # noqa: E402
-from pipelines.caption import build  # noqa: E402
+from pipelines.caption import dataset, naming_stages  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.enroll import Enroller  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
 from plvm_model.faces import MTCNNDetector, make_embedder  # noqa: E402
-from plvm_model.faces.matching import assign, cohort_scale, distance_matrix  # noqa: E402
 
 
 class Meter:
@@ -106,25 +105,15 @@ def loop(config, paths: list[str], refs: list[np.ndarray]) -> int:
     for path in paths:
         pixels, _, _ = decode_image(Path(path).read_bytes(), config.decode.max_side, config.decode.max_pixels)
         per_photo.append(embedder.embed(pixels, detector.detect(pixels)))
-    match = config.match
-    if match.normalization == "cohort":  # as the pipeline: every face of the run first, then the scales
-        run = np.concatenate(per_photo)
-        scales = []
-        for j, own in enumerate(refs):
-            cohort = np.concatenate([*(r for i, r in enumerate(refs) if i != j), run])
-            scale = cohort_scale(own, cohort, match.cohort_min_distance, match.cohort_fraction)
-            scales.append(scale or match.threshold / match.relative_threshold)
-        divisor, threshold = np.asarray(scales, np.float32), match.relative_threshold
-    else:
-        divisor, threshold = np.float32(1), match.threshold
-    return sum(
-        m.concept is not None for vectors in per_photo for m in assign(distance_matrix(vectors, refs) / divisor, threshold)
-    )
+    rule = config.match.rule()
+    # as the pipeline: every face of the run first, then the scales
+    scales = rule.scales(refs, np.concatenate(per_photo)) if rule.cohort else None
+    return sum(m.concept is not None for vectors in per_photo for m in rule.name(vectors, refs, scales)[0])
 
 
 def pipeline(config, paths: list[str]) -> int:
     listing = to_table([{"path": p, "user_id": "bench"} for p in paths], ["path", "user_id"])
-    ds = build(config, listing, None, stop="match").select_columns(["concepts"])
+    ds = dataset(config, listing, naming_stages).select_columns(["concepts"])
     return sum(len(c or []) for batch in ds.iter_batches(batch_format="pyarrow") for c in batch["concepts"].to_pylist())
 
 

@@ -1,7 +1,14 @@
-"""Config base for stages, and the resources a stage asks Ray for."""
+"""Config base for stages, the resources a stage asks Ray for, and the stage descriptor.
+
+A stage is data (:class:`Stage`): the batch function's class and constructor arguments,
+whether it runs as Ray tasks or in an actor pool, its resources, and the columns it needs,
+adds and drops. Each operator module exports a function that builds its descriptor from
+the run's config; ``pipelines.stages`` applies a list of them with one loop.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -43,3 +50,30 @@ class Resources(StageConfig):
 
     def torch_threads(self) -> int:
         return self.threads or max(1, round(self.num_cpus))
+
+
+@dataclass(frozen=True)
+class FromRun:
+    """A constructor argument known only once the run reaches the stage (e.g. the cohort scales of a barrier)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a pipeline: ``udf(*args)`` maps a ``pyarrow.Table`` batch to another with the same rows."""
+
+    name: str
+    udf: type
+    args: tuple[Any, ...]
+    resources: Resources
+    needs: tuple[str, ...]
+    """Columns the batch must carry (``error``/``error_kind`` always come along)."""
+    adds: tuple[str, ...] = ()
+    drops: tuple[str, ...] = ()
+    actors: bool = False
+    """An actor pool (each actor builds ``udf`` once: stages that hold a model); else stateless tasks."""
+    keeps_rows: bool = True
+    """One output row per input row, checked on every batch (false only for the write stage)."""
+    runtime_env: dict[str, Any] | None = None
+    """Ray's runtime environment of the stage's workers (another Python, environment variables)."""

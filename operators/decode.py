@@ -11,6 +11,7 @@ photo's upright size; ``pixels`` is the working copy (``pixels_width`` x ``pixel
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -18,10 +19,12 @@ import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field
 
-from operators.base import StageConfig
-from operators.rows import RowError, map_rows
+from operators.base import Resources, Stage, StageConfig
+from operators.rows import ErrorKind, RowError, map_rows
 
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+_DAMAGED = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, ZeroDivisionError)
+"""What Pillow's format parsers raise on damaged data: an input fault. Anything else is a bug."""
 
 
 class DecodeConfig(StageConfig):
@@ -50,7 +53,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _damaged(error: Exception) -> RowError:
-    kind = "truncated" if "truncated" in str(error).lower() else "corrupt_image"
+    kind = ErrorKind.TRUNCATED if "truncated" in str(error).lower() else ErrorKind.CORRUPT_IMAGE
     return RowError(kind, f"image data is damaged: {error}")
 
 
@@ -61,15 +64,15 @@ def decode_image(data: bytes, max_side: int, max_pixels: int) -> tuple[np.ndarra
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours, below
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise RowError("not_an_image", "not an image file (unknown or damaged format)") from None
+        raise RowError(ErrorKind.NOT_AN_IMAGE, "not an image file (unknown or damaged format)") from None
     except Image.DecompressionBombError as error:
-        raise RowError("decompression_bomb", str(error)) from None
-    except (OSError, SyntaxError, ValueError) as error:
+        raise RowError(ErrorKind.DECOMPRESSION_BOMB, str(error)) from None
+    except _DAMAGED as error:
         raise _damaged(error) from None
     width, height = image.size
     if width * height > max_pixels:
         raise RowError(
-            "decompression_bomb", f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels"
+            ErrorKind.DECOMPRESSION_BOMB, f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels"
         )
     try:
         if image.getexif().get(0x0112) in _ROTATED:
@@ -78,7 +81,7 @@ def decode_image(data: bytes, max_side: int, max_pixels: int) -> tuple[np.ndarra
             image.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale
         image.load()
         image = _to_rgb(ImageOps.exif_transpose(image))
-    except (OSError, SyntaxError, ValueError) as error:
+    except _DAMAGED as error:
         raise _damaged(error) from None
     if max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
@@ -97,11 +100,11 @@ class Decode:
         row["pixels"] = pixels.tobytes()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows(
-            "decode", batch, self._decode, add=["width", "height", "pixels", "pixels_width", "pixels_height"], drop=["data"]
-        )
+        return map_rows(batch, self._decode, add=DECODED, drop=["data"])
 
 
-def row_pixels(row: dict) -> np.ndarray:
-    """The working copy of a decoded row as an (H, W, 3) uint8 array (a view of the row's bytes)."""
-    return np.frombuffer(row["pixels"], np.uint8).reshape(row["pixels_height"], row["pixels_width"], 3)
+DECODED = ("width", "height", "pixels", "pixels_width", "pixels_height")
+
+
+def stage(config: DecodeConfig, tasks: Resources) -> Stage:
+    return Stage("decode", Decode, (config,), tasks, needs=("data",), adds=DECODED, drops=("data",))

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pyarrow as pa
 from pydantic import Field
 
-from operators.base import Resources, StageConfig
-from operators.decode import row_pixels
-from operators.rows import map_rows
-from plvm_model.faces import Face, MTCNNDetector
+from operators.base import Resources, Stage, StageConfig
+from operators.rows import face_record, map_rows, row_pixels
+from plvm_model.faces import MTCNNDetector
 
 
 class DetectConfig(StageConfig):
@@ -18,19 +15,6 @@ class DetectConfig(StageConfig):
     min_face_size: int = Field(20, ge=8, description="MTCNN's smallest face, in pixels of that copy.")
     score_threshold: float = Field(0.9, ge=0, le=1, description="Faces with a lower detection score are dropped.")
     resources: Resources = Field(Resources(), description="The MTCNN actors.")
-
-
-def face_record(face: Face) -> dict[str, Any]:
-    """A face as a row's ``faces`` item (see ``operators.rows.FACE``)."""
-    return {"box": list(face.box), "score": face.score, "landmarks": [list(p) for p in face.landmarks]}
-
-
-def working_faces(row: dict) -> list[Face]:
-    """The row's faces in pixels of its working copy."""
-    scale = row["pixels_width"] / row["width"]
-    return [
-        Face(tuple(r["box"]), r["score"], tuple(tuple(p) for p in r["landmarks"])).scaled(scale) for r in row["faces"]
-    ]
 
 
 class DetectFaces:
@@ -49,4 +33,9 @@ class DetectFaces:
         row["faces"] = [face_record(f.scaled(scale)) for f in self.detector.detect(row_pixels(row))]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows("detect", batch, self._detect, add=["faces"])
+        return map_rows(batch, self._detect, add=["faces"])
+
+
+def stage(config: DetectConfig) -> Stage:
+    return Stage("detect", DetectFaces, (config,), config.resources, needs=("pixels", "width"), adds=("faces",),
+                 actors=True)  # fmt: skip

@@ -7,10 +7,8 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field
 
-from operators.base import Resources, StageConfig
-from operators.decode import row_pixels
-from operators.detect import working_faces
-from operators.rows import map_rows
+from operators.base import Resources, Stage, StageConfig
+from operators.rows import map_rows, row_pixels, working_faces
 from plvm_model.faces import make_embedder
 
 
@@ -39,4 +37,9 @@ class EmbedFaces:
             face["embedding"] = vector.tolist()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows("embed", batch, self._embed)
+        return map_rows(batch, self._embed)
+
+
+def stage(config: EmbedConfig) -> Stage:
+    """Adds each face's ``embedding`` (inside ``faces``)."""
+    return Stage("embed", EmbedFaces, (config,), config.resources, needs=("pixels", "faces"), actors=True)

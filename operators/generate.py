@@ -1,12 +1,13 @@
 """Stage 7, generate: the caption and the VQA answers of each photo, with its concepts injected.
 
 One engine per actor (transformers or vLLM, by config). All prompts of a batch (a caption
-and each configured question, for every photo) go to the engine together. When the engine
-fails on a batch, the photos are tried one by one, so that only the photo at fault gets
-the error. An engine that gives no answer within ``timeout_s`` (engines can hang on
-internal errors) has its batch's photos marked ``engine_timeout`` and the run moves on;
-the next batch first waits (at most ``timeout_s`` again) for the engine to come back, and
-is marked too if it does not.
+and each configured question, for every photo) go to the engine together. An engine that
+gives no answer within ``timeout_s`` (engines can hang on internal errors) has its batch's
+photos marked ``engine_timeout`` (retryable; counted against the run's failure budget) and
+the run moves on; the next batch first waits (at most ``timeout_s`` again) for the engine
+to come back, and if it does not, the engine is dead (:class:`EngineDead`) and the run
+stops. Any other exception of the engine is a failure of the system, handled by the stage
+loop (``pipelines.stages``), never turned into row errors here.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from operators.base import Resources, StageConfig
-from operators.decode import row_pixels
-from operators.prompt import injected_tokens
-from operators.rows import fail, output_columns, to_table
+from operators.base import Resources, Stage, StageConfig
+from operators.rows import ErrorKind, fail, injected_tokens, output_columns, row_pixels, to_table
 from plvm_model.engines import GenerationRequest, make_engine
 from plvm_model.engines.vllm_args import ENGINE_SET, refuse_engine_set
+from plvm_model.errors import EngineDead
 from plvm_model.injection import PromptTemplate
 
 log = logging.getLogger(__name__)
@@ -153,11 +153,25 @@ class GenerateConfig(StageConfig):
         return env
 
 
+def _restarted_actor() -> bool:
+    """Whether this process is a Ray actor that Ray restarted after it died."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return False
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
 class Generate:
     """pixels + injected -> caption, answers, model, engine."""
 
     def __init__(self, config: GenerateConfig, model_path: str) -> None:
         import torch
+
+        if _restarted_actor():
+            # Ray restarts a dead actor; an engine whose process died stops the run instead (--resume
+            # finishes it): a crash that recurs would otherwise reload the model again and again.
+            raise EngineDead("the engine's process died during the run; it is not restarted")
 
         torch.set_num_threads(config.resources.torch_threads())
         self.config = config
@@ -167,13 +181,16 @@ class Generate:
         """A call that missed its deadline and may still be running."""
 
     def generate(self, requests: list[GenerationRequest]) -> list[str]:
-        """The engine's answers, or EngineTimeout when it gives none within ``timeout_s``."""
+        """The engine's answers; EngineTimeout when it gives none within ``timeout_s``, EngineDead when it is
+        still stuck on an earlier batch or says it has died."""
         timeout = self.config.timeout_s
         if self._late is not None:
             try:
                 self._late.result(timeout=timeout)
             except FutureTimeout:
-                raise EngineTimeout(f"the {self.engine.name} engine is still stuck on an earlier batch") from None
+                raise EngineDead(
+                    f"the {self.engine.name} engine gave no answer within {timeout} s twice in a row: it is stuck"
+                ) from None
             except Exception:  # the late call's own failure was reported with its batch
                 pass
             self._late = None
@@ -183,6 +200,10 @@ class Generate:
         except FutureTimeout:
             self._late = future
             raise EngineTimeout(f"the {self.engine.name} engine gave no answer within {timeout} s") from None
+        except Exception as error:
+            if type(error).__name__ == "EngineDeadError":  # vLLM's engine process is gone
+                raise EngineDead(f"the {self.engine.name} engine died: {error}") from error
+            raise
 
     def _answer(self, rows: list[dict]) -> None:
         prompts = self.config.prompts()
@@ -202,16 +223,19 @@ class Generate:
         try:
             self._answer(todo)
         except EngineTimeout as error:
+            log.warning("%s", error)
             for row in todo:
-                fail(row, "engine_timeout", f"{row['path']}: {error}")
-        except Exception:
-            log.exception("the %s engine failed on a batch of %d photos; trying them one by one", self.engine.name, len(todo))
-            for row in todo:
-                try:
-                    self._answer([row])
-                except Exception as error:
-                    fail(row, "engine", f"{row['path']}: generation failed: {type(error).__name__}: {error}")
+                fail(row, ErrorKind.ENGINE_TIMEOUT, f"{row['path']}: {error}")
         for row in rows:
             row["model"], row["engine"] = self.engine.model_name, self.engine.name
-        columns = output_columns(batch, ["caption", "answers", "model", "engine"], ["pixels", "injected"])
-        return to_table(rows, columns)
+        return to_table(rows, output_columns(batch, GENERATED, ["pixels", "injected"]))
+
+
+GENERATED = ("caption", "answers", "model", "engine")
+
+
+def stage(config: GenerateConfig, model_path: str) -> Stage:
+    return Stage(
+        "generate", Generate, (config, model_path), config.resources, needs=("pixels", "injected"), adds=GENERATED,
+        drops=("pixels", "injected"), actors=True, runtime_env=config.runtime_env(),
+    )  # fmt: skip

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from operators.base import StageConfig
-from operators.match import BankCache
-from operators.rows import map_rows
+from operators.banks import BankCache
+from operators.base import Resources, Stage, StageConfig
+from operators.rows import injected_record, map_rows
 from plvm_model import storage
-from plvm_model.injection import ConceptTokens
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +24,6 @@ class PromptConfig(StageConfig):
     max_concepts: int = Field(
         4, ge=0, description="Recognised people injected per prompt: the closest matches, then ordered left to right."
     )
-
-
-def injected_tokens(row: dict) -> list[ConceptTokens]:
-    """The row's injected concepts as :class:`ConceptTokens`, in prompt order."""
-    out = []
-    for item in row["injected"] or []:
-        soft = np.frombuffer(item["soft_tokens"], np.float32).reshape(-1, item["hidden"])
-        head = np.frombuffer(item["head_weight"], np.float32) if item["head_weight"] else None
-        out.append(ConceptTokens(item["name"], soft, head))
-    return out
 
 
 class ChooseConcepts:
@@ -62,18 +50,14 @@ class ChooseConcepts:
             )  # fmt: skip
         chosen.sort(key=lambda f: f["box"][0])
         concepts = {c.concept_id: c for c in self.banks.get(row["user_id"]).concepts} if chosen else {}
-        row["injected"] = []
-        for face in chosen:
-            concept = concepts[face["concept_id"]]
-            row["injected"].append(
-                {
-                    "concept_id": concept.concept_id,
-                    "name": concept.name,
-                    "soft_tokens": np.ascontiguousarray(concept.soft_tokens, np.float32).tobytes(),
-                    "head_weight": np.ascontiguousarray(concept.head_weight, np.float32).tobytes(),
-                    "hidden": concept.soft_tokens.shape[1],
-                }
-            )
+        row["injected"] = [injected_record(concepts[face["concept_id"]]) for face in chosen]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows("prompt", batch, self._choose, add=["injected"])
+        return map_rows(batch, self._choose, add=["injected"])
+
+
+def stage(
+    config: PromptConfig, bank_uri: str, storage_options: storage.StorageOptions | None, aligner: str, tasks: Resources
+) -> Stage:
+    args = (config, bank_uri, storage_options, aligner)
+    return Stage("prompt", ChooseConcepts, args, tasks, needs=("user_id", "faces"), adds=("injected",))

@@ -16,10 +16,11 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from operators.base import StageConfig
-from operators.rows import RowError, map_rows, to_table
+from operators.base import Resources, Stage, StageConfig
+from operators.rows import ErrorKind, RowError, map_rows, to_table
 from plvm_model import storage
 from plvm_model.bank import validate_user_id
+from plvm_model.errors import InputError, InputNotFound
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_EXTENSIONS = (".parquet", ".csv")
@@ -47,11 +48,14 @@ class ReadConfig(StageConfig):
 def list_inputs(config: InputConfig, storage_options: storage.StorageOptions | None = None) -> pa.Table:
     """One row (path, user_id, error, error_kind) per input photo."""
     if not config.uri:
-        raise ValueError("no input given: set input.uri in the config or pass --input")
+        raise InputError("no input given: set input.uri in the config or pass --input")
     uri = config.uri
     if uri.lower().endswith(MANIFEST_EXTENSIONS):
         return _read_manifest(uri, config.user, storage_options)
-    user = validate_user_id(config.user)
+    try:
+        user = validate_user_id(config.user)
+    except ValueError as error:
+        raise InputError(f"input.user: {error}") from None
     fs, path = storage.filesystem(uri, storage_options)
     if any(ch in path for ch in "*?["):
         paths = sorted(fs.glob(path))
@@ -63,7 +67,7 @@ def list_inputs(config: InputConfig, storage_options: storage.StorageOptions | N
     elif fs.exists(path):
         paths = [path]
     else:
-        raise FileNotFoundError(f"input {uri} does not exist")
+        raise InputNotFound(f"input {uri} does not exist")
     rows = [{"path": storage.unstrip(uri, p), "user_id": user} for p in paths]
     return to_table(rows, LISTING_COLUMNS)
 
@@ -73,7 +77,7 @@ def _read_manifest(uri: str, default_user: str, storage_options: storage.Storage
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"manifest {uri} does not exist") from None
+        raise InputNotFound(f"manifest {uri} does not exist") from None
     ragged: list = []  # CSV lines with a wrong number of fields: each still gets its row
 
     def keep_ragged(row) -> str:
@@ -92,9 +96,9 @@ def _read_manifest(uri: str, default_user: str, storage_options: storage.Storage
         else:
             table = pq.read_table(io.BytesIO(data))
     except pa.ArrowException as error:
-        raise ValueError(f"manifest {uri} cannot be read: {error}") from None
+        raise InputError(f"manifest {uri} cannot be read: {error}") from None
     if "path" not in table.column_names:
-        raise ValueError(f"manifest {uri} has no 'path' column (columns: {table.column_names})")
+        raise InputError(f"manifest {uri} has no 'path' column (columns: {table.column_names})")
     base = uri.rsplit("/", 1)[0] if "/" in uri else "."
     users = table.column("user_id").to_pylist() if "user_id" in table.column_names else None
     rows = []
@@ -104,15 +108,15 @@ def _read_manifest(uri: str, default_user: str, storage_options: storage.Storage
         where = f"manifest {uri} row {index + 1}"
         if row["path"] is None:
             # The row still needs an identity: its place in the manifest.
-            row.update(path=f"{uri}#row={index + 1}", error=f"{where}: 'path' is empty", error_kind="bad_manifest_row")
+            row.update(path=f"{uri}#row={index + 1}", error=f"{where}: 'path' is empty", error_kind=ErrorKind.BAD_MANIFEST_ROW)
         elif row["user_id"] is None or str(row["user_id"]).strip() == "":
-            row.update(error=f"{where}: 'user_id' is empty", error_kind="bad_manifest_row")
+            row.update(error=f"{where}: 'user_id' is empty", error_kind=ErrorKind.BAD_MANIFEST_ROW)
         else:
             row["user_id"] = str(row["user_id"]).strip()
             try:
                 validate_user_id(row["user_id"])
             except ValueError as error:
-                row.update(error=f"{where}: {error}", error_kind="invalid_user")
+                row.update(error=f"{where}: {error}", error_kind=ErrorKind.INVALID_USER)
             if "://" not in row["path"] and not row["path"].startswith("/"):
                 row["path"] = f"{base}/{row['path']}"
         rows.append(row)
@@ -123,7 +127,7 @@ def _read_manifest(uri: str, default_user: str, storage_options: storage.Storage
                 "user_id": default_user,
                 "error": f"manifest {uri} line {bad.number} has {bad.actual_columns} fields, "
                 f"expected {bad.expected_columns}: {bad.text!r}",
-                "error_kind": "bad_manifest_row",
+                "error_kind": ErrorKind.BAD_MANIFEST_ROW,
             }
         )
     return to_table(rows, LISTING_COLUMNS)
@@ -141,12 +145,16 @@ class ReadBytes:
         try:
             size = fs.size(path)
         except FileNotFoundError:
-            raise RowError("missing_file", "file not found") from None
+            raise RowError(ErrorKind.MISSING_FILE, "file not found") from None
         if size is not None and size > self.config.max_bytes:
-            raise RowError("too_large", f"file of {size} bytes is over the limit of {self.config.max_bytes}")
+            raise RowError(ErrorKind.TOO_LARGE, f"file of {size} bytes is over the limit of {self.config.max_bytes}")
         row["data"] = fs.cat_file(path)
         if not row["data"]:
-            raise RowError("empty_file", "file is empty (0 bytes)")
+            raise RowError(ErrorKind.EMPTY_FILE, "file is empty (0 bytes)")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows("read", batch, self._read, add=["data"])
+        return map_rows(batch, self._read, add=["data"])
+
+
+def stage(config: ReadConfig, storage_options: storage.StorageOptions | None, tasks: Resources) -> Stage:
+    return Stage("read", ReadBytes, (config, storage_options), tasks, needs=("path",), adds=("data",))

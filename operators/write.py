@@ -21,44 +21,13 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from operators.base import StageConfig
+from operators.base import Resources, Stage, StageConfig
+from operators.rows import OUTPUT, ErrorKind, output_schema
 from plvm_model import storage
-
-_FACE_FIELDS = [
-    pa.field("box", pa.list_(pa.float32(), 4)),
-    pa.field("score", pa.float32()),
-    pa.field("landmarks", pa.list_(pa.list_(pa.float32(), 2), 5)),
-    pa.field("concept", pa.string()),
-    pa.field("concept_id", pa.string()),
-    pa.field("distance", pa.float32()),
-    pa.field("relative_distance", pa.float32()),
-]
-_ANSWER = pa.struct([pa.field("question", pa.string()), pa.field("answer", pa.string())])
-
-
-def output_schema(face_embeddings: bool = False) -> pa.Schema:
-    """The schema of the output Parquet files (see the README for each column's meaning)."""
-    face = pa.struct(_FACE_FIELDS + ([pa.field("embedding", pa.list_(pa.float32()))] if face_embeddings else []))
-    return pa.schema(
-        [
-            pa.field("path", pa.string()),
-            pa.field("user_id", pa.string()),
-            pa.field("width", pa.int32()),
-            pa.field("height", pa.int32()),
-            pa.field("faces", pa.list_(face)),
-            pa.field("concepts", pa.list_(pa.string())),
-            pa.field("caption", pa.string()),
-            pa.field("answers", pa.list_(_ANSWER)),
-            pa.field("model", pa.string()),
-            pa.field("engine", pa.string()),
-            pa.field("error", pa.string()),
-            pa.field("error_kind", pa.string()),
-        ]
-    )
-
 
 class OutputConfig(StageConfig):
     uri: str | None = Field(None, description="The output folder (any fsspec URI).")
@@ -68,10 +37,6 @@ class OutputConfig(StageConfig):
         ge=1,
         description="Rows per Parquet part: the unit of commit (a crash loses at most the parts being written).",
     )
-
-
-class OutputExists(ValueError):
-    """The output already holds committed rows, and the run was not told to resume or overwrite."""
 
 
 def keys(table: pa.Table) -> Counter:
@@ -112,6 +77,31 @@ class OutputFolder:
             if self.fs.exists(posixpath.join(self.root, folder)):
                 self.fs.rm(posixpath.join(self.root, folder), recursive=True)
 
+    def drop_retryable(self, run_id: str) -> int:
+        """Remove the rows whose error is retryable (``--retry-errors``): each part that holds some is
+        rewritten without them, atomically under its own name (a part left empty is removed). The photos
+        are then missing, so a resumed run writes them again; a crash in between loses no photo."""
+        retryable = pa.array([str(k) for k in ErrorKind if k.retryable])
+        dropped = 0
+        for path in self.part_files():
+            with self.fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+            keep = pc.invert(pc.fill_null(pc.is_in(table.column("error_kind"), value_set=retryable), False))
+            kept = table.filter(keep)
+            if kept.num_rows == table.num_rows:
+                continue
+            dropped += table.num_rows - kept.num_rows
+            if kept.num_rows == 0:
+                self.fs.rm(path)
+                continue
+            data = io.BytesIO()
+            pq.write_table(kept, data)
+            staged = posixpath.join(self.staging(run_id), f"{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+            self.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
+            self.fs.pipe_file(staged, data.getvalue())
+            self.fs.mv(staged, path)
+        return dropped
+
     def discard_staging(self) -> list[str]:
         """Remove what interrupted runs left in ``_staging`` (never visible output); returns the folders."""
         base = posixpath.join(self.root, "_staging")
@@ -148,7 +138,7 @@ class WriteParts:
 
     def to_output(self, batch: pa.Table) -> pa.Table:
         """The batch in the output schema: working columns dropped, missing ones null."""
-        rows = batch.select([c for c in batch.column_names if c in self.schema.names]).to_pylist()
+        rows = batch.select([c for c in batch.column_names if c in OUTPUT]).to_pylist()
         for row in rows:
             row["faces"] = [{k: face.get(k) for k in self.face_fields} for face in row.get("faces") or []]
         return pa.Table.from_pylist(rows, schema=self.schema)
@@ -165,3 +155,14 @@ class WriteParts:
         folder.fs.pipe_file(staged, data.getvalue())
         folder.fs.mv(staged, final)  # a retried task renames identical bytes onto the same name
         return pa.table({"file": [storage.unstrip(self.uri, final)], "rows": [batch.num_rows]})
+
+
+def stage(config: OutputConfig, run_id: str, storage_options: storage.StorageOptions | None, tasks: Resources,
+          parts: int) -> Stage:  # fmt: skip
+    """One task per part (``rows_per_file`` rows): its rows become one committed file, and the stage's
+    rows are the parts written (file, rows), not the photos."""
+    resources = tasks.model_copy(update={"batch_size": config.rows_per_file, "concurrency": min(tasks.concurrency, parts)})
+    args = (config.uri, run_id, storage_options, config.face_embeddings)
+    return Stage(
+        "write", WriteParts, args, resources, needs=("index", *OUTPUT), adds=("file", "rows"), keeps_rows=False
+    )

@@ -1,10 +1,12 @@
 """The caption pipeline: photos in, one Parquet row per photo out.
 
-read -> decode -> detect -> embed -> match -> prompt -> generate -> write, as Ray Data
-stages. The model-free stages run as tasks; detect, embed and generate run in actor
-pools, each actor loading its model once. With cohort-normalised matching (the default)
-the faces of the whole run are embedded first, the users' concept scales measured on
-them, and the photos decoded again for the LLM after matching.
+The pipeline is the list in :func:`caption_stages`, applied by one loop
+(``pipelines.stages.apply``). The model-free stages run as tasks; detect, embed and
+generate run in actor pools, each actor loading its model once. With cohort-normalised
+matching (the default) the cohort barrier waits for every face of the run before any is
+matched, and the photos are decoded again for the LLM after matching. The evaluation, VQA
+and benchmark paths take named prefixes of the same list (:func:`face_stages`,
+:func:`naming_stages`).
 """
 
 from __future__ import annotations
@@ -14,32 +16,74 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from functools import partial
 
 import pyarrow as pa
 
-from operators.base import Resources
-from operators.decode import Decode
-from operators.detect import DetectFaces
-from operators.embed import EmbedFaces
-from operators.generate import Generate
-from operators.match import MatchFaces, check_banks, cohort_scales
-from operators.prompt import ChooseConcepts
-from operators.read import ReadBytes, list_inputs
-from operators.write import OutputExists, OutputFolder, WriteParts, keys
+from operators import decode, detect, embed, generate, match, prompt, read, write
+from operators.rows import ErrorKind
+from operators.read import list_inputs
+from operators.write import OutputFolder, keys
+from pipelines import cohort
 from pipelines.config import Config, ModelPaths, RayConfig
 from pipelines.runtime import init_ray
+from pipelines.stages import StageFailed, Step, apply, cause_of
+from plvm_model.bank import ConceptBank
+from plvm_model.errors import ConfigError, OutputExists, RowCountMismatch, RunFailed
 from plvm_model.faces import embedder_class
 
 log = logging.getLogger(__name__)
 
-Stop = Literal["embed", "match", "write"]
+
+def face_stages(config: Config) -> list[Step]:
+    """read -> decode -> detect -> embed: every face of every photo, with its descriptor."""
+    tasks = config.tasks
+    return [
+        read.stage(config.read, config.storage, tasks),
+        decode.stage(config.decode, tasks),
+        detect.stage(config.detect),
+        embed.stage(config.embed),
+    ]
 
 
-class RowCountMismatch(RuntimeError):
-    pass
+def naming_stages(config: Config) -> list[Step]:
+    """The face stages, the cohort barrier (with cohort normalization) and the match stage: faces named."""
+    space = embedder_class(config.embed.kind).space
+    barrier = [cohort.barrier(config.match, config.bank, config.storage, space)]
+    return [
+        *face_stages(config),
+        *(barrier if config.match.normalization == "cohort" else []),
+        match.stage(config.match, config.bank, config.storage, space, config.tasks),
+    ]
+
+
+def caption_stages(config: Config, models: ModelPaths, run_id: str, parts: int) -> list[Step]:
+    """The whole caption pipeline, in order; ``parts`` is how many output files the run writes."""
+    tasks = config.tasks
+    decode_again = [read.stage(config.read, config.storage, tasks), decode.stage(config.decode, tasks)]
+    return [
+        *naming_stages(config),
+        prompt.stage(config.prompt, config.bank, config.storage, models.aligner_identity, tasks),
+        *(decode_again if config.match.normalization == "cohort" else []),  # the barrier dropped the pixels
+        generate.stage(config.generate, models.llava),
+        write.stage(config.output, run_id, config.storage, tasks, parts),
+    ]
+
+
+def dataset(config: Config, listing: pa.Table, stages: Callable[[Config], list[Step]]):
+    """The Ray dataset of ``listing``'s photos through ``stages(config)`` (Ray started or joined first)."""
+    import ray.data
+
+    init_ray(config.ray)
+    size = config.tasks.batch_size
+    blocks = [listing.slice(i, size) for i in range(0, max(listing.num_rows, 1), size)]
+    # no more tasks at once than blocks: a small run starts no idle workers (and Ray does not warn)
+    tasks = config.tasks.model_copy(update={"concurrency": min(config.tasks.concurrency, len(blocks))})
+    config = config.model_copy(update={"tasks": tasks})
+    return apply(ray.data.from_arrow(blocks), stages(config), config.run.max_failed_fraction > 0, config.run.retries)
 
 
 @dataclass
@@ -51,109 +95,32 @@ class RunSummary:
     """Rows this run wrote."""
     skipped: int = 0
     """Listed photos already written by earlier runs (``--resume``)."""
+    retried: int = 0
+    """Rows of earlier runs removed to be written again (``--retry-errors``)."""
     missing: int = 0
     duplicates: int = 0
     faces: int = 0
     matched: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    failed: int = 0
+    """Rows whose error is a failure of the system (retryable), counted against ``run.max_failed_fraction``."""
     wall_s: float = 0.0
     photos_per_s: float = 0.0
     output: list[str] = field(default_factory=list)
+    status: str = "ok"
+    """``ok``, or ``failed`` with the reason in ``failure``."""
+    failure: str | None = None
 
     def lines(self) -> list[str]:
         """The summary as printed at the end of a run."""
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())) or "none"
         skipped = f" ({self.skipped} written before, skipped)" if self.skipped else ""
+        retried = f" ({self.retried} retried)" if self.retried else ""
         return [
-            f"run {self.run_id}: {self.photos} photos -> {self.rows} rows{skipped}",
+            f"run {self.run_id}: {self.photos} photos -> {self.rows} rows{skipped}{retried}",
             f"faces {self.faces}, named {self.matched}, errors {sum(self.errors.values())} ({errors})",
             f"wall {self.wall_s:.1f} s, {self.photos_per_s:.2f} photos/s",
         ]
-
-
-def _blocks(listing: pa.Table, size: int) -> list[pa.Table]:
-    return [listing.slice(i, size) for i in range(0, max(listing.num_rows, 1), size)]
-
-
-def _tasks(ds, fn, resources: Resources):
-    """A model-free stage: at most ``resources.concurrency`` tasks at once (each worker started costs seconds of CPU)."""
-    import ray.data
-
-    return ds.map_batches(
-        fn,
-        compute=ray.data.TaskPoolStrategy(size=resources.concurrency),
-        batch_format="pyarrow",
-        batch_size=resources.batch_size,
-        num_cpus=resources.num_cpus,
-        udf_modifying_row_count=False,
-    )
-
-
-def _actors(ds, cls, args: tuple, resources: Resources, **ray_args):
-    import ray.data
-
-    return ds.map_batches(
-        cls,
-        fn_constructor_args=args,
-        compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
-        batch_format="pyarrow",
-        batch_size=resources.batch_size,
-        num_cpus=resources.num_cpus,
-        num_gpus=resources.num_gpus or None,
-        udf_modifying_row_count=False,
-        **ray_args,
-    )
-
-
-def build(config: Config, listing: pa.Table, models: ModelPaths | None, stop: Stop = "write", run_id: str = ""):
-    """The Ray dataset of ``listing``'s photos through the stages up to ``stop`` (inclusive).
-
-    Through ``write`` the dataset's rows are the committed parts (file, rows), and
-    ``listing`` needs its ``index`` column (the photos' positions in the whole input).
-    """
-    import ray.data
-
-    storage_options = config.storage
-    embedder_space = embedder_class(config.embed.kind).space
-    blocks = _blocks(listing, config.tasks.batch_size)
-    # no more tasks at once than blocks: a small run starts no idle workers (and Ray does not warn)
-    tasks = config.tasks.model_copy(update={"concurrency": min(config.tasks.concurrency, len(blocks))})
-    ds = ray.data.from_arrow(blocks)
-    ds = _tasks(ds, ReadBytes(config.read, storage_options), tasks)
-    ds = _tasks(ds, Decode(config.decode), tasks)
-    ds = _actors(ds, DetectFaces, (config.detect,), config.detect.resources)
-    ds = _actors(ds, EmbedFaces, (config.embed,), config.embed.resources)
-    if stop == "embed":
-        return ds
-    cohort = config.match.normalization == "cohort"
-    scales = None
-    if cohort:
-        # The barrier: every face of a user is embedded before any is matched. The pixels are
-        # dropped here (the faces are kept, small) and decoded again for the LLM below.
-        ds = ds.drop_columns(["pixels"]).materialize()
-        scales = cohort_scales(ds, config.match, config.bank, storage_options, embedder_space)
-    ds = _tasks(ds, MatchFaces(config.match, config.bank, storage_options, embedder_space, scales), tasks)
-    if stop == "match":
-        return ds
-    assert models is not None
-    ds = _tasks(ds, ChooseConcepts(config.prompt, config.bank, storage_options, models.aligner_identity), tasks)
-    if cohort:
-        ds = _tasks(ds, ReadBytes(config.read, storage_options), tasks)
-        ds = _tasks(ds, Decode(config.decode), tasks)
-    runtime_env = config.generate.runtime_env()
-    ds = _actors(
-        ds, Generate, (config.generate, models.llava), config.generate.resources,
-        **({"runtime_env": runtime_env} if runtime_env else {}),
-    )  # fmt: skip
-    write = WriteParts(config.output.uri, run_id, storage_options, config.output.face_embeddings)
-    parts = max(1, -(-listing.num_rows // config.output.rows_per_file))
-    return ds.map_batches(  # one row per part written: not a _tasks stage, which keeps row counts
-        write,
-        compute=ray.data.TaskPoolStrategy(size=min(tasks.concurrency, parts)),
-        batch_format="pyarrow",
-        batch_size=config.output.rows_per_file,
-        num_cpus=tasks.num_cpus,
-    )
 
 
 class Progress:
@@ -198,60 +165,127 @@ def remaining(listing: pa.Table, done: Counter) -> pa.Table:
     return listing.filter(pa.array(keep, pa.bool_()))
 
 
-def caption(config: Config, resume: bool = False, overwrite: bool = False) -> RunSummary:
+def check_banks(users: list[str], bank_uri: str, storage_options: dict | None) -> None:
+    """Refuse to start if any of ``users`` has a bank that exists but cannot be read."""
+    bank = ConceptBank(bank_uri, storage_options)
+    for user in sorted(set(users)):
+        bank.load(user)  # raises BankError naming the file
+
+
+def _run_failure(error: BaseException) -> RunFailed | None:
+    """The run's failure behind an exception that Ray raised in the driver, as a :class:`RunFailed`."""
+    import ray.exceptions
+
+    found = cause_of(error, StageFailed, RunFailed)
+    if isinstance(found, RunFailed):
+        return found
+    if found is not None:
+        return RunFailed(f"{found}\n(failed after its retries; fix the cause, then run again with --resume)")
+    died = cause_of(error, ray.exceptions.RayActorError)
+    if died is not None:
+        return RunFailed(f"an actor of the run died and was not restarted: {died}\n(run again with --resume)")
+    return None
+
+
+def _over_budget(summary: RunSummary, table: pa.Table, budget: float) -> RunFailed | None:
+    """A :class:`RunFailed` when this run's system failures are more than ``budget`` of its photos."""
+    if summary.failed <= budget * summary.photos:
+        return None
+    kinds = ", ".join(f"{k}: {n}" for k, n in sorted(summary.errors.items()) if ErrorKind(k).retryable)
+    retryable = [str(k) for k in ErrorKind if k.retryable]
+    first = next(e for e, k in zip(table.column("error").to_pylist(), table.column("error_kind").to_pylist())
+                 if k in retryable)  # fmt: skip
+    return RunFailed(
+        f"run {summary.run_id} failed: {summary.failed} of {summary.photos} photos failed in the system ({kinds}), "
+        f"over run.max_failed_fraction={budget}; the first: {first}\n(the rows are written with their errors: "
+        "fix the cause, then run again with --retry-errors)"
+    )
+
+
+def caption(
+    config: Config,
+    resume: bool = False,
+    overwrite: bool = False,
+    retry_errors: bool = False,
+    stages: Callable[..., list[Step]] = caption_stages,
+) -> RunSummary:
     """Run the caption pipeline of ``config``; the summary is also written beside the output.
 
     With ``resume``, photos that earlier runs into the same output already wrote are skipped;
-    with ``overwrite``, earlier runs' output is removed first. Without either, an output
-    that already holds rows is refused, so that no photo is ever written twice.
+    with ``retry_errors``, so are they, but the rows whose error is retryable are written
+    again; with ``overwrite``, earlier runs' output is removed first. Without any, an output
+    that already holds rows is refused, so that no photo is ever written twice. A failure of
+    the system past ``run.max_failed_fraction`` raises :class:`RunFailed` (after recording
+    the run). ``stages`` builds the pipeline (the arguments of :func:`caption_stages`).
     """
     if not config.output.uri:
-        raise ValueError("no output given: set output.uri in the config or pass --output")
+        raise ConfigError("no output given: set output.uri in the config or pass --output")
     started = time.monotonic()
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     output = OutputFolder(config.output.uri, config.storage)
     listing = list_inputs(config.input, config.storage)
     listing = listing.append_column("index", pa.array(range(listing.num_rows), pa.int64()))
     done = keys(output.read(["path", "user_id"]))
+    retried = 0
     if overwrite:
         output.clear()
         done = Counter()
-    elif done and not resume:
+    elif done and not (resume or retry_errors):
         raise OutputExists(
             f"{config.output.uri} already holds {sum(done.values())} rows from earlier runs: pass --resume to "
-            "write only the photos not written yet, or --overwrite to start again"
+            "write only the photos not written yet, --retry-errors to also write again the rows that failed in "
+            "the system, or --overwrite to start again"
         )
     for stale in output.discard_staging():
         log.warning("removed %s, left by a run that did not finish", stale)
+    if retry_errors and done:
+        retried = output.drop_retryable(run_id)
+        done = keys(output.read(["path", "user_id"]))
     todo = remaining(listing, done)
     valid = todo.filter(todo.column("error").is_null())
     check_banks(valid.column("user_id").to_pylist(), config.bank, config.storage)
     models = config.model_paths()
     parts: list[dict] = []
+    failure: RunFailed | None = None
     if todo.num_rows:
-        init_ray(config.ray)
         progress = Progress(todo.num_rows, config.ray)
-        for part in build(config, todo, models, run_id=run_id).iter_rows():
-            parts.append(part)
-            progress.update(part["rows"])
-    counts = summarize(output.read(["faces", "concepts", "error_kind"], run_id=run_id))
+        n_parts = max(1, -(-todo.num_rows // config.output.rows_per_file))
+        pipeline = partial(stages, models=models, run_id=run_id, parts=n_parts)
+        try:
+            for part in dataset(config, todo, pipeline).iter_rows():
+                parts.append(part)
+                progress.update(part["rows"])
+        except Exception as error:
+            failure = _run_failure(error)
+            if failure is None:
+                raise
+    table = output.read(["faces", "concepts", "error", "error_kind"], run_id=run_id)
+    counts = summarize(table)
     wall = time.monotonic() - started
     listed, written = keys(listing), keys(output.read(["path", "user_id"]))
+    errors = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("error:")}
     summary = RunSummary(
         run_id=run_id,
         photos=todo.num_rows,
         rows=counts["rows"],
         skipped=listing.num_rows - todo.num_rows,
+        retried=retried,
         missing=sum((listed - written).values()),
         duplicates=sum(max(0, written[k] - n) for k, n in listed.items()),
         faces=counts["faces"],
         matched=counts["matched"],
-        errors={k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("error:")},
+        errors=errors,
+        failed=sum(n for k, n in errors.items() if ErrorKind(k).retryable),
         wall_s=wall,
         photos_per_s=todo.num_rows / wall if wall else 0.0,
         output=sorted(p["file"] for p in parts),
     )
+    failure = failure or _over_budget(summary, table, config.run.max_failed_fraction)
+    if failure is not None:
+        summary.status, summary.failure = "failed", str(failure)
     output.record(run_id, asdict(summary))
+    if failure is not None:
+        raise failure
     if summary.rows != summary.photos or summary.missing or summary.duplicates:
         raise RowCountMismatch(
             f"run {run_id} wrote {summary.rows} rows for {summary.photos} photos; the output holds "

@@ -1,4 +1,7 @@
-"""The ``plvm`` command: enroll people, caption photos, evaluate, report."""
+"""The ``plvm`` command: enroll people, caption photos, evaluate, report.
+
+Exit codes: see ``plvm_model.errors.EXIT_CODES`` (and the README).
+"""
 
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ def _config(args: argparse.Namespace, **overrides):
 def cmd_enroll(args: argparse.Namespace) -> int:
     from pipelines.enroll import enroll
 
-    result = enroll(_config(args), args.user, args.name, args.images, face_index=args.face)
+    result = enroll(
+        _config(args), args.user, args.name, args.images, face_index=args.face, face_policy=args.face_policy
+    )
     verb = "enrolled" if result.created else "extended" if result.added else "already enrolled from these photos:"
     print(f"{verb} {result.name!r} ({result.concept_id}) for user {result.user_id!r}: "
           f"{result.references} reference photo(s), bank {result.bank}")  # fmt: skip
@@ -36,7 +41,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     config = _config(
         args, input__uri=args.input, input__user=args.user, output__uri=args.output, generate__engine=args.engine
     )
-    summary = caption(config, resume=args.resume, overwrite=args.overwrite)
+    summary = caption(config, resume=args.resume, overwrite=args.overwrite, retry_errors=args.retry_errors)
     for line in summary.lines():
         print(line)
     print(json.dumps(asdict(summary)))
@@ -50,9 +55,12 @@ def cmd_eval_recognition(args: argparse.Namespace) -> int:
     if args.threshold is not None:
         key = "relative_threshold" if config.match.normalization == "cohort" else "threshold"
         config = config.model_copy(update={"match": config.match.model_copy(update={key: args.threshold})})
-    result = recognition(config, args.directory, protocol=args.protocol)
+    result = recognition(config, args.directory, protocol=args.protocol, face_policy=args.face_policy)
     kind = "distance / cohort scale" if config.match.normalization == "cohort" else "distance"
-    print(f"recognition, {result.protocol} protocol, {kind} <= {result.threshold}:")
+    print(f"recognition, {result.protocol} protocol, reference face: {result.face_policy}, "
+          f"{kind} <= {result.threshold}:")  # fmt: skip
+    for skip in result.skipped:
+        print(f"  skipped {skip.person}: {skip.reason}")
     print(f"  positive accuracy {result.positive_accuracy:.4f} ({result.n_positive} photos)")
     print(f"  negative accuracy {result.negative_accuracy:.4f} ({result.n_negative} photo-person pairs)")
     print(f"  weighted accuracy {result.weighted_accuracy:.4f}, ROC AUC {result.roc_auc:.4f}")
@@ -114,6 +122,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_face_policy(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--face-policy", choices=["largest", "centre"], default="largest",
+                   help="reference face of a photo with several: largest, one at least twice as large as the others "
+                        "(else refused; the default), or centre, the one nearest the photo's centre")  # fmt: skip
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plvm", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -130,6 +144,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--user", required=True, help="the user whose bank gets the concept")
     s.add_argument("--name", required=True, help="the person's name, as captions will say it")
     s.add_argument("--face", type=int, help="which face of a reference photo with several (0 = leftmost)")
+    add_face_policy(s)
     s.add_argument("images", nargs="+", help="reference photos (paths or URIs)")
 
     s = command("caption", cmd_caption, "caption photos with the people of their owner's concept bank")
@@ -141,6 +156,8 @@ def parser() -> argparse.ArgumentParser:
     again = s.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="skip photos that earlier runs already wrote")
     again.add_argument("--overwrite", action="store_true", help="remove earlier runs' output first")
+    s.add_argument("--retry-errors", action="store_true",
+                   help="write again the rows whose error is retryable (timeouts, stage failures); implies --resume")  # fmt: skip
 
     evaluate = sub.add_parser("eval", help="evaluate recognition or VQA").add_subparsers(dest="what", required=True)
     s = command("recognition", cmd_eval_recognition, "is P in this photo? on a PLVM/YoLLaVA-layout folder", evaluate)
@@ -150,6 +167,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, help="match threshold (relative with cohort normalization; default: the config's)")
     s.add_argument("--cv", action="store_true", help="also choose the threshold by leave-one-person-out cross-validation")
     s.add_argument("--report", help="folder for an HTML report of the errors")
+    add_face_policy(s)
 
     s = command("vqa", cmd_eval_vqa, "multiple-choice questions about enrolled people, PLVM's JSON format", evaluate)
     s.add_argument("questions", help="JSON list of {ref_img, query_img?, question with <sks>, multiple_choice, correct_answer}")
@@ -173,14 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from plvm_model.bank import BankError
-    from pipelines.config import ConfigError
+    from plvm_model.errors import PlvmError
 
     try:
         return args.handler(args)
-    except (ConfigError, BankError, ValueError, FileNotFoundError) as error:
+    except PlvmError as error:  # the user's to act on: one message; anything else is a bug and keeps its traceback
         print(f"plvm {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
 
 
 if __name__ == "__main__":

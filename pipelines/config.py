@@ -27,12 +27,9 @@ from operators.prompt import PromptConfig
 from operators.read import InputConfig, ReadConfig
 from operators.write import OutputConfig
 from plvm_model.aligner import AlignerShape
+from plvm_model.errors import ConfigError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 class RayConfig(StageConfig):
@@ -46,6 +43,21 @@ class RayConfig(StageConfig):
         "auto", description="`auto`: Ray's progress bars on a terminal, periodic lines otherwise."
     )
     progress_interval_s: float = Field(30.0, gt=0, description="Seconds between progress lines.")
+
+
+class RunConfig(StageConfig):
+    """How a run treats failures of the system (not input faults, which are always rows with an error)."""
+
+    max_failed_fraction: float = Field(
+        0.0, ge=0, le=1,
+        description="Share of a run's photos that may fail in the system (a stage's unexpected exception, an engine "
+        "timeout) before the run fails. 0: the first unexpected exception stops the run, after its retries; above "
+        "0: such photos get a retryable row error and the run fails at its end only past this share.",
+    )  # fmt: skip
+    retries: int = Field(
+        1, ge=0, description="Times Ray Data retries a stage's batch after an unexpected exception (a worker that dies is "
+        "retried by Ray as always)."
+    )
 
 
 class ModelsConfig(StageConfig):
@@ -90,6 +102,7 @@ class Config(StageConfig):
         {}, description="fsspec options per URI scheme, e.g. `s3: {endpoint_url: ..., key: ..., secret: ...}`."
     )
     ray: RayConfig = Field(RayConfig(), description="The Ray the run uses.")
+    run: RunConfig = Field(RunConfig(), description="How a run treats failures of the system.")
     models: ModelsConfig = Field(
         ModelsConfig(), description="Local paths of the models, or `tiny` for random test models built on first use."
     )

@@ -11,26 +11,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal, get_args
 
 import numpy as np
-import pyarrow as pa
 
-from operators.decode import Decode, row_pixels
-from operators.detect import DetectFaces, working_faces
-from operators.embed import EmbedFaces
-from operators.read import ReadBytes
-from operators.rows import to_table
+from operators.rows import row_pixels, to_table, working_faces
+from pipelines.caption import face_stages
 from pipelines.config import Config
+from pipelines.stages import InProcess
 from plvm_model.bank import Concept, ConceptBank, UserBank, validate_user_id
 from plvm_model.concepts import ConceptEncoder
-from plvm_model.faces import Face
+from plvm_model.errors import InputError
+from plvm_model.faces import Face, embedder_class
 
 DOMINANCE = 2.0
 """A face at least this many times larger than every other one is the reference face."""
 
+FacePolicy = Literal["largest", "centre"]
+"""How the reference face of a photo with several is chosen when no index is given:
+``largest``, a face at least :data:`DOMINANCE` times larger than every other one, else the
+photo is refused; ``centre``, the face whose box centre is nearest the photo's centre."""
 
-class EnrollError(ValueError):
-    pass
+
+class EnrollError(InputError):
+    """A refused enrollment: nothing was written."""
 
 
 @dataclass
@@ -53,8 +57,18 @@ def validate_name(name: str) -> str:
     return name
 
 
-def choose_face(faces: list[Face], path: str, face_index: int | None) -> int:
-    """The index of the reference face among ``faces`` (left to right), or :class:`EnrollError`."""
+def choose_face(
+    faces: list[Face],
+    size: tuple[int, int],
+    path: str,
+    face_index: int | None = None,
+    policy: FacePolicy = "largest",
+) -> int:
+    """The index of the reference face among ``faces`` (left to right), or :class:`EnrollError`.
+
+    ``size`` is the photo's (width, height) in the pixels of the faces' boxes. ``face_index``,
+    when given, overrides ``policy``.
+    """
     if not faces:
         raise EnrollError(f"{path}: no face found in the reference photo")
     if face_index is not None:
@@ -63,14 +77,23 @@ def choose_face(faces: list[Face], path: str, face_index: int | None) -> int:
         return face_index
     if len(faces) == 1:
         return 0
+    if policy == "centre":
+        cx, cy = size[0] / 2, size[1] / 2
+        return min(range(len(faces)), key=lambda i: _centre_offset(faces[i], cx, cy))
     by_area = sorted(range(len(faces)), key=lambda i: faces[i].area, reverse=True)
     if faces[by_area[0]].area >= DOMINANCE * faces[by_area[1]].area:
         return by_area[0]
     boxes = "; ".join(f"{i}: box {[round(v) for v in f.box]}" for i, f in enumerate(faces))
     raise EnrollError(
         f"{path}: {len(faces)} faces of similar size and no way to choose ({boxes}); "
-        "pass --face N (0 = leftmost) or use a photo of the person alone"
+        "pass --face N (0 = leftmost) or --face-policy centre, or use a photo of the person alone"
     )
+
+
+def _centre_offset(face: Face, cx: float, cy: float) -> float:
+    """Squared distance from the centre of ``face``'s box to (cx, cy)."""
+    x1, y1, x2, y2 = face.box
+    return ((x1 + x2) / 2 - cx) ** 2 + ((y1 + y2) / 2 - cy) ** 2
 
 
 class Enroller:
@@ -80,8 +103,9 @@ class Enroller:
         self.config = config
         self.store = ConceptBank(config.bank, config.storage)
         self.models = config.model_paths()
-        self.embed = EmbedFaces(config.embed)
-        self.stages = [ReadBytes(config.read, config.storage), Decode(config.decode), DetectFaces(config.detect)]
+        self.space = embedder_class(config.embed.kind).space
+        """The face descriptors' space, recorded in the bank."""
+        self.faces = InProcess(face_stages(config))
         self._encoder: ConceptEncoder | None = None
 
     @property
@@ -98,23 +122,32 @@ class Enroller:
 
     def reference_faces(self, paths: list[str]) -> list[dict]:
         """Each reference photo's row after the read, decode, detect and embed operators."""
-        batch: pa.Table = to_table([{"path": p, "user_id": None} for p in paths], ["path", "user_id"])
-        for stage in (*self.stages, self.embed):
-            batch = stage(batch)
-        rows = batch.to_pylist()
+        rows = self.faces(to_table([{"path": p, "user_id": None} for p in paths], ["path", "user_id"])).to_pylist()
         for row in rows:
             if row["error"]:
                 raise EnrollError(f"reference photo refused: {row['error']}")
         return rows
 
-    def enroll(self, user_id: str, name: str, images: list[str], face_index: int | None = None) -> EnrollResult:
-        """Add ``name`` with the reference photos ``images`` to ``user_id``'s bank."""
+    def enroll(
+        self,
+        user_id: str,
+        name: str,
+        images: list[str],
+        face_index: int | None = None,
+        face_policy: FacePolicy = "largest",
+    ) -> EnrollResult:
+        """Add ``name`` with the reference photos ``images`` to ``user_id``'s bank.
+
+        Each photo's reference face is its face ``face_index`` if given, else the one ``face_policy`` chooses.
+        """
         validate_user_id(user_id)
         name = validate_name(name)
         if not images:
             raise EnrollError("give at least one reference photo")
+        if face_policy not in get_args(FacePolicy):
+            raise EnrollError(f"unknown face policy {face_policy!r}: one of {', '.join(get_args(FacePolicy))}")
         bank = self.store.load(user_id)  # a damaged bank raises here, before any work
-        space, aligner = self.embed.embedder.space, self.models.aligner_identity
+        space, aligner = self.space, self.models.aligner_identity
         if bank is None:
             bank = UserBank(user_id=user_id, embedder=space, aligner=aligner)
         bank.check_compatible(embedder=space, aligner=aligner, where=f" at {self.config.bank}")
@@ -123,7 +156,7 @@ class Enroller:
         if concept is not None:
             images = [p for p in images if p not in concept.references]
         if images:
-            concept = self._add_references(bank, concept, name, images, face_index)
+            concept = self._add_references(bank, concept, name, images, face_index, face_policy)
             self.store.save(bank)
         return EnrollResult(
             user_id=user_id,
@@ -136,11 +169,20 @@ class Enroller:
         )
 
     def _add_references(
-        self, bank: UserBank, concept: Concept | None, name: str, images: list[str], face_index: int | None
+        self,
+        bank: UserBank,
+        concept: Concept | None,
+        name: str,
+        images: list[str],
+        face_index: int | None,
+        face_policy: FacePolicy,
     ) -> Concept:
         """``concept`` (a new one if None, added to ``bank``) with the faces of ``images`` as references."""
         rows = self.reference_faces(images)
-        chosen = [choose_face(working_faces(row), row["path"], face_index) for row in rows]
+        chosen = []
+        for row in rows:
+            size = (row["pixels_width"], row["pixels_height"])
+            chosen.append(choose_face(working_faces(row), size, row["path"], face_index, face_policy))
         descriptors = np.asarray([row["faces"][i]["embedding"] for row, i in zip(rows, chosen)], np.float32)
         if concept is None:
             first = rows[0]
@@ -161,9 +203,14 @@ class Enroller:
 
 
 def enroll(
-    config: Config, user_id: str, name: str, images: list[str], face_index: int | None = None
+    config: Config,
+    user_id: str,
+    name: str,
+    images: list[str],
+    face_index: int | None = None,
+    face_policy: FacePolicy = "largest",
 ) -> EnrollResult:
     """Add ``name`` with the reference photos ``images`` to ``user_id``'s bank."""
     validate_user_id(user_id)
     validate_name(name)
-    return Enroller(config).enroll(user_id, name, images, face_index)
+    return Enroller(config).enroll(user_id, name, images, face_index, face_policy)

@@ -8,6 +8,10 @@ the match operator names their faces.
 ``single`` (as in the papers): each person P alone in a bank; P's photos are positives,
 every other person's photos negatives. ``bank``: everyone in one bank, each face
 identified among them; the same positives and negatives.
+
+A person whose reference photo cannot be enrolled (unreadable, no face, or several faces and
+none chosen by the face policy) is skipped: nobody is enrolled in their place, their photos
+stay negatives for the enrolled people, and the result lists them with the reason.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+from scipy.stats import mannwhitneyu
 
-from operators.match import MatchFaces, cohort_scales
+from operators.match import MatchFaces
 from operators.read import IMAGE_EXTENSIONS
 from operators.rows import to_table
-from pipelines.caption import build
+from pipelines.caption import dataset, face_stages
+from pipelines.cohort import cohort_scales
 from pipelines.config import Config
-from pipelines.enroll import Enroller
-from pipelines.runtime import init_ray
+from pipelines.enroll import Enroller, EnrollError, FacePolicy
+from plvm_model.errors import InputError, InputNotFound
 from plvm_model.faces.matching import distance_matrix
 
 Protocol = Literal["single", "bank"]
@@ -37,6 +43,14 @@ class Person:
     name: str
     reference: str
     photos: list[str]
+
+
+@dataclass
+class Skipped:
+    """A person left out of the evaluation because their reference could not be enrolled."""
+
+    person: str
+    reason: str
 
 
 @dataclass
@@ -65,7 +79,9 @@ class RecognitionResult:
     n_negative: int
     roc_auc: float
     threshold: float
+    face_policy: str = "largest"
     no_face: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
 
     def errors(self) -> list[Decision]:
@@ -82,35 +98,34 @@ def people_of(directory: str | Path) -> list[Person]:
     """The persons of a PLVM/YoLLaVA-layout folder, sorted by name."""
     root = Path(directory)
     if not root.is_dir():
-        raise FileNotFoundError(f"evaluation folder {root} does not exist")
+        raise InputNotFound(f"evaluation folder {root} does not exist")
     people = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         refs = [p for p in images if p.stem == "ref_img"]
         if not refs:
-            raise ValueError(f"{folder} has no ref_img.* reference photo")
+            raise InputError(f"{folder} has no ref_img.* reference photo")
         photos = [str(p) for p in images if p.stem != "ref_img"]
         people.append(Person(folder.name, str(refs[0]), photos))
     if len(people) < 2:
-        raise ValueError(f"{root} needs at least two person folders, found {len(people)}")
+        raise InputError(f"{root} needs at least two person folders, found {len(people)}")
     return people
 
 
 def roc_auc(positive: list[float], negative: list[float]) -> float:
-    """Probability that a positive scores above a negative (ties count half)."""
-    pos, neg = np.asarray(positive, float)[:, None], np.asarray(negative, float)[None, :]
-    if pos.size == 0 or neg.size == 0:
+    """Probability that a positive scores above a negative (ties count half): Mann-Whitney U / (n_pos * n_neg)."""
+    if len(positive) == 0 or len(negative) == 0:
         return float("nan")
-    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+    u = mannwhitneyu(positive, negative, alternative="two-sided", method="asymptotic").statistic
+    return float(u / (len(positive) * len(negative)))
 
 
 def face_table(config: Config, paths: list[str]) -> pa.Table:
     """The photos' rows after the pipeline's read, decode, detect and embed stages (on Ray)."""
     import ray
 
-    init_ray(config.ray)
     listing = to_table([{"path": p, "user_id": "eval"} for p in paths], ["path", "user_id"])
-    ds = build(config, listing, None, stop="embed").drop_columns(["pixels"])
+    ds = dataset(config, listing, face_stages).drop_columns(["pixels"])
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
@@ -122,16 +137,27 @@ def match_as(config: Config, faces: pa.Table, user: str, space: str) -> tuple[li
     return MatchFaces(config.match, config.bank, embedder_space=space, scales=scales)(batch).to_pylist(), scales
 
 
-def recognition(config: Config, directory: str | Path, protocol: Protocol = "single") -> RecognitionResult:
+def recognition(
+    config: Config, directory: str | Path, protocol: Protocol = "single", face_policy: FacePolicy = "largest"
+) -> RecognitionResult:
+    """Recognition figures on ``directory``; ``face_policy`` chooses each reference's face (see :data:`FacePolicy`)."""
     people = people_of(directory)
     with tempfile.TemporaryDirectory(prefix="plvm-eval-") as banks:
         config = config.model_copy(update={"bank": banks})
         enroller = Enroller(config)
-        space = enroller.embed.embedder.space
-        users = {}
+        space = enroller.space
+        users, skipped = {}, []
         for index, person in enumerate(people):
-            users[person.name] = f"eval-{index}" if protocol == "single" else "eval-all"
-            enroller.enroll(users[person.name], person.name, [person.reference])
+            user = f"eval-{index}" if protocol == "single" else "eval-all"
+            try:
+                enroller.enroll(user, person.name, [person.reference], face_policy=face_policy)
+            except EnrollError as error:
+                skipped.append(Skipped(person.name, str(error)))
+                continue
+            users[person.name] = user
+        if not users:
+            reasons = "; ".join(f"{s.person}: {s.reason}" for s in skipped)
+            raise InputError(f"no person of {directory} could be enrolled ({reasons})")
         photos = {photo: person.name for person in people for photo in person.photos}
         faces = face_table(config, list(photos))
         decisions = []
@@ -140,28 +166,31 @@ def recognition(config: Config, directory: str | Path, protocol: Protocol = "sin
             bank = enroller.store.load(user)
             for concept in bank.concepts:
                 scale = scales.get((user, concept.concept_id))
-                decisions += [_decide(row, concept, scale, photos) for row in matched]
+                decisions += [_decide(row, concept, scale, photos, config) for row in matched]
     no_face = [row["path"] for row in faces.select(["path", "faces"]).to_pylist() if not row["faces"]]
     threshold = config.match.relative_threshold if config.match.normalization == "cohort" else config.match.threshold
-    return _score(protocol, threshold, decisions, no_face)
+    return _score(protocol, threshold, decisions, no_face, face_policy, skipped)
 
 
-def _decide(row: dict, concept, scale: float | None, photos: dict[str, str]) -> Decision:
+def _decide(row: dict, concept, scale: float | None, photos: dict[str, str], config: Config) -> Decision:
     """The answer to "is <concept> in this photo?" that the match stage gave for ``row``."""
     refs = concept.face_descriptors
     vectors = np.asarray([f["embedding"] for f in row["faces"] or []], np.float32).reshape(-1, refs.shape[1])
-    distances = distance_matrix(vectors, [refs])[:, 0]
+    distances = distance_matrix(vectors, [refs])
+    scores = config.match.rule().scores(distances, [scale])[:, 0]
+    distances = distances[:, 0]
     drawn = [
         {"box": f["box"], "concept": f.get("concept"), "distance": float(d)} for f, d in zip(row["faces"] or [], distances)
     ]
     nearest = float(distances.min()) if len(distances) else None
+    score = float(scores.min()) if len(scores) else None
     return Decision(
         person=concept.name,
         photo=row["path"],
         positive=photos[row["path"]] == concept.name,
         predicted=concept.name in (row["concepts"] or []),
         distance=nearest,
-        score=None if nearest is None else nearest / scale if scale else nearest,
+        score=score,
         faces=drawn,
         width=row["width"] or 0,
         height=row["height"] or 0,
@@ -223,7 +252,14 @@ def cross_validate(result: RecognitionResult) -> CrossValidation:
     return CrossValidation(pos, neg, (pos + neg) / 2, thresholds)
 
 
-def _score(protocol: str, threshold: float, decisions: list[Decision], no_face: list[str]) -> RecognitionResult:
+def _score(
+    protocol: str,
+    threshold: float,
+    decisions: list[Decision],
+    no_face: list[str],
+    face_policy: FacePolicy,
+    skipped: list[Skipped],
+) -> RecognitionResult:
     pos = [d for d in decisions if d.positive]
     neg = [d for d in decisions if not d.positive]
     pos_acc = sum(d.predicted for d in pos) / len(pos)
@@ -241,6 +277,8 @@ def _score(protocol: str, threshold: float, decisions: list[Decision], no_face: 
         n_negative=len(neg),
         roc_auc=roc_auc([score(d) for d in pos], [score(d) for d in neg]),
         threshold=threshold,
+        face_policy=face_policy,
         no_face=sorted(no_face),
+        skipped=skipped,
         decisions=decisions,
     )

@@ -28,6 +28,7 @@ from pipelines.config import Config
 from pipelines.enroll import Enroller
 from pipelines.evaluate import face_table, match_as
 from plvm_model.engines import GenerationRequest
+from plvm_model.errors import InputError, InputNotFound
 
 POSITION_QUESTION = re.compile(r"\b(where|position|located|which side)\b", re.IGNORECASE)
 _WORDS = {
@@ -69,15 +70,20 @@ def load_items(questions: str | Path, root: str | Path | None = None) -> list[It
     own files (``validation_recognition/...`` inside ``validation_recognition/``), its parent.
     """
     path = Path(questions)
-    raw_items = json.loads(path.read_text())
+    try:
+        raw_items = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputNotFound(f"question file {path} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(raw_items, list) or not raw_items:
-        raise ValueError(f"{path}: expected a non-empty JSON list of questions")
+        raise InputError(f"{path}: expected a non-empty JSON list of questions")
     for number, raw in enumerate(raw_items, 1):
         missing = [k for k in ("ref_img", "question", "multiple_choice", "correct_answer") if k not in raw]
         if missing:
-            raise ValueError(f"{path} item {number} lacks {', '.join(missing)}")
+            raise InputError(f"{path} item {number} lacks {', '.join(missing)}")
         if raw["correct_answer"] not in raw["multiple_choice"]:
-            raise ValueError(f"{path} item {number}: correct_answer {raw['correct_answer']!r} is not an option")
+            raise InputError(f"{path} item {number}: correct_answer {raw['correct_answer']!r} is not an option")
     bases = [Path(root)] if root else [path.parent, path.parent.parent]
     base = next((b for b in bases if (b / raw_items[0]["ref_img"]).exists()), bases[0])
     items = [
@@ -88,7 +94,7 @@ def load_items(questions: str | Path, root: str | Path | None = None) -> list[It
     for item in items:
         for image in (item.reference, item.photo):
             if not Path(image).exists():
-                raise FileNotFoundError(f"{image} (named in {path}) does not exist; give the images' --root")
+                raise InputNotFound(f"{image} (named in {path}) does not exist; give the images' --root")
     return items
 
 
@@ -134,7 +140,7 @@ def vqa(config: Config, questions: str | Path, root: str | Path | None = None) -
         for ref in references:
             enroller.enroll(users[ref], names[ref], [ref])
         faces = face_table(config, sorted({i.photo for i in items}))
-        space = enroller.embed.embedder.space
+        space = enroller.space
         matched = {}
         for ref in references:
             for row in match_as(config, faces, users[ref], space)[0]:

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from plvm_model import storage
+from plvm_model.errors import BankError
 from plvm_model.injection import ConceptTokens
 
 SCHEMA_VERSION = 1
@@ -47,10 +48,6 @@ SCHEMA = pa.schema(
         pa.field("updated_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
 )
-
-
-class BankError(ValueError):
-    """A bank that cannot be used: missing, unreadable, of another schema or another model."""
 
 
 def validate_user_id(user_id: str) -> str:

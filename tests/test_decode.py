@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from operators.decode import Decode, DecodeConfig, row_pixels
+from operators.decode import Decode, DecodeConfig
+from operators.rows import row_pixels
 from operators.read import ReadBytes, ReadConfig
 from operators.rows import to_table
 

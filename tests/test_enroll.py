@@ -7,9 +7,10 @@ import pytest
 from PIL import Image
 
 from conftest import make_config, photo
-from pipelines.enroll import EnrollError, enroll
+from pipelines.enroll import EnrollError, choose_face, enroll
 from plvm_model.bank import ConceptBank
 from plvm_model.concepts import ConceptEncoder
+from plvm_model.faces import Face
 
 
 def side_by_side(paths: list[str], height: int, out: str) -> str:
@@ -89,6 +90,33 @@ def test_a_clearly_larger_face_is_taken_over_a_small_stranger(config, yollava, t
     enroll(config, "dave", "Thao-alone", [photo("thao", "ref_img.jpg")])
     with_stranger, alone = ConceptBank(config.bank).load("dave").concepts
     assert np.linalg.norm(with_stranger.face_descriptors[0] - alone.face_descriptors[0]) < 0.3
+
+
+def test_face_policies_choose_the_dominant_face_or_the_centred_one():
+    def face(x1, y1, x2, y2):
+        return Face((x1, y1, x2, y2), 0.99, ((0, 0),) * 5)
+
+    big_corner, small_centre = face(0, 0, 300, 300), face(450, 450, 550, 550)  # 9x the area; centre at (500, 500)
+    assert choose_face([big_corner, small_centre], (1000, 1000), "p") == 0
+    assert choose_face([big_corner, small_centre], (1000, 1000), "p", policy="centre") == 1
+    assert choose_face([big_corner, small_centre], (1000, 1000), "p", face_index=0, policy="centre") == 0
+    similar = [face(0, 400, 200, 600), face(420, 380, 620, 580), face(800, 400, 1000, 600)]
+    with pytest.raises(EnrollError, match="3 faces of similar size"):
+        choose_face(similar, (1000, 1000), "p")
+    assert choose_face(similar, (1000, 1000), "p", policy="centre") == 1
+    with pytest.raises(EnrollError, match="no face found"):
+        choose_face([], (1000, 1000), "p", policy="centre")
+
+
+def test_centre_policy_enrolls_the_middle_of_three_similar_faces(config, yollava, tmp_path):
+    refs = [photo("thao", "ref_img.jpg"), photo("viruss", "ref_img.jpg"), photo("thuytien", "ref_img.jpg")]
+    trio = side_by_side(refs, 400, str(tmp_path / "trio.jpg"))
+    with pytest.raises(EnrollError, match="3 faces of similar size"):
+        enroll(config, "fay", "Viruss", [trio])
+    enroll(config, "fay", "Viruss", [trio], face_policy="centre")
+    enroll(config, "fay", "Viruss-alone", [photo("viruss", "ref_img.jpg")])
+    centred, alone = ConceptBank(config.bank).load("fay").concepts
+    assert np.linalg.norm(centred.face_descriptors[0] - alone.face_descriptors[0]) < 0.3, "centre took the middle face"
 
 
 @pytest.mark.parametrize("name", ["", "   ", "a<b", "x" * 101, "tab\tname"])

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_config
+from conftest import REPO, make_config, photo
+from pipelines.cli import main
 from pipelines.evaluate import Decision, RecognitionResult, best_threshold, cross_validate, recognition, roc_auc
+from test_enroll import side_by_side
 
 
 def decision(person: str, photo: str, positive: bool, score: float | None) -> Decision:
@@ -21,7 +26,15 @@ def test_best_threshold_is_the_middle_of_the_widest_perfect_gap():
     decisions = [decision("a", f"p{i}", True, s) for i, s in enumerate((0.2, 0.3, 0.4))]
     decisions += [decision("a", f"n{i}", False, s) for i, s in enumerate((0.8, 0.9, None))]
     assert best_threshold(decisions) == pytest.approx(0.6)
+
+
+def test_roc_auc_counts_the_pairs_a_positive_wins_ties_half():
     assert roc_auc([-0.2, -0.3], [-0.8, -0.9]) == 1.0 and roc_auc([-0.5], [-0.5]) == 0.5
+    # -0.1 beats all four negatives; -0.4 beats -0.9 and -inf and ties -0.4: (4 + 2.5) / 8
+    assert roc_auc([-0.1, -0.4], [-0.2, -0.4, -0.9, -math.inf]) == pytest.approx(6.5 / 8)
+    # a photo without a face (-inf) loses to every scored one and ties the other: (0 + 0.5 + 1) / 4
+    assert roc_auc([-math.inf, -0.3], [-math.inf, -0.2]) == pytest.approx(1.5 / 4)
+    assert math.isnan(roc_auc([], [-0.2])) and math.isnan(roc_auc([-0.2], []))
 
 
 def test_cross_validation_chooses_each_threshold_without_the_held_out_person():
@@ -62,3 +75,43 @@ def test_bank_protocol_identifies_each_face_among_everyone(tmp_path, yollava, ti
     result = recognition(make_config(tmp_path), yollava, protocol="bank")
     assert result.protocol == "bank" and result.n_positive == 50 and result.n_negative == 200
     assert result.weighted_accuracy >= 0.98
+
+
+def eval_folder(root: Path) -> Path:
+    """An evaluation folder: thao, willinvietnam and viruss with three photos each, viruss's reference showing
+    him between two strangers of his size; broken, with a reference that is not an image and no photos."""
+    for person in ("thao", "willinvietnam", "viruss"):
+        (root / person).mkdir(parents=True)
+        for name in ("0.jpg", "1.jpg", "2.jpg"):
+            shutil.copy(photo(person, name), root / person / name)
+        if person != "viruss":
+            shutil.copy(photo(person, "ref_img.jpg"), root / person / "ref_img.jpg")
+    refs = [photo("phuc-map", "ref_img.jpg"), photo("viruss", "ref_img.jpg"), photo("thuytien", "ref_img.jpg")]
+    side_by_side(refs, 400, str(root / "viruss" / "ref_img.jpg"))
+    (root / "broken").mkdir()
+    (root / "broken" / "ref_img.jpg").write_text("not a photo")
+    return root
+
+
+@pytest.mark.parametrize("policy", ["largest", "centre"])
+def test_people_whose_reference_cannot_be_enrolled_are_skipped(
+    policy, tmp_path, yollava, tiny_models, ray_local, capsys
+):
+    folder = eval_folder(tmp_path / "set")
+    assert main(["eval", "recognition", str(folder), "--face-policy", policy]) == 0
+    printed = capsys.readouterr().out
+    figures = json.loads(printed.strip().splitlines()[-1])
+    skipped = {s["person"]: s["reason"] for s in figures["skipped"]}
+    assert figures["face_policy"] == policy
+    assert "broken/ref_img.jpg" in skipped.pop("broken")
+    if policy == "largest":
+        assert "3 faces of similar size" in skipped.pop("viruss")
+        # thao and willinvietnam are scored; viruss's photos stay negatives for both
+        assert (figures["n_positive"], figures["n_negative"]) == (6, 2 * 6)
+    else:
+        # the centred face is viruss's: his own photos are recognised
+        assert (figures["n_positive"], figures["n_negative"]) == (9, 3 * 6)
+    assert not skipped
+    assert figures["positive_accuracy"] == 1.0 and figures["negative_accuracy"] == 1.0, printed
+    for person in [s["person"] for s in figures["skipped"]]:
+        assert f"  skipped {person}: " in printed

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from operators.match import MatchConfig, MatchFaces, cohort_scales
+from operators.match import MatchConfig, MatchFaces
+from pipelines.cohort import cohort_scales
 from operators.rows import to_table
 from plvm_model.bank import Concept, ConceptBank, UserBank
 from plvm_model.faces.matching import cohort_scale

@@ -6,7 +6,8 @@ import logging
 
 import numpy as np
 
-from operators.prompt import ChooseConcepts, PromptConfig, injected_tokens
+from operators.prompt import ChooseConcepts, PromptConfig
+from operators.rows import injected_tokens
 from operators.rows import to_table
 from plvm_model.bank import Concept, ConceptBank, UserBank
 

@@ -9,6 +9,10 @@ faces come to that concept's reference. dlib's descriptor space is more crowded 
 faces than others (on the YoLLaVA people, different persons sit 0.51-0.55 apart, where
 celebrity sets need 0.6 for profile shots), and one raw threshold cannot serve both;
 ``distance / scale`` against one relative threshold can.
+
+:class:`MatchRule` is the one definition of how a face is named: the distance, the cohort
+scale, the fallback for a concept without a cohort, and the threshold. The match stage, the
+evaluation and the benchmarks all name faces through it.
 """
 
 from __future__ import annotations
@@ -73,3 +77,52 @@ def assign(distances: np.ndarray, threshold: float) -> list[Match]:
         if allowed[r, c]:
             matches[r] = Match(int(c), float(distances[r, c]))
     return matches
+
+
+@dataclass(frozen=True)
+class MatchRule:
+    """How faces are named: raw distance against ``threshold``, or (``cohort``) distance over the
+    concept's cohort scale against ``relative_threshold``."""
+
+    normalization: str
+    """``cohort`` or ``none``."""
+    threshold: float
+    relative_threshold: float
+    cohort_min_distance: float
+    cohort_fraction: float
+
+    @property
+    def cohort(self) -> bool:
+        return self.normalization == "cohort"
+
+    @property
+    def limit(self) -> float:
+        """The largest score at which a face is named."""
+        return self.relative_threshold if self.cohort else self.threshold
+
+    def scales(self, references: list[np.ndarray], run_faces: np.ndarray) -> list[float | None]:
+        """Each concept's cohort scale: its cohort is the other concepts' references and ``run_faces``
+        (the faces of the user's photos; those within ``cohort_min_distance`` are left out)."""
+        out = []
+        for j, own in enumerate(references):
+            cohort = np.concatenate([*(r for i, r in enumerate(references) if i != j), run_faces])
+            out.append(cohort_scale(own, cohort, self.cohort_min_distance, self.cohort_fraction))
+        return out
+
+    def scores(self, distances: np.ndarray, scales: list[float | None] | None = None) -> np.ndarray:
+        """The (faces, concepts) scores compared with :attr:`limit`: raw distances, or each concept's column
+        divided by its scale (a concept without one by ``threshold / relative_threshold``, so that the raw
+        ``threshold`` applies to it)."""
+        if not self.cohort:
+            return distances
+        fallback = self.threshold / self.relative_threshold
+        divisor = [s or fallback for s in (scales or [None] * distances.shape[1])]
+        return distances / np.asarray(divisor, np.float32).reshape(1, -1)
+
+    def name(
+        self, vectors: np.ndarray, references: list[np.ndarray], scales: list[float | None] | None = None
+    ) -> tuple[list[Match], np.ndarray, np.ndarray]:
+        """The faces' matches (one concept per face, one face per concept), distances and scores."""
+        distances = distance_matrix(vectors, references)
+        scores = self.scores(distances, scales)
+        return assign(scores, self.limit), distances, scores

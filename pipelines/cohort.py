@@ -1,0 +1,92 @@
+"""The cohort barrier: every face of a run embedded before any is matched, and the concepts' scales.
+
+With ``match.normalization: cohort`` a concept's scale is measured on its user's cohort (the
+bank's other concepts and the faces of the user's photos in the run; the rule is
+``plvm_model.faces.matching.MatchRule``). The barrier drops the photos' pixels (the faces are
+kept, small; the photos are decoded again for the LLM), materializes the run, and computes
+every user's scales: in the driver when the run's faces fit in ``match.cohort_gather_mb``,
+else by a groupby on the cluster.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from operators.banks import BankCache
+from operators.match import MatchConfig, Scales
+from operators.rows import RowError
+from pipelines.stages import Barrier
+from plvm_model import storage
+
+SCALE_SCHEMA = pa.schema([("user_id", pa.string()), ("concept_id", pa.string()), ("scale", pa.float64())])
+
+
+class CohortScales:
+    """All rows of one user (with face embeddings) -> (user_id, concept_id, scale) per concept of the bank."""
+
+    def __init__(
+        self,
+        config: MatchConfig,
+        bank_uri: str,
+        storage_options: storage.StorageOptions | None = None,
+        embedder_space: str | None = None,
+    ) -> None:
+        self.rule = config.rule()
+        self.banks = BankCache(bank_uri, storage_options, embedder_space)
+
+    def __call__(self, group: pa.Table) -> pa.Table:
+        out: dict[str, list] = {"user_id": [], "concept_id": [], "scale": []}
+        user = group.column("user_id")[0].as_py() if group.num_rows else None
+        try:
+            bank = self.banks.get(user)
+        except (RowError, ValueError):  # no usable bank, or no valid user id: the match stage reports it
+            return pa.table(out, schema=SCALE_SCHEMA)
+        faces = [f["embedding"] for faces in group.column("faces").to_pylist() for f in faces or [] if f["embedding"]]
+        run = np.asarray(faces, np.float32).reshape(-1, bank.concepts[0].face_descriptors.shape[1])
+        scales = self.rule.scales([c.face_descriptors for c in bank.concepts], run)
+        for concept, scale in zip(bank.concepts, scales):
+            if scale is not None:
+                out["user_id"].append(user)
+                out["concept_id"].append(concept.concept_id)
+                out["scale"].append(scale)
+        return pa.table(out, schema=SCALE_SCHEMA)
+
+
+def cohort_scales(
+    rows,
+    config: MatchConfig,
+    bank_uri: str,
+    storage_options: storage.StorageOptions | None = None,
+    embedder_space: str | None = None,
+) -> Scales:
+    """Every user's concept scales from ``rows`` with face embeddings (a materialized Ray dataset or a table)."""
+    scales = CohortScales(config, bank_uri, storage_options, embedder_space)
+    if not isinstance(rows, pa.Table) and rows.size_bytes() <= config.cohort_gather_mb * 2**20:
+        import ray
+
+        rows = pa.concat_tables([t.select(["user_id", "faces"]) for t in ray.get(rows.to_arrow_refs())])
+    if isinstance(rows, pa.Table):
+        users = pc.unique(rows.column("user_id")).to_pylist()
+        found = [scales(rows.filter(pc.equal(rows.column("user_id"), user))) for user in users]
+        out = pa.concat_tables(found).to_pylist() if found else []
+    else:
+        # one partition per block at most
+        partitions = max(1, min(200, rows.num_blocks()))
+        grouped = rows.select_columns(["user_id", "faces"]).groupby("user_id", num_partitions=partitions)
+        out = grouped.map_groups(scales.__call__, batch_format="pyarrow").take_all()
+    return {(r["user_id"], r["concept_id"]): r["scale"] for r in out}
+
+
+def barrier(
+    config: MatchConfig, bank_uri: str, storage_options: storage.StorageOptions | None, embedder_space: str
+) -> Barrier:
+    """The cohort barrier step: hands the scales on as ``scales`` (the match stage's :class:`FromRun` argument)."""
+
+    def run(ds, values: dict) -> object:
+        ds = ds.drop_columns(["pixels"]).materialize()
+        values["scales"] = cohort_scales(ds, config, bank_uri, storage_options, embedder_space)
+        return ds
+
+    return Barrier("cohort", run, needs=("user_id", "faces"), drops=("pixels",))

@@ -1,0 +1,197 @@
+"""Applying a list of stages: one loop, the column contract, and the error policy.
+
+A pipeline is a list of steps: :class:`operators.base.Stage` descriptors, and
+:class:`Barrier` steps that need the whole dataset at once (the cohort barrier).
+:func:`apply` checks, before anything runs, that every stage's needed columns come from
+the listing or an earlier stage, then maps each stage over the dataset as its descriptor
+says (tasks or an actor pool, its resources). The same
+stages in this process, without Ray (:class:`InProcess`: enrollment's few photos).
+
+Every stage's batch function is wrapped in :class:`Guarded`, which checks the columns it
+needs and that it returns one row per row, and applies the error policy:
+
+- an *input fault* (``operators.rows.RowError``) is already that row's error;
+- any other exception is a *failure of the system*. With ``run.max_failed_fraction`` 0 (the
+  default) the batch fails with :class:`StageFailed`, Ray retries it ``run.retries`` times,
+  and then the run stops; the driver reports the stage, the photos and the first traceback.
+  With a budget above 0 the batch is run again photo by photo and each photo that still
+  fails gets a ``stage_failed`` row error (retryable); the driver fails the run at the end
+  if they are more than the budget;
+- :class:`plvm_model.errors.RunFailed` (a dead engine) always stops the run.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from operators.base import FromRun, Resources, Stage
+from operators.rows import ErrorKind, fail, to_table
+from plvm_model.errors import RunFailed
+
+
+class StageFailed(Exception):
+    """A stage raised an unexpected exception on a batch; Ray retries these, then the run stops."""
+
+    MARK = "failed on a batch of"
+    """In every message of this class: what Ray Data's ``retried_map_errors`` matches."""
+
+    def __init__(self, stage: str, paths: list[str], detail: str) -> None:
+        super().__init__(stage, paths, detail)
+        self.stage, self.paths, self.detail = stage, paths, detail
+
+    def __str__(self) -> str:
+        first = self.paths[0] if self.paths else "?"
+        return f"stage {self.stage} {self.MARK} {len(self.paths)} photos (the first: {first}):\n{self.detail}"
+
+
+def _where(error: BaseException) -> str:
+    """``Type: message (at file:line in function)`` of an exception, at its innermost frame."""
+    frames = traceback.extract_tb(error.__traceback__)
+    at = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f"{type(error).__name__}: {error}{at}"
+
+
+class Guarded:
+    """A stage's batch function with its contract checked and the error policy applied (see the module)."""
+
+    def __init__(self, stage: Stage, args: tuple[Any, ...], tolerate: bool) -> None:
+        self.stage, self.tolerate = stage, tolerate
+        self.udf = stage.udf(*args)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        missing = [c for c in self.stage.needs if c not in batch.column_names]
+        if missing:
+            raise ValueError(f"stage {self.stage.name} got a batch without the columns {missing}")
+        try:
+            out = self.udf(batch)
+        except RunFailed:
+            raise
+        except Exception as error:
+            if not self.tolerate or not self.stage.keeps_rows:
+                paths = batch.column("path").to_pylist() if "path" in batch.column_names else []
+                raise StageFailed(self.stage.name, paths, traceback.format_exc()) from error
+            out = self._row_by_row(batch)
+        if self.stage.keeps_rows and out.num_rows != batch.num_rows:
+            raise ValueError(f"stage {self.stage.name} returned {out.num_rows} rows for {batch.num_rows}")
+        return out
+
+    def _row_by_row(self, batch: pa.Table) -> pa.Table:
+        """Each row alone; a row that still fails keeps its columns and gets a ``stage_failed`` error."""
+        parts = []
+        for i in range(batch.num_rows):
+            row = batch.slice(i, 1)
+            try:
+                parts.append(self.udf(row))
+            except RunFailed:
+                raise
+            except Exception as error:
+                failed = row.to_pylist()[0]
+                fail(failed, ErrorKind.STAGE_FAILED, f"{failed.get('path')}: {self.stage.name} failed: {_where(error)}")
+                columns = [c for c in row.column_names if c not in self.stage.drops]
+                parts.append(to_table([failed], columns))
+        return pa.concat_tables(parts, promote_options="permissive")
+
+
+@dataclass(frozen=True)
+class Barrier:
+    """A step that needs every row of the run at once: ``run(dataset, values)`` returns the dataset (now
+    materialized) and may put into ``values`` what later stages take as :class:`FromRun` arguments."""
+
+    name: str
+    run: Callable[[Any, dict[str, Any]], Any]
+    needs: tuple[str, ...]
+    drops: tuple[str, ...] = ()
+
+
+Step = Stage | Barrier
+
+
+def through(steps: list[Step], name: str) -> list[Step]:
+    """The steps up to and including the last one named ``name`` (a named prefix of a pipeline)."""
+    last = max(i for i, step in enumerate(steps) if step.name == name)
+    return steps[: last + 1]
+
+
+def check_columns(steps: Iterable[Step], columns: Iterable[str]) -> None:
+    """Raise if a step needs a column that neither the input nor an earlier step provides."""
+    available = {*columns, "error", "error_kind"}
+    for step in steps:
+        missing = [c for c in step.needs if c not in available]
+        if missing:
+            raise ValueError(f"stage {step.name} needs the columns {missing}, which no earlier stage adds")
+        available = (available | set(getattr(step, "adds", ()))) - set(step.drops)
+
+
+def _resolve(args: tuple[Any, ...], values: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(values[a.name] if isinstance(a, FromRun) else a for a in args)
+
+
+def _guarded_class(stage: Stage) -> type:
+    """A subclass of :class:`Guarded` named after the stage's function, so Ray names its operator the same."""
+    return type(stage.udf.__name__, (Guarded,), {"__module__": __name__})
+
+
+def apply(ds, steps: list[Step], tolerate: bool, retries: int, values: dict[str, Any] | None = None):
+    """``ds`` through ``steps`` on Ray (see the module). ``values`` carries what barriers hand on."""
+    import ray.data
+
+    values = {} if values is None else values
+    check_columns(steps, ds.columns())
+    context = ray.data.DataContext.get_current()
+    context.retried_map_errors = [StageFailed.MARK]  # Ray Data retries a map task whose error says this
+    context.max_map_retries = retries
+    for step in steps:
+        if isinstance(step, Barrier):
+            ds = step.run(ds, values)
+            continue
+        guarded = _guarded_class(step)
+        args = (step, _resolve(step.args, values), tolerate)
+        resources: Resources = step.resources
+        if step.actors:
+            compute = ray.data.ActorPoolStrategy(size=resources.concurrency)
+            udf, options = guarded, {"fn_constructor_args": args, "num_gpus": resources.num_gpus or None}
+        else:
+            compute = ray.data.TaskPoolStrategy(size=resources.concurrency)
+            udf, options = guarded(*args), {}
+        ds = ds.map_batches(
+            udf,
+            compute=compute,
+            batch_format="pyarrow",
+            batch_size=resources.batch_size,
+            num_cpus=resources.num_cpus,
+            udf_modifying_row_count=not step.keeps_rows,
+            runtime_env=step.runtime_env,
+            **options,
+        )
+    return ds
+
+
+class InProcess:
+    """Stages run in this process, without Ray, each stage's function built once; a system failure raises."""
+
+    def __init__(self, steps: list[Stage]) -> None:
+        self.steps = steps
+        self.guarded = [Guarded(step, step.args, tolerate=False) for step in steps]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        check_columns(self.steps, batch.column_names)
+        for guarded in self.guarded:
+            batch = guarded(batch)
+        return batch
+
+
+def cause_of(error: BaseException, *types: type[BaseException]) -> BaseException | None:
+    """The first exception of ``types`` in ``error``'s chain of causes (Ray wraps what a task raised)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, types):
+            return error
+        error = error.__cause__ or error.__context__
+    return None

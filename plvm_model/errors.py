@@ -1,0 +1,62 @@
+"""The project's exceptions: one hierarchy under :class:`PlvmError`, each class with its exit code.
+
+The ``plvm`` command catches :class:`PlvmError` and prints its one-line message with
+``exit_code``; anything else is a bug and keeps its traceback. The README's exit-code table
+is checked against :data:`EXIT_CODES` by a test.
+"""
+
+from __future__ import annotations
+
+
+class PlvmError(Exception):
+    """Something the user can act on; the message says what and where."""
+
+    exit_code = 2
+
+
+class ConfigError(PlvmError, ValueError):
+    """A config that cannot be used: unknown key, wrong type, missing file, unset variable."""
+
+
+class InputError(PlvmError, ValueError):
+    """Input that cannot be listed or used as a whole: no input given, an unreadable manifest, a bad name."""
+
+
+class InputNotFound(PlvmError, FileNotFoundError):
+    """An input, manifest or model path that does not exist."""
+
+
+class BankError(PlvmError, ValueError):
+    """A bank that cannot be used: missing, unreadable, of another schema or another model."""
+
+
+class OutputExists(PlvmError, ValueError):
+    """The output already holds committed rows, and the run was not told to resume, retry or overwrite."""
+
+
+class RunFailed(PlvmError, RuntimeError):
+    """The system failed (a stage's bug, a dead or stuck engine) beyond the run's failure budget."""
+
+    exit_code = 3
+
+
+class EngineDead(RunFailed):
+    """The generation engine stopped working: the run stops rather than marking every photo."""
+
+
+class RowCountMismatch(PlvmError, RuntimeError):
+    """The output does not hold each listed photo exactly once after a run."""
+
+    exit_code = 4
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "success: every listed photo has exactly one row (input faults are rows with an error)",
+    1: "a bug: an unexpected exception, printed with its traceback",
+    2: "bad usage, config, input, bank, or an output that already holds rows (ConfigError, InputError, "
+    "InputNotFound, BankError, OutputExists)",
+    3: "the run failed: system failures past `run.max_failed_fraction`, a stage that failed after its "
+    "retries, or a dead engine (RunFailed, EngineDead); the summary names the stage and the first error",
+    4: "the output does not hold each listed photo exactly once (RowCountMismatch)",
+}
+"""What each exit code of ``plvm`` means."""

@@ -1,0 +1,163 @@
+"""Failures of the system are not photo errors: they stop the run loudly, or past a budget, and
+``--retry-errors`` redoes exactly the rows they left."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from conftest import REPO, make_config, photo
+from operators.detect import DetectFaces
+from operators.rows import ErrorKind
+from operators.write import keys, read_output
+from pipelines.caption import caption, caption_stages
+from pipelines.enroll import enroll
+from plvm_model.errors import EXIT_CODES, RunFailed
+from test_resilience import assert_exactly_once, caption_command, kill_once, photos, write_manifest
+
+
+class FailsOn(DetectFaces):
+    """The real detect stage, with a bug that strikes the photos whose path contains ``marker``."""
+
+    marker = ""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for path in batch.column("path").to_pylist():
+            if self.marker in path:
+                raise ZeroDivisionError(f"bug on {Path(path).name}")
+        return super().__call__(batch)
+
+
+def buggy(marker: str):
+    """``caption_stages`` with the detect stage replaced by :class:`FailsOn` ``marker``."""
+    udf = type("FailsOn", (FailsOn,), {"marker": marker})
+
+    def stages(config, **kwargs):
+        return [replace(s, udf=udf) if s.name == "detect" else s for s in caption_stages(config, **kwargs)]
+
+    return stages
+
+
+def manifest_config(tmp_path: Path, user: str, paths: list[str], **sections):
+    config = make_config(tmp_path, **sections)
+    enroll(config, user, "Thao", [photo("thao", "ref_img.jpg")])
+    uri = write_manifest(tmp_path / "m.csv", paths, user)
+    return config.model_copy(update={"input": config.input.model_copy(update={"uri": uri})})
+
+
+def record(config) -> dict:
+    [path] = (Path(config.output.uri) / "_runs").glob("*.json")
+    return json.loads(path.read_text())
+
+
+def test_a_stage_that_raises_on_every_photo_fails_the_run_naming_the_stage(tmp_path, yollava, tiny_models, ray_local):
+    config = manifest_config(tmp_path, "ann", photos(2), run={"retries": 0})
+    with pytest.raises(RunFailed) as failed:
+        caption(config, stages=buggy(marker="/"))
+    message = str(failed.value)
+    assert "stage detect failed on a batch of" in message and "ZeroDivisionError: bug on" in message
+    assert "Traceback" in message, "the first traceback is in the summary"
+    assert failed.value.exit_code == 3
+    assert record(config)["status"] == "failed", "the failed run is recorded beside the output"
+    assert read_output(config.output.uri).num_rows == 0, "no photo was turned into an error row"
+
+
+def test_within_a_budget_failures_are_rows_and_retry_errors_rewrites_exactly_them(
+    tmp_path, yollava, tiny_models, ray_local
+):
+    paths = [*photos(2), str(tmp_path / "missing.jpg")]
+    config = manifest_config(tmp_path, "bo", paths, run={"max_failed_fraction": 0.5, "retries": 0})
+    summary = caption(config, stages=buggy(marker="thao/1.jpg"))
+    assert summary.failed == 1 and summary.errors == {"stage_failed": 1, "missing_file": 1}
+    by_path = {r["path"]: r for r in read_output(config.output.uri).to_pylist()}
+    failed = by_path[photo("thao", "1.jpg")]
+    assert failed["error_kind"] == "stage_failed" and "detect failed: ZeroDivisionError: bug on 1.jpg" in failed["error"]
+    assert by_path[photo("thao", "0.jpg")]["concepts"] == ["Thao"], "the other photos of its batch are whole"
+
+    again = caption(config, retry_errors=True)  # the bug fixed: the real stages
+    assert again.retried == 1 and again.photos == 1 and again.failed == 0
+    assert_exactly_once(config.output.uri, paths, "bo")
+    by_path = {r["path"]: r for r in read_output(config.output.uri).to_pylist()}
+    assert by_path[photo("thao", "1.jpg")]["error"] is None and by_path[photo("thao", "1.jpg")]["concepts"] == ["Thao"]
+    assert by_path[str(tmp_path / "missing.jpg")]["error_kind"] == "missing_file", "input faults stay as they are"
+
+
+def test_past_the_budget_the_run_fails_at_its_end_with_the_rows_written(tmp_path, yollava, tiny_models, ray_local):
+    config = manifest_config(tmp_path, "cy", photos(2), run={"max_failed_fraction": 0.2, "retries": 0})
+    with pytest.raises(RunFailed, match=r"1 of 4 photos failed in the system \(stage_failed: 1\), over "
+                                        r"run.max_failed_fraction=0.2; the first: .*bug on 1.jpg"):  # fmt: skip
+        caption(config, stages=buggy(marker="thao/1.jpg"))
+    assert_exactly_once(config.output.uri, photos(2), "cy")
+
+
+def test_an_engine_that_answers_no_batch_in_time_fails_the_run_and_retry_errors_fixes_it(
+    tmp_path, yollava, tiny_models, ray_local
+):
+    small = {"concurrency": 1, "num_cpus": 0.25, "threads": 1, "batch_size": 2}
+    config = manifest_config(tmp_path, "di", photos(1), generate={"timeout_s": 0.001, "resources": small})
+    with pytest.raises(RunFailed, match="engine_timeout: 2.*gave no answer within 0.001 s"):
+        caption(config)
+    rows = read_output(config.output.uri).to_pylist()
+    assert [r["error_kind"] for r in rows] == ["engine_timeout"] * 2 and all(r["faces"] for r in rows)
+    patient = config.model_copy(update={"generate": config.generate.model_copy(update={"timeout_s": 600})})
+    summary = caption(patient, retry_errors=True)
+    assert summary.retried == 2 and summary.errors == {}
+    assert_exactly_once(config.output.uri, photos(1), "di")
+
+
+def test_an_engine_stuck_twice_stops_the_run_instead_of_marking_every_photo(tmp_path, yollava, tiny_models, ray_local):
+    small = {"concurrency": 1, "num_cpus": 0.25, "threads": 1, "batch_size": 1}
+    config = manifest_config(tmp_path, "ed", photos(3), generate={"timeout_s": 0.001, "resources": small})
+    with pytest.raises(RunFailed, match="twice in a row: it is stuck"):
+        caption(config)
+    assert read_output(config.output.uri).num_rows < len(photos(3))
+
+
+def test_an_engine_whose_process_dies_stops_the_run_and_resume_finishes_it(tmp_path, yollava, tiny_models):
+    small = {"concurrency": 1, "num_cpus": 0.25, "threads": 1, "batch_size": 1}
+    config = make_config(tmp_path, output={"rows_per_file": 1}, generate={"max_new_tokens": 24, "resources": small})
+    enroll(config, "flo", "Thao", [photo("thao", "ref_img.jpg")])
+    paths = photos(5)
+    command, env = caption_command(tmp_path, config, paths, "flo")
+    out = Path(config.output.uri)
+
+    killed: list[int] = []
+    stop = threading.Event()
+    first_part = threading.Event()
+
+    def kill_after_first_part() -> None:
+        while not stop.is_set() and not list(out.glob("part-*.parquet")):
+            stop.wait(0.2)
+        first_part.set()
+        kill_once("MapBatches(Generate)", killed, stop)
+
+    killer = threading.Thread(target=kill_after_first_part, daemon=True)
+    killer.start()
+    try:
+        run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    finally:
+        stop.set()
+    assert killed, "the engine's actor was killed during the run"
+    assert run.returncode == 3, run.stderr[-3000:]
+    assert "actor of the run died" in run.stderr
+    written = keys(read_output(str(out), columns=["path", "user_id"]))
+    assert 0 < sum(written.values()) < len(paths) and all(n == 1 for n in written.values())
+    assert not any(r["error"] for r in read_output(str(out)).to_pylist()), "no photo was marked for the dead engine"
+
+    done = subprocess.run([*command, "--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_exactly_once(str(out), paths, "flo")
+
+
+def test_every_error_kind_and_exit_code_is_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    for kind in ErrorKind:
+        assert f"| `{kind}` | {kind.meaning} |" in readme, f"README lacks the error kind {kind}"
+    for code, meaning in EXIT_CODES.items():
+        assert f"| {code} | {meaning} |" in readme, f"README lacks exit code {code}"
