@@ -28,7 +28,7 @@ from pipelines.runtime import init_ray  # noqa: E402
 from plvm_model.concepts import ConceptEncoder  # noqa: E402
 from plvm_model.engines import GenerationRequest  # noqa: E402
 from plvm_model.engines.transformers_engine import TransformersEngine  # noqa: E402
-from plvm_model.injection import ConceptTokens, PromptTemplate  # noqa: E402
+from plvm_model.injection import ConceptTokens  # noqa: E402
 
 
 def requests_for(config, photos_dir: Path, n: int) -> list[GenerationRequest]:
@@ -66,17 +66,16 @@ def main() -> None:
     threads = os.cpu_count() or 1
     config = load_config(args.config)
     generate = config.generate.model_copy(
-        update={"engine": "vllm", "vllm": config.generate.vllm.model_copy(
+        update={"engine": "vllm", "max_new_tokens": args.new_tokens, "vllm": config.generate.vllm.model_copy(
             update={"env": {**config.generate.vllm.env, "OMP_NUM_THREADS": str(threads)}})}
     )  # fmt: skip
     requests = requests_for(config, Path(args.data), args.photos)
     llava = config.model_paths().llava
-    template = PromptTemplate(**config.generate.template.model_dump())
 
     import torch
 
     torch.set_num_threads(threads)
-    reference = TransformersEngine(llava, template, max_new_tokens=args.new_tokens)
+    reference = TransformersEngine(**generate.model_copy(update={"engine": "transformers"}).engine_options(llava))
 
     def run_transformers(reqs):
         return [ids for i in range(0, len(reqs), args.batch) for ids in reference.generate_ids(reqs[i : i + args.batch])]
@@ -92,7 +91,7 @@ def main() -> None:
     actor = (
         ray.remote(VLLMEngine)
         .options(num_cpus=0.5, runtime_env=generate.runtime_env())
-        .remote(llava, template, max_new_tokens=args.new_tokens, vllm=generate.vllm)
+        .remote(**generate.engine_options(llava))
     )
     results["vllm"] = timed(lambda reqs: ray.get(actor.generate_ids.remote(reqs)), requests)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StageConfig(BaseModel):
@@ -19,16 +19,34 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _subsections_start_from_their_defaults(cls, data: Any) -> Any:
+        """A subsection given in part keeps its field's default for the rest (``tasks: {batch_size: 4}`` keeps
+        ``tasks``' own concurrency and num_cpus, not those of a bare ``Resources``)."""
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, field in cls.model_fields.items():
+            if isinstance(field.default, BaseModel) and isinstance(data.get(name), dict):
+                merged[name] = field.default.model_dump(exclude_defaults=True) | data[name]
+        return merged
+
 
 class Resources(StageConfig):
     """How a stage runs on Ray: actors (or parallel tasks), CPUs and GPUs each, rows per batch."""
 
-    concurrency: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    batch_size: int = Field(8, ge=1)
-    threads: int | None = Field(None, ge=1)
-    """torch threads in each actor of a stage that runs torch (default: its CPU share, at least 1)."""
+    concurrency: int = Field(
+        1, ge=1, description="Actors in the stage's pool (for `tasks`: the most tasks of each stage at once)."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each actor or task.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each actor or task.")
+    batch_size: int = Field(8, ge=1, description="Rows per batch.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads in each actor of a stage that runs torch (null: its CPU share, at least 1).",
+    )
 
     def torch_threads(self) -> int:
         return self.threads or max(1, round(self.num_cpus))

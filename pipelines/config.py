@@ -33,16 +33,16 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class RayConfig(StageConfig):
-    address: str | None = None
-    """null: start a Ray for this run on this machine (bound to 127.0.0.1); else a cluster address."""
-    num_cpus: int | None = None
-    """CPUs of the local Ray (default: all)."""
-    no_progress_timeout_s: float = 1800.0
-    """Fail the run if no stage makes progress for this long."""
-    progress: Literal["auto", "bar", "lines", "off"] = "auto"
-    """auto: Ray's progress bars on a terminal, periodic lines otherwise."""
-    progress_interval_s: float = Field(30.0, gt=0)
-    """Seconds between progress lines."""
+    address: str | None = Field(
+        None,
+        description="null: start a Ray for this run on this machine (bound to 127.0.0.1); else a cluster address.",
+    )
+    num_cpus: int | None = Field(None, description="CPUs of the local Ray (null: all).")
+    no_progress_timeout_s: float = Field(1800.0, description="Fail the run if no stage makes progress for this long.")
+    progress: Literal["auto", "bar", "lines", "off"] = Field(
+        "auto", description="`auto`: Ray's progress bars on a terminal, periodic lines otherwise."
+    )
+    progress_interval_s: float = Field(30.0, gt=0, description="Seconds between progress lines.")
 
 
 class RunConfig(StageConfig):
@@ -55,21 +55,28 @@ class RunConfig(StageConfig):
         "0: such photos get a retryable row error and the run fails at its end only past this share.",
     )  # fmt: skip
     retries: int = Field(
-        1, ge=0, description="Times Ray retries a stage's batch after an unexpected exception (a dead worker too)."
+        1, ge=0, description="Times Ray Data retries a stage's batch after an unexpected exception (a worker that dies is "
+        "retried by Ray as always)."
     )
 
 
 class ModelsConfig(StageConfig):
     """Local paths of the models, or ``tiny`` for the random test models built on first use."""
 
-    llava: str = "tiny"
-    dinov2: str = "tiny"
-    aligner: str = "tiny"
-    """A PLVM Aligner checkpoint (state dict); its shape from ``aligner.json`` beside it or ``aligner_shape``."""
-    aligner_shape: dict[str, int] = {}
-    aligner_reference: Literal["image", "face"] = "image"
-    """What the Aligner sees: the whole reference photo (PLVM) or a crop around the face."""
-    device: str = "cpu"
+    llava: str = Field("tiny", description="The LLaVA-1.5 checkpoint (a llava-hf folder).")
+    dinov2: str = Field("tiny", description="The DINOv2 checkpoint whose features the Aligner reads.")
+    aligner: str = Field(
+        "tiny",
+        description="A PLVM Aligner checkpoint (state dict); its shape from `aligner.json` beside it or "
+        "`aligner_shape`.",
+    )
+    aligner_shape: dict[str, int] = Field(
+        {}, description="The Aligner's hyperparameters (`dim`, `depth`, `heads`, `num_queries`, ...)."
+    )
+    aligner_reference: Literal["image", "face"] = Field(
+        "image", description="What the Aligner sees: the whole reference photo (PLVM) or a crop around the face."
+    )
+    device: str = Field("cpu", description="torch device of DINOv2 and the Aligner at enrollment.")
 
 
 @dataclass(frozen=True)
@@ -88,25 +95,29 @@ class ModelPaths:
 
 
 class Config(StageConfig):
-    input: InputConfig = InputConfig()
-    bank: str = "banks"
-    """Root URI of the users' concept banks."""
-    output: OutputConfig = OutputConfig()
-    storage: dict[str, dict[str, Any]] = {}
-    """fsspec options per URI scheme, e.g. ``s3: {endpoint_url: ..., key: ..., secret: ...}``."""
-    ray: RayConfig = RayConfig()
-    run: RunConfig = RunConfig()
-    models: ModelsConfig = ModelsConfig()
-    read: ReadConfig = ReadConfig()
-    decode: DecodeConfig = DecodeConfig()
-    detect: DetectConfig = DetectConfig()
-    embed: EmbedConfig = EmbedConfig()
-    match: MatchConfig = MatchConfig()
-    prompt: PromptConfig = PromptConfig()
-    generate: GenerateConfig = GenerateConfig()
-    tasks: Resources = Field(default_factory=lambda: Resources(concurrency=2, num_cpus=0.25, batch_size=8))
-    """Resources of the model-free stages (read, decode, match, prompt, write); ``concurrency`` is the
-    most tasks of each stage at once."""
+    input: InputConfig = Field(InputConfig(), description="The photos (`plvm caption --input`, `--user`).")
+    bank: str = Field("banks", description="Root URI of the users' concept banks.")
+    output: OutputConfig = Field(OutputConfig(), description="Where the rows go (`--output`).")
+    storage: dict[str, dict[str, Any]] = Field(
+        {}, description="fsspec options per URI scheme, e.g. `s3: {endpoint_url: ..., key: ..., secret: ...}`."
+    )
+    ray: RayConfig = Field(RayConfig(), description="The Ray the run uses.")
+    run: RunConfig = Field(RunConfig(), description="How a run treats failures of the system.")
+    models: ModelsConfig = Field(
+        ModelsConfig(), description="Local paths of the models, or `tiny` for random test models built on first use."
+    )
+    read: ReadConfig = Field(ReadConfig(), description="Stage 1: each photo's bytes.")
+    decode: DecodeConfig = Field(DecodeConfig(), description="Stage 2: an upright RGB working copy.")
+    detect: DetectConfig = Field(DetectConfig(), description="Stage 3: faces and 5-point landmarks (MTCNN).")
+    embed: EmbedConfig = Field(EmbedConfig(), description="Stage 4: a descriptor per face.")
+    match: MatchConfig = Field(MatchConfig(), description="Stage 5: faces against the photo owner's concept bank.")
+    prompt: PromptConfig = Field(PromptConfig(), description="Stage 6: the concepts each prompt injects.")
+    generate: GenerateConfig = Field(GenerateConfig(), description="Stage 7: captions and answers from LLaVA.")
+    tasks: Resources = Field(
+        Resources(concurrency=2, num_cpus=0.25, batch_size=8),
+        description="Resources of the model-free stages (read, decode, match, prompt, write); `concurrency` is the "
+        "most tasks of each stage at once.",
+    )
 
     def model_paths(self) -> ModelPaths:
         """The models' local paths, building the tiny ones first where ``tiny`` is named."""

@@ -43,14 +43,14 @@ class ConceptTokens:
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """LLaVA-1.5's conversation format with PLVM's concept sentences after the system text."""
+    """A conversation format: the system text, one concept sentence per name, the turn (the config's
+    ``generate.template``, LLaVA-1.5's format with PLVM's concept sentences by default)."""
 
-    system: str = (
-        "A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions."
-    )
-    concept: str = "{name} is <concept>."
-    turn: str = "USER: <image>\n{question} ASSISTANT:"
+    system: str
+    concept: str
+    """A sentence with ``{name}`` and ``<concept>``."""
+    turn: str
+    """The user's turn with ``<image>`` and ``{question}``, up to the assistant's answer."""
 
     def render(self, question: str, names: list[str]) -> str:
         parts = [self.system, *(self.concept.format(name=n) for n in names), self.turn.format(question=question)]

@@ -2,16 +2,49 @@
 
 from __future__ import annotations
 
+import runpy
+from typing import Any
+
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from conftest import REPO
-from pipelines.config import ConfigError, load_config
+from pipelines.config import Config, ConfigError, load_config
+
+SHIPPED = ["local.yaml", "llava-1.5-7b.yaml"]
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "llava-1.5-7b.yaml"])
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_are_valid(name):
     config = load_config(REPO / "configs" / name)
     assert config.detect.long_side == 1024
+
+
+def restated(data: dict[str, Any], defaults: BaseModel, prefix: str = "") -> list[str]:
+    """The dotted keys of ``data`` whose value is the default's (``${VAR}`` values are never defaults)."""
+    out = []
+    for key, value in data.items():
+        default = getattr(defaults, key)
+        if isinstance(default, BaseModel) and isinstance(value, dict):
+            out += restated(value, default, f"{prefix}{key}.")
+        elif getattr(type(defaults).model_validate({key: value}), key) == default:
+            out.append(prefix + key)
+    return out
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_list_only_what_differs_from_the_defaults(name):
+    data = yaml.safe_load((REPO / "configs" / name).read_text())
+    assert restated(data, Config()) == [], f"configs/{name} restates defaults of the config models"
+
+
+def test_the_readme_configuration_table_is_the_generated_one():
+    script = runpy.run_path(str(REPO / "scripts" / "config_table.py"))
+    readme = (REPO / "README.md").read_text()
+    table = script["config_table"]()
+    assert "| `generate.vllm.engine_args` |" in table
+    assert script["with_table"](readme, table) == readme, "regenerate it: python scripts/config_table.py --readme"
 
 
 def test_unknown_keys_and_bad_values_are_named(tmp_path):
@@ -38,3 +71,21 @@ def test_environment_variables_and_overrides(tmp_path, monkeypatch):
     assert config.bank == "s3://photos/banks"
     assert config.output.uri == "/tmp/default-out"
     assert (config.input.uri, config.input.user) == ("/photos/2024", "alice")
+
+
+def test_a_section_given_in_part_keeps_its_defaults_for_the_rest():
+    tasks = Config.model_validate({"tasks": {"batch_size": 4}}).tasks
+    assert tasks == Config().tasks.model_copy(update={"batch_size": 4})
+    vllm = Config.model_validate({"generate": {"vllm": {"max_model_len": 1024}}}).generate.vllm
+    assert vllm == Config().generate.vllm.model_copy(update={"max_model_len": 1024})
+
+
+def test_vllm_options_pass_through_except_those_the_engine_sets():
+    given = {"max_model_len": 1024, "engine_args": {"kv_cache_dtype": "fp8", "swap_space": 2}}
+    args = load_config(None, generate__vllm=given).generate.vllm.llm_args()
+    assert args["max_model_len"] == 1024 and args["kv_cache_dtype"] == "fp8" and args["swap_space"] == 2
+    assert "tensor_parallel_size" in args and not args.keys() & {"python", "env", "engine_args"}
+    with pytest.raises(ConfigError, match=r"generate\.vllm: .*engine_args: dtype, seed: set by the vllm engine itself"):
+        load_config(None, generate__vllm={"engine_args": {"dtype": "float16", "seed": 1}})
+    with pytest.raises(ConfigError, match=r"generate\.vllm: .*give max_model_len as its own key"):
+        load_config(None, generate__vllm={"engine_args": {"max_model_len": 2048}})

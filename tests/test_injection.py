@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import photo
+from operators.generate import GenerateConfig, TemplateConfig
 from plvm_model.concepts import ConceptEncoder, aligner_shape
 from plvm_model.engines import GenerationRequest
 from plvm_model.engines.transformers_engine import TransformersEngine
@@ -20,7 +21,7 @@ def rgb(path: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def engine(tiny_models):
-    return TransformersEngine(str(tiny_models.llava), max_new_tokens=6)
+    return TransformersEngine(**GenerateConfig(max_new_tokens=6).engine_options(str(tiny_models.llava)))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def concepts(tiny_models, yollava):
 
 def test_template_and_spans(engine):
     prompter = engine.prompter
-    text = PromptTemplate().render("Who is here?", ["Mike", "Susan"])
+    text = PromptTemplate(**TemplateConfig().model_dump()).render("Who is here?", ["Mike", "Susan"])
     assert "Mike is <concept>. Susan is <concept>. USER: <image>\nWho is here? ASSISTANT:" in text
     prompt = tokenize(prompter.tokenizer, text, 16, prompter.n_image, prompter.image_token_id, prompter.placeholder_id)
     assert [i for _, i in prompt.concept_spans] == [0, 1]
@@ -117,7 +118,8 @@ def test_batched_generation_equals_one_by_one(engine, concepts, yollava):
 
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_bitsandbytes_quantized_engine_injects_and_generates(quantization, tiny_models, concepts, yollava):
-    quantized = TransformersEngine(str(tiny_models.llava), max_new_tokens=4, quantization=quantization)
+    config = GenerateConfig(max_new_tokens=4, quantization=quantization)
+    quantized = TransformersEngine(**config.engine_options(str(tiny_models.llava)))
     kinds = {type(m).__name__ for m in quantized.model.model.language_model.modules()}
     assert kinds & {"Linear8bitLt", "Linear4bit"}, "the language model's layers are quantized"
     assert type(quantized.model.lm_head).__name__ == "Linear", "the output head stays in full precision"
@@ -129,4 +131,4 @@ def test_bitsandbytes_quantized_engine_injects_and_generates(quantization, tiny_
     ids = quantized.generate_ids([GenerationRequest(image, "Who is this?", [concepts["Thao"]])])
     assert len(ids) == 1 and len(ids[0]) > 0
     with pytest.raises(ValueError, match="choose one of 8bit, 4bit"):
-        TransformersEngine(str(tiny_models.llava), quantization="fp8")
+        TransformersEngine(**GenerateConfig(quantization="fp8").engine_options(str(tiny_models.llava)))

@@ -18,7 +18,7 @@ from pipelines.enroll import enroll
 from plvm_model.concepts import ConceptEncoder, aligner_shape
 from plvm_model.engines import GenerationRequest
 from plvm_model.engines.transformers_engine import TransformersEngine
-from plvm_model.engines.vllm_engine import vllm_quantization
+from plvm_model.engines.vllm_engine import VLLMEngine, vllm_quantization
 from plvm_model.injection import ConceptTokens
 
 pytestmark = pytest.mark.vllm
@@ -43,10 +43,11 @@ def vllm_env():
 
 @pytest.fixture(scope="module")
 def vllm_engine(vllm_env, tiny_models, ray_local):
-    from plvm_model.engines.vllm_engine import VLLMEngine
-
-    remote = ray_local.remote(VLLMEngine).options(num_cpus=0.5, runtime_env=vllm_env.runtime_env())
-    actor = remote.remote(str(tiny_models.llava), max_new_tokens=12, vllm=vllm_env.vllm)
+    """The engine as the generate stage builds it, with one vLLM option (max_logprobs) from ``engine_args``."""
+    vllm = LOCAL_VLLM["vllm"] | {"engine_args": {"max_logprobs": 3}}
+    config = GenerateConfig.model_validate(LOCAL_VLLM | {"max_new_tokens": 12, "vllm": vllm})
+    remote = ray_local.remote(VLLMEngine).options(num_cpus=0.5, runtime_env=config.runtime_env())
+    actor = remote.remote(**config.engine_options(str(tiny_models.llava)))
     yield actor
     ray_local.kill(actor)
 
@@ -70,7 +71,7 @@ def test_vllm_and_transformers_give_identical_tokens(vllm_engine, concepts, tiny
         GenerationRequest(image, "Who is in this photo?", [viruss]),
         GenerationRequest(image, "Who is in this photo?", []),
     ]
-    reference = TransformersEngine(str(tiny_models.llava), max_new_tokens=12)
+    reference = TransformersEngine(**GenerateConfig(max_new_tokens=12).engine_options(str(tiny_models.llava)))
     expected = [reference.generate_ids([r])[0] for r in requests]
     got = ray_local.get(vllm_engine.generate_ids.remote(requests))
     assert got == expected
@@ -85,6 +86,20 @@ def test_a_prompt_too_long_for_the_engine_is_refused_clearly(vllm_engine, concep
     long = GenerationRequest(image, "word " * 2000, [concepts["Thao"]])
     with pytest.raises(Exception, match="max_model_len 1024"):
         ray_local.get(vllm_engine.generate_ids.remote([long]))
+
+
+def test_vllm_options_reach_vllm(vllm_engine, ray_local):
+    def model_config(engine):
+        config = engine.llm.llm_engine.model_config
+        return config.max_model_len, config.max_logprobs
+
+    assert ray_local.get(vllm_engine.__ray_call__.remote(model_config)) == (1024, 3)
+
+
+def test_vllm_options_the_engine_sets_itself_are_refused():
+    options = GenerateConfig(engine="vllm").engine_options("unused")
+    with pytest.raises(ValueError, match=r"engine_args: dtype, seed: set by the vllm engine itself \(dtype: .*; seed"):
+        VLLMEngine(**(options | {"engine_args": {"dtype": "float16", "seed": 1}}))
 
 
 def test_unsupported_quantization_is_refused_with_the_choices():

@@ -55,11 +55,12 @@ class TransformersEngine(LlavaEngine):
     def __init__(
         self,
         model_path: str,
-        template: PromptTemplate = PromptTemplate(),
-        max_new_tokens: int = 32,
-        dtype: str = "float32",
-        quantization: str | None = None,
-        device: str = "cpu",
+        *,
+        template: PromptTemplate,
+        max_new_tokens: int,
+        dtype: str,
+        quantization: str | None,
+        device: str,
     ) -> None:
         from transformers import LlavaForConditionalGeneration
         from transformers.utils import logging

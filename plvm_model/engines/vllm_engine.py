@@ -18,6 +18,7 @@ import torch
 
 from plvm_model.engines.base import GenerationRequest, LlavaEngine, LlavaPrompter
 from plvm_model.engines.llava_parts import LlavaEncoders, text_only_checkpoint
+from plvm_model.engines.vllm_args import refuse_engine_set
 from plvm_model.injection import PromptTemplate, splice
 
 # Our name -> vLLM's quantization method, per platform.
@@ -48,36 +49,34 @@ class VLLMEngine(LlavaEngine):
     def __init__(
         self,
         model_path: str,
-        template: PromptTemplate = PromptTemplate(),
-        max_new_tokens: int = 32,
-        dtype: str = "float32",
-        quantization: str | None = None,
-        device: str = "cpu",
-        vllm: Any = None,
+        *,
+        template: PromptTemplate,
+        max_new_tokens: int,
+        dtype: str,
+        quantization: str | None,
+        device: str,
+        engine_args: dict[str, Any],
     ) -> None:
+        """``engine_args`` go to ``vllm.LLM`` as they are, except those the engine sets itself (refused)."""
+        refuse_engine_set(engine_args)
         from transformers.utils import logging
 
         logging.set_verbosity_error()
-        options = vllm.model_dump() if hasattr(vllm, "model_dump") else dict(vllm or {})
         from vllm import LLM, SamplingParams
         from vllm.platforms import current_platform
 
         self.prompter = LlavaPrompter(model_path, template)
         self.encoders = LlavaEncoders(model_path, dtype=getattr(torch, dtype), device=device)
-        self.max_model_len = options.get("max_model_len", 4096)
         self.llm = LLM(
             model=str(text_only_checkpoint(model_path)),
             tokenizer=model_path,
             enable_prompt_embeds=True,
             dtype=dtype,
             quantization=vllm_quantization(quantization, current_platform.is_cpu(), dtype),
-            tensor_parallel_size=options.get("tensor_parallel_size", 1),
-            max_model_len=self.max_model_len,
-            max_num_seqs=options.get("max_num_seqs", 64),
-            gpu_memory_utilization=options.get("gpu_memory_utilization", 0.9),
-            enforce_eager=options.get("enforce_eager", False),
             seed=0,
+            **engine_args,
         )
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         self.model_name = Path(model_path).name
 
