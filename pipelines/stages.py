@@ -121,12 +121,6 @@ class Barrier:
 Step = Stage | Barrier
 
 
-def through(steps: list[Step], name: str) -> list[Step]:
-    """The steps up to and including the last one named ``name`` (a named prefix of a pipeline)."""
-    last = max(i for i, step in enumerate(steps) if step.name == name)
-    return steps[: last + 1]
-
-
 def check_columns(steps: Iterable[Step], columns: Iterable[str]) -> None:
     """Raise if a step needs a column that neither the input nor an earlier step provides."""
     available = {*columns, "error", "error_kind"}
