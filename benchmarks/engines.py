@@ -8,9 +8,9 @@ and each photo (decoded as the decode stage does) gets a caption request with on
 of their concepts. Each engine runs in a Ray actor, as in the pipeline: the transformers
 engine in this environment, vLLM in its own (``generate.vllm.python``), each with the same
 number of torch threads (default: the config's generate threads, as the pipeline's actors
-run) and the config's CPU share. An engine gets the requests in batches of B, one batch
-after the other, as the generate stage sends its batches (B = 16 is that stage's batch in
-``configs/local.yaml``: 8 photos x 2 prompts).
+run), the config's dtype, quantization and device, and its CPU (and GPU) share. An engine
+gets the requests in batches of B, one batch after the other, as the generate stage sends
+its batches (B = 16 is that stage's batch in ``configs/local.yaml``: 8 photos x 2 prompts).
 
 Not timed: loading the engines, and a warm-up batch of each size for each engine. Timed:
 R rounds over all requests per batch size, alternating which engine goes first, so that
@@ -68,25 +68,31 @@ def requests_for(config: Config, photos_dir: Path, n: int) -> list[GenerationReq
 
 
 def start_engines(config: Config, threads: int, new_tokens: int) -> dict:
-    """One Ray actor per engine, loaded, with ``threads`` torch threads each."""
+    """One Ray actor per engine, loaded with the config's generate options, with ``threads`` torch threads each."""
     import ray
 
     from plvm_model.engines.transformers_engine import TransformersEngine
     from plvm_model.engines.vllm_engine import VLLMEngine
 
     generate = config.generate
-    llava = config.model_paths().llava
-    template = PromptTemplate(**generate.template.model_dump())
+    options = {
+        "model_path": config.model_paths().llava,
+        "template": PromptTemplate(**generate.template.model_dump()),
+        "max_new_tokens": new_tokens,
+        "dtype": generate.dtype,
+        "quantization": generate.quantization,
+        "device": generate.device,
+    }
     env = {**generate.vllm.env, "OMP_NUM_THREADS": str(threads)}
     vllm = generate.model_copy(update={"engine": "vllm", "vllm": generate.vllm.model_copy(update={"env": env})})
-    cpus = generate.resources.num_cpus
+    share = {"num_cpus": generate.resources.num_cpus, "num_gpus": generate.resources.num_gpus or None}
     actors = {
         "transformers": ray.remote(TransformersEngine)
-        .options(num_cpus=cpus, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
-        .remote(llava, template, max_new_tokens=new_tokens),
+        .options(**share, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
+        .remote(**options),
         "vllm": ray.remote(VLLMEngine)
-        .options(num_cpus=cpus, runtime_env=vllm.runtime_env())
-        .remote(llava, template, max_new_tokens=new_tokens, vllm=vllm.vllm),
+        .options(**share, runtime_env=vllm.runtime_env())
+        .remote(**options, vllm=vllm.vllm),
     }
     # waits for both to load, and says what each really runs with
     used = {name: ray.get(actor.__ray_call__.remote(torch_threads)) for name, actor in actors.items()}
