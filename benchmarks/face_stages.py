@@ -17,16 +17,14 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import Meter, header  # noqa: E402
 from operators.decode import decode_image  # noqa: E402
 from operators.read import IMAGE_EXTENSIONS  # noqa: E402
 from operators.rows import to_table  # noqa: E402
@@ -35,63 +33,6 @@ from pipelines.config import load_config  # noqa: E402
 from pipelines.enroll import Enroller  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
 from plvm_model.faces import MTCNNDetector, make_embedder  # noqa: E402
-
-
-class Meter:
-    """CPU seconds and peak resident memory of a set of processes, sampled every 0.2 s."""
-
-    def __init__(self, processes) -> None:
-        self.processes = processes
-        self.peak = 0
-        self._cpu0: dict[int, float] = {}
-        self._cpu: dict[int, float] = {}
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        rss = 0
-        for p in self.processes():
-            try:
-                times, mem = p.cpu_times(), p.memory_info().rss
-            except psutil.Error:
-                continue
-            self._cpu0.setdefault(p.pid, times.user + times.system)
-            self._cpu[p.pid] = times.user + times.system
-            rss += mem
-        self.peak = max(self.peak, rss)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self._sample()
-
-    def __enter__(self) -> Meter:
-        self._sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        self.started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall = time.perf_counter() - self.started
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    @property
-    def cpu(self) -> float:
-        return sum(self._cpu[pid] - self._cpu0.get(pid, self._cpu[pid]) for pid in self._cpu)
-
-
-def ray_processes():
-    me = psutil.Process()
-    found = [me]
-    for p in psutil.process_iter(["name", "cmdline"]):
-        try:
-            line = " ".join(p.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if p.pid != me.pid and ("ray::" in line or "raylet" in line or "gcs_server" in line or "default_worker" in line):
-            found.append(p)
-    return found
 
 
 def loop(config, paths: list[str], refs: list[np.ndarray]) -> int:
@@ -138,22 +79,25 @@ def main() -> None:
         descriptors = [c.face_descriptors for c in bank.concepts]
         del enroller
 
-        print(f"{len(photos)} photos, {len(refs)} enrolled people, {os.cpu_count()} CPUs")
-        with Meter(lambda: [psutil.Process()]) as single:
+        print(header("Face stages: the Ray pipeline against a single-process loop (`benchmarks/face_stages.py`)"))
+        print(f"- command: `{' '.join(['benchmarks/face_stages.py', *sys.argv[1:]])}`")
+        print(f"- {len(photos)} photos ({len(photos) // args.repeat} repeated {args.repeat} times), {len(refs)} people "
+              f"enrolled; CPU: every process of the run, Ray's own included; memory: the sum of their resident sets\n",
+              flush=True)  # fmt: skip
+        with Meter() as single:
             named_loop = loop(config, photos, descriptors)
         init_ray(config.ray)
-        with Meter(ray_processes) as ray_run:
+        with Meter() as ray_run:  # this process and its descendants: the embedded Ray's every process
             named_ray = pipeline(config, photos)
 
-    rows = []
-    for name, meter in (("single-process loop", single), ("Ray pipeline", ray_run)):
-        rows.append((name, len(photos) / meter.wall, meter.cpu / len(photos), meter.peak / 2**20))
-        print(f"{name:20s} {rows[-1][1]:6.2f} photos/s  {rows[-1][2]:6.3f} CPU s/photo  peak {rows[-1][3]:7.0f} MiB")
-    print(f"named faces: loop {named_loop}, pipeline {named_ray}")
-    (_, loop_rate, loop_cpu, loop_mem), (_, ray_rate, ray_cpu, ray_mem) = rows
-    print(f"ratio pipeline/loop: throughput {ray_rate / loop_rate:.2f}x, CPU per photo {ray_cpu / loop_cpu:.2f}x, "
-          f"peak memory {ray_mem / loop_mem:.2f}x")  # fmt: skip
-
+    n = len(photos)
+    print("| photos | loop photos/s | pipeline photos/s | CPU s per photo (loop, pipeline) | CPU per photo, pipeline / loop "
+          "| peak memory, pipeline / loop | other processes' CPUs (loop, pipeline) | named faces (loop, pipeline) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {n} | {n / single.wall:.2f} | {n / ray_run.wall:.2f} | {single.cpu / n:.3f}, {ray_run.cpu / n:.3f} "
+          f"| **{ray_run.cpu / single.cpu:.2f}x** | {ray_run.peak / single.peak:.1f}x "
+          f"({ray_run.peak / 2**20:.0f} / {single.peak / 2**20:.0f} MiB) | {single.others:.1f}, {ray_run.others:.1f} "
+          f"| {named_loop}, {named_ray} |")  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,8 @@
 A folder or glob gives photos of one user; a Parquet or CSV manifest gives a ``path`` and,
 optionally, a ``user_id`` per row (relative paths are taken from the manifest's folder).
 Every listed photo, readable or not, becomes one row: a missing file or a bad manifest row
-is that row's error.
+is that row's error. Paths are listed normalised (``storage.normalize``: absolute, ``.`` and
+``..`` resolved), so that a photo has one identity however the input spelled it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def list_inputs(config: InputConfig, storage_options: storage.StorageOptions | N
     """One row (path, user_id, error, error_kind) per input photo."""
     if not config.uri:
         raise InputError("no input given: set input.uri in the config or pass --input")
-    uri = config.uri
+    uri = storage.normalize(config.uri)  # then the filesystem's listing is normalised too
     if uri.lower().endswith(MANIFEST_EXTENSIONS):
         return _read_manifest(uri, config.user, storage_options)
     try:
@@ -73,6 +74,7 @@ def list_inputs(config: InputConfig, storage_options: storage.StorageOptions | N
 
 
 def _read_manifest(uri: str, default_user: str, storage_options: storage.StorageOptions | None) -> pa.Table:
+    """The manifest's rows; ``uri`` is normalised, and so is each row's path (a row without one is ``uri#row=N``)."""
     fs, path = storage.filesystem(uri, storage_options)
     try:
         data = fs.cat_file(path)
@@ -99,11 +101,14 @@ def _read_manifest(uri: str, default_user: str, storage_options: storage.Storage
         raise InputError(f"manifest {uri} cannot be read: {error}") from None
     if "path" not in table.column_names:
         raise InputError(f"manifest {uri} has no 'path' column (columns: {table.column_names})")
-    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    base = uri.rsplit("/", 1)[0]
     users = table.column("user_id").to_pylist() if "user_id" in table.column_names else None
     rows = []
     for index, raw_path in enumerate(table.column("path").to_pylist()):
-        row = {"path": None if raw_path is None else str(raw_path).strip() or None}
+        path = None if raw_path is None else str(raw_path).strip() or None
+        if path is not None and "://" not in path and not path.startswith("/"):
+            path = f"{base}/{path}"  # relative to the manifest's folder
+        row = {"path": None if path is None else storage.normalize(path)}
         row["user_id"] = default_user if users is None else users[index]
         where = f"manifest {uri} row {index + 1}"
         if row["path"] is None:
@@ -118,8 +123,6 @@ def _read_manifest(uri: str, default_user: str, storage_options: storage.Storage
                 validate_user_id(row["user_id"])
             except ValueError as error:
                 row.update(error=f"{where}: {error}", error_kind=ErrorKind.INVALID_USER)
-            if "://" not in row["path"] and not row["path"].startswith("/"):
-                row["path"] = f"{base}/{row['path']}"
         rows.append(row)
     for bad in ragged:
         rows.append(

@@ -5,10 +5,31 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 
 from pipelines.config import RayConfig
 
 log = logging.getLogger(__name__)
+
+ACTOR_RESTART_NOTICE = "has constructor arguments in the object store and max_restarts > 0"
+"""Ray core's notice, logged once per process (ray-project/ray#57733), on the first actor of any Ray Data
+actor pool: those actors get their context and UDF as object references and ``max_restarts=-1``."""
+
+
+class _DropRecords(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+# Ray Data's advice to turn its progress bars on, logged when they are off: they are off on purpose
+# (no terminal, or ray.progress says so) and the run prints its own progress lines instead.
+_PROGRESS_BARS_OFF = _DropRecords("Progress bars disabled.", "Progress bars for operators disabled.")
 
 
 def init_ray(config: RayConfig) -> None:
@@ -32,6 +53,7 @@ def init_ray(config: RayConfig) -> None:
                 logging_level=logging.WARNING,
                 log_to_driver=False,
             )
+        _spend_actor_restart_notice()
     context = DataContext.get_current()
     context.execution_no_progress_timeout_s = config.no_progress_timeout_s
     interactive = sys.stderr.isatty()
@@ -39,3 +61,38 @@ def init_ray(config: RayConfig) -> None:
     context.enable_progress_bars = bars
     context.enable_operator_progress_bars = bars
     context.print_on_execution_start = False
+    logging.getLogger("ray.data._internal.progress").addFilter(_PROGRESS_BARS_OFF)
+
+
+def _spend_actor_restart_notice() -> None:
+    """Have Ray core log its once-per-process actor-restart notice now, into a file, and drop it.
+
+    Every Ray Data actor pool (detect, embed, generate) passes its actors object references and
+    ``max_restarts=-1``, and Ray core then logs, once per process and at ERROR level, that a
+    restart would fail if those objects were lost (ray-project/ray#57733). Ray Data holds them
+    for the whole execution, so restarts work (tests/test_resilience.py kills an actor); the
+    line only alarms. It comes from Ray's C++ logger straight to file descriptor 2, past Python's
+    logging, so it is spent here: a throwaway actor whose constructor gets an object reference is
+    created while descriptor 2 points to a temporary file, whose other content, if any, is written
+    back to stderr.
+    """
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=1)
+    class _Throwaway:
+        def __init__(self, _ref) -> None:
+            pass
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            _Throwaway.remote(ray.put(None))  # the handle is dropped at once: the actor never starts
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        rest = b"".join(line for line in captured if ACTOR_RESTART_NOTICE.encode() not in line)
+    if rest:
+        os.write(2, rest)

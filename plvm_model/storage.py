@@ -7,6 +7,7 @@ chain (environment, profile, instance metadata).
 
 from __future__ import annotations
 
+import os
 import posixpath
 import uuid
 from typing import Any
@@ -37,6 +38,50 @@ def join(uri: str, *parts: str) -> str:
 def unstrip(uri: str, path: str) -> str:
     """A path returned by a filesystem call, with ``uri``'s scheme put back for use as a URI."""
     return f"{scheme(uri)}://{path}" if "://" in uri else path
+
+
+def normalize(uri: str) -> str:
+    """The one spelling of a path or URI a user gave, so that a file has one name: ``.`` and ``..`` resolved.
+
+    A local path (or ``file://`` URI) is made absolute, from the current directory: folder and
+    glob listings are absolute already (fsspec's local filesystem makes them so), Ray workers
+    read the paths from another current directory, and the output keeps them for readers
+    anywhere. ``..`` is resolved as the operating system resolves it (after a symlinked folder,
+    it is the parent of the link's target), so the result names the file the spelling named;
+    repeated ``/`` are one. Other URIs keep their scheme and bucket, and their path loses its
+    dot segments as RFC 3986 removes them (``s3://b/a/../c.jpg`` is ``s3://b/c.jpg``; nothing
+    climbs above the bucket); repeated ``/`` stay, as ``a//b`` and ``a/b`` are different keys
+    in an object store. (An object whose key has a ``.`` or ``..`` segment can be listed, since
+    listings come from the store, but not named this way.)
+    """
+    if "://" not in uri:
+        return _local_path(uri)
+    head, rest = uri.split("://", 1)
+    if head == "file":
+        return f"file://{_local_path(rest)}"
+    bucket, slash, path = rest.partition("/")
+    return f"{head}://{bucket}{slash}{_remove_dot_segments(path)}"
+
+
+def _local_path(path: str) -> str:
+    resolved = "/" if path.startswith("/") else os.getcwd()
+    for part in path.split("/"):
+        if part == "..":
+            resolved = posixpath.dirname(os.path.realpath(resolved))
+        elif part not in ("", "."):
+            resolved = posixpath.join(resolved, part)
+    return resolved
+
+
+def _remove_dot_segments(path: str) -> str:
+    kept: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment != ".":
+            kept.append(segment)
+    return "/".join(kept)
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

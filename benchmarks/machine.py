@@ -1,0 +1,124 @@
+"""What a benchmark's figures depend on: the machine, the date, the commit, and the load beside it.
+
+Every table a benchmark prints is headed by :func:`header`, and its timed part runs inside
+a :class:`Meter`, which also measures how much CPU *other* processes used meanwhile: on a
+shared 2-core machine that load moves throughput figures by a large factor, so a figure
+is only comparable with one taken under a similar load.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Self
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def commit() -> str:
+    """The checkout's commit, marked when it has uncommitted changes to tracked files."""
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{sha} (with uncommitted changes)" if dirty else sha
+
+
+def header(title: str) -> str:
+    """Markdown lines naming the benchmark, the machine, the date, the commit and the load before the run."""
+    memory = psutil.virtual_memory().total / 2**30
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return "\n".join([
+        f"### {title}",
+        "",
+        (f"- machine: {cpu_model()}, {psutil.cpu_count(logical=True)} CPUs ({psutil.cpu_count(logical=False)} cores), "
+         f"{memory:.1f} GiB memory, {platform.system()} {platform.machine()}, Python {platform.python_version()}"),
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; commit {commit()}",
+        f"- load average before the run (1, 5, 15 min): {load}",
+    ])  # fmt: skip
+
+
+def process_tree() -> list[psutil.Process]:
+    """This process and its descendants: with an embedded Ray, every Ray process of this run
+    (and none of another run's on the same machine)."""
+    me = psutil.Process()
+    return [me, *me.children(recursive=True)]
+
+
+def _busy_seconds() -> float:
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+class Meter:
+    """Wall time, CPU seconds and peak resident memory of a set of processes, sampled every 0.2 s,
+    and the CPU that every other process on the machine used over the same time."""
+
+    def __init__(self, processes: Callable[[], Iterable[psutil.Process]] = process_tree) -> None:
+        self.processes = processes
+        self.peak = 0
+        self._cpu0: dict[int, float] = {}
+        self._cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        rss = 0
+        for p in self.processes():
+            try:
+                times, mem = p.cpu_times(), p.memory_info().rss
+            except psutil.Error:
+                continue
+            self._cpu0.setdefault(p.pid, times.user + times.system)
+            self._cpu[p.pid] = times.user + times.system
+            rss += mem
+        self.peak = max(self.peak, rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self._sample()
+
+    def __enter__(self) -> Self:
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._busy0 = _busy_seconds()
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.started
+        self._busy = _busy_seconds() - self._busy0
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def cpu(self) -> float:
+        """CPU seconds of the measured processes."""
+        return sum(self._cpu[pid] - self._cpu0.get(pid, self._cpu[pid]) for pid in self._cpu)
+
+    @property
+    def others(self) -> float:
+        """CPUs kept busy on average by processes outside the measured ones (0: a quiet machine)."""
+        return max(0.0, self._busy - self.cpu) / self.wall if self.wall else 0.0
