@@ -99,5 +99,6 @@ def main() -> None:
           f"({ray_run.peak / 2**20:.0f} / {single.peak / 2**20:.0f} MiB) | {single.others:.1f}, {ray_run.others:.1f} "
           f"| {named_loop}, {named_ray} |")  # fmt: skip
 
+
 if __name__ == "__main__":
     main()
