@@ -83,7 +83,9 @@ def dataset(config: Config, listing: pa.Table, stages: Callable[[Config], list[S
     # no more tasks at once than blocks: a small run starts no idle workers (and Ray does not warn)
     tasks = config.tasks.model_copy(update={"concurrency": min(config.tasks.concurrency, len(blocks))})
     config = config.model_copy(update={"tasks": tasks})
-    return apply(ray.data.from_arrow(blocks), stages(config), config.run.max_failed_fraction > 0, config.run.retries)
+    # from_blocks: the metadata is computed here, with no Ray task (from_arrow runs one per block, and Ray then
+    # warns that no CPU is free before it counts them free again)
+    return apply(ray.data.from_blocks(blocks), stages(config), config.run.max_failed_fraction > 0, config.run.retries)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError
@@ -26,8 +26,10 @@ from operators.match import MatchConfig
 from operators.prompt import PromptConfig
 from operators.read import InputConfig, ReadConfig
 from operators.write import OutputConfig
-from plvm_model.aligner import AlignerShape
 from plvm_model.errors import ConfigError
+
+if TYPE_CHECKING:  # the Aligner's module imports torch, which a command that only reads a config does not need
+    from plvm_model.aligner import AlignerShape
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
