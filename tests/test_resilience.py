@@ -85,7 +85,10 @@ def test_a_killed_actor_is_replaced_and_every_row_is_written_once(tmp_path, yoll
 
 
 def test_an_interrupted_run_is_completed_by_resume_without_duplicates(tmp_path, yollava, tiny_models):
-    config = make_config(tmp_path, output={"rows_per_file": 2}, ray={"num_cpus": 2, "progress": "off"})
+    # small generate batches of longer answers: the parts are written over seconds, so the kill lands part-way
+    small = {"concurrency": 1, "num_cpus": 0.25, "threads": 1, "batch_size": 2}
+    config = make_config(tmp_path, output={"rows_per_file": 2}, ray={"num_cpus": 2, "progress": "off"},
+                         generate={"max_new_tokens": 24, "resources": small})  # fmt: skip
     enroll(config, "lee", "Thao", [photo("thao", "ref_img.jpg")])
     paths = photos(8)
     command, env = caption_command(tmp_path, config, paths, "lee")
@@ -95,7 +98,7 @@ def test_an_interrupted_run_is_completed_by_resume_without_duplicates(tmp_path, 
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 600
     while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(0.5)
+        time.sleep(0.05)
     family = psutil.Process(run.pid).children(recursive=True) if run.poll() is None else []
     with contextlib.suppress(ProcessLookupError):
         os.killpg(run.pid, signal.SIGKILL)
