@@ -129,6 +129,10 @@ _MEANINGS = {
 }
 
 
+RETRYABLE = tuple(str(kind) for kind in ErrorKind if kind.retryable)
+"""The ``error_kind`` values that ``--retry-errors`` writes again."""
+
+
 class RowError(Exception):
     """An input fault of one photo: it ends that row's processing and is reported in its ``error``."""
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from operators.base import Resources, Stage, StageConfig
-from operators.rows import OUTPUT, ErrorKind, output_schema
+from operators.rows import OUTPUT, RETRYABLE, output_schema
 from plvm_model import storage
 
 class OutputConfig(StageConfig):
@@ -77,29 +77,28 @@ class OutputFolder:
             if self.fs.exists(posixpath.join(self.root, folder)):
                 self.fs.rm(posixpath.join(self.root, folder), recursive=True)
 
-    def drop_retryable(self, run_id: str) -> int:
+    def drop_retryable(self) -> int:
         """Remove the rows whose error is retryable (``--retry-errors``): each part that holds some is
         rewritten without them, atomically under its own name (a part left empty is removed). The photos
         are then missing, so a resumed run writes them again; a crash in between loses no photo."""
-        retryable = pa.array([str(k) for k in ErrorKind if k.retryable])
+        retryable = pa.array(RETRYABLE)
         dropped = 0
         for path in self.part_files():
-            with self.fs.open(path, "rb") as f:
-                table = pq.read_table(f)
-            keep = pc.invert(pc.fill_null(pc.is_in(table.column("error_kind"), value_set=retryable), False))
-            kept = table.filter(keep)
-            if kept.num_rows == table.num_rows:
+            with self.fs.open(path, "rb") as f:  # the error kinds first: most parts have no retryable row
+                kinds = pq.read_table(f, columns=["error_kind"]).column("error_kind")
+            drop = pc.fill_null(pc.is_in(kinds, value_set=retryable), False)
+            n = pc.sum(drop).as_py() or 0
+            if n == 0:
                 continue
-            dropped += table.num_rows - kept.num_rows
-            if kept.num_rows == 0:
+            dropped += n
+            if n == len(kinds):
                 self.fs.rm(path)
                 continue
+            with self.fs.open(path, "rb") as f:
+                kept = pq.read_table(f).filter(pc.invert(drop))
             data = io.BytesIO()
             pq.write_table(kept, data)
-            staged = posixpath.join(self.staging(run_id), f"{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-            self.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
-            self.fs.pipe_file(staged, data.getvalue())
-            self.fs.mv(staged, path)
+            storage.write_atomic(self.fs, path, data.getvalue())
         return dropped
 
     def discard_staging(self) -> list[str]:

@@ -24,7 +24,7 @@ from functools import partial
 import pyarrow as pa
 
 from operators import decode, detect, embed, generate, match, prompt, read, write
-from operators.rows import ErrorKind
+from operators.rows import RETRYABLE
 from operators.read import list_inputs
 from operators.write import OutputFolder, keys
 from pipelines import cohort
@@ -194,10 +194,9 @@ def _over_budget(summary: RunSummary, table: pa.Table, budget: float) -> RunFail
     """A :class:`RunFailed` when this run's system failures are more than ``budget`` of its photos."""
     if summary.failed <= budget * summary.photos:
         return None
-    kinds = ", ".join(f"{k}: {n}" for k, n in sorted(summary.errors.items()) if ErrorKind(k).retryable)
-    retryable = [str(k) for k in ErrorKind if k.retryable]
+    kinds = ", ".join(f"{k}: {n}" for k, n in sorted(summary.errors.items()) if k in RETRYABLE)
     first = next(e for e, k in zip(table.column("error").to_pylist(), table.column("error_kind").to_pylist())
-                 if k in retryable)  # fmt: skip
+                 if k in RETRYABLE)  # fmt: skip
     return RunFailed(
         f"run {summary.run_id} failed: {summary.failed} of {summary.photos} photos failed in the system ({kinds}), "
         f"over run.max_failed_fraction={budget}; the first: {first}\n(the rows are written with their errors: "
@@ -242,7 +241,7 @@ def caption(
     for stale in output.discard_staging():
         log.warning("removed %s, left by a run that did not finish", stale)
     if retry_errors and done:
-        retried = output.drop_retryable(run_id)
+        retried = output.drop_retryable()
         done = keys(output.read(["path", "user_id"]))
     todo = remaining(listing, done)
     valid = todo.filter(todo.column("error").is_null())
@@ -278,7 +277,7 @@ def caption(
         faces=counts["faces"],
         matched=counts["matched"],
         errors=errors,
-        failed=sum(n for k, n in errors.items() if ErrorKind(k).retryable),
+        failed=sum(n for k, n in errors.items() if k in RETRYABLE),
         wall_s=wall,
         photos_per_s=todo.num_rows / wall if wall else 0.0,
         output=sorted(p["file"] for p in parts),

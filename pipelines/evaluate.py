@@ -33,7 +33,7 @@ from pipelines.cohort import cohort_scales
 from pipelines.config import Config
 from pipelines.enroll import Enroller, EnrollError, FacePolicy
 from plvm_model.errors import InputError, InputNotFound
-from plvm_model.faces.matching import distance_matrix
+from plvm_model.faces.matching import MatchRule, distance_matrix
 
 Protocol = Literal["single", "bank"]
 
@@ -132,8 +132,7 @@ def face_table(config: Config, paths: list[str]) -> pa.Table:
 def match_as(config: Config, faces: pa.Table, user: str, space: str) -> tuple[list[dict], dict]:
     """The match stage's rows for ``faces`` taken as ``user``'s photos (against ``config.bank``), and its cohort scales."""
     batch = faces.set_column(faces.schema.get_field_index("user_id"), "user_id", pa.array([user] * faces.num_rows, pa.string()))
-    relative = config.match.normalization == "cohort"
-    scales = cohort_scales(batch, config.match, config.bank, embedder_space=space) if relative else {}
+    scales = cohort_scales(batch, config.match, config.bank, embedder_space=space) if config.match.rule().cohort else {}
     return MatchFaces(config.match, config.bank, embedder_space=space, scales=scales)(batch).to_pylist(), scales
 
 
@@ -160,24 +159,23 @@ def recognition(
             raise InputError(f"no person of {directory} could be enrolled ({reasons})")
         photos = {photo: person.name for person in people for photo in person.photos}
         faces = face_table(config, list(photos))
-        decisions = []
+        decisions, rule = [], config.match.rule()
         for user in dict.fromkeys(users.values()):
             matched, scales = match_as(config, faces, user, space)
             bank = enroller.store.load(user)
             for concept in bank.concepts:
                 scale = scales.get((user, concept.concept_id))
-                decisions += [_decide(row, concept, scale, photos, config) for row in matched]
+                decisions += [_decide(row, concept, scale, photos, rule) for row in matched]
     no_face = [row["path"] for row in faces.select(["path", "faces"]).to_pylist() if not row["faces"]]
-    threshold = config.match.relative_threshold if config.match.normalization == "cohort" else config.match.threshold
-    return _score(protocol, threshold, decisions, no_face, face_policy, skipped)
+    return _score(protocol, rule.limit, decisions, no_face, face_policy, skipped)
 
 
-def _decide(row: dict, concept, scale: float | None, photos: dict[str, str], config: Config) -> Decision:
+def _decide(row: dict, concept, scale: float | None, photos: dict[str, str], rule: MatchRule) -> Decision:
     """The answer to "is <concept> in this photo?" that the match stage gave for ``row``."""
     refs = concept.face_descriptors
     vectors = np.asarray([f["embedding"] for f in row["faces"] or []], np.float32).reshape(-1, refs.shape[1])
     distances = distance_matrix(vectors, [refs])
-    scores = config.match.rule().scores(distances, [scale])[:, 0]
+    scores = rule.scores(distances, [scale])[:, 0]
     distances = distances[:, 0]
     drawn = [
         {"box": f["box"], "concept": f.get("concept"), "distance": float(d)} for f, d in zip(row["faces"] or [], distances)

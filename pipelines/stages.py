@@ -4,8 +4,8 @@ A pipeline is a list of steps: :class:`operators.base.Stage` descriptors, and
 :class:`Barrier` steps that need the whole dataset at once (the cohort barrier).
 :func:`apply` checks, before anything runs, that every stage's needed columns come from
 the listing or an earlier stage, then maps each stage over the dataset as its descriptor
-says (tasks or an actor pool, its resources). The same
-stages in this process, without Ray (:class:`InProcess`: enrollment's few photos).
+says (tasks or an actor pool, its resources). :class:`InProcess` runs the same stages in
+this process, without Ray (enrollment's few photos).
 
 Every stage's batch function is wrapped in :class:`Guarded`, which checks the columns it
 needs and that it returns one row per row, and applies the error policy:
@@ -17,7 +17,8 @@ needs and that it returns one row per row, and applies the error policy:
   With a budget above 0 the batch is run again photo by photo and each photo that still
   fails gets a ``stage_failed`` row error (retryable); the driver fails the run at the end
   if they are more than the budget;
-- :class:`plvm_model.errors.RunFailed` (a dead engine) always stops the run.
+- :class:`plvm_model.errors.RunFailed` (a dead engine), and a stage whose function cannot be
+  built (a model that cannot load), always stop the run.
 """
 
 from __future__ import annotations
@@ -71,7 +72,11 @@ class Guarded:
 
     def __init__(self, stage: Stage, args: tuple[Any, ...], tolerate: bool) -> None:
         self.stage, self.tolerate = stage, tolerate
-        self.udf = stage.udf(*args)
+        try:
+            self.udf = stage.udf(*args)
+        except Exception as error:  # a model that cannot load: no retry helps
+            fatal = RunFailed(f"stage {stage.name} could not start: {_where(error)}")
+            raise StageFailed(stage.name, [], traceback.format_exc(), fatal=fatal) from error
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         missing = [c for c in self.stage.needs if c not in batch.column_names]
@@ -140,11 +145,11 @@ def _guarded_class(stage: Stage) -> type:
     return type(stage.udf.__name__, (Guarded,), {"__module__": __name__})
 
 
-def apply(ds, steps: list[Step], tolerate: bool, retries: int, values: dict[str, Any] | None = None):
-    """``ds`` through ``steps`` on Ray (see the module). ``values`` carries what barriers hand on."""
+def apply(ds, steps: list[Step], tolerate: bool, retries: int):
+    """``ds`` through ``steps`` on Ray (see the module)."""
     import ray.data
 
-    values = {} if values is None else values
+    values: dict[str, Any] = {}  # what barriers hand on to later stages' FromRun arguments
     check_columns(steps, ds.columns())
     context = ds.context  # the dataset's own copy of Ray Data's settings, taken when it was created
     context.retried_map_errors = [StageFailed.MARK]  # Ray Data retries a map task whose error says this

@@ -81,7 +81,8 @@ def test_within_a_budget_failures_are_rows_and_retry_errors_rewrites_exactly_the
     assert summary.failed == 1 and summary.errors == {"stage_failed": 1, "missing_file": 1}
     by_path = {r["path"]: r for r in read_output(config.output.uri).to_pylist()}
     failed = by_path[photo("thao", "1.jpg")]
-    assert failed["error_kind"] == "stage_failed" and "detect failed: ZeroDivisionError: bug on 1.jpg" in failed["error"]
+    assert failed["error_kind"] == "stage_failed"
+    assert "detect failed: ZeroDivisionError: bug on 1.jpg" in failed["error"]
     assert by_path[photo("thao", "0.jpg")]["concepts"] == ["Thao"], "the other photos of its batch are whole"
 
     again = caption(config, retry_errors=True)  # the bug fixed: the real stages
@@ -121,6 +122,15 @@ def test_an_engine_stuck_twice_stops_the_run_instead_of_marking_every_photo(tmp_
     with pytest.raises(RunFailed, match="twice in a row: it is stuck"):
         caption(config)
     assert read_output(config.output.uri).num_rows < len(photos(3))
+
+
+def test_a_model_that_cannot_load_fails_the_run_naming_the_stage(tmp_path, yollava, tiny_models, ray_local):
+    empty = tmp_path / "no-model"
+    empty.mkdir()
+    config = manifest_config(tmp_path, "gil", photos(1), models={"llava": str(empty)})
+    with pytest.raises(RunFailed, match="stage generate could not start: .*no-model"):
+        caption(config)
+    assert read_output(config.output.uri).num_rows == 0, "no photo was turned into an error row"
 
 
 def test_every_error_kind_and_exit_code_is_in_the_readme():
