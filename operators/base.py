@@ -77,3 +77,6 @@ class Stage:
     """One output row per input row, checked on every batch (false only for the write stage)."""
     runtime_env: dict[str, Any] | None = None
     """Ray's runtime environment of the stage's workers (another Python, environment variables)."""
+    restarts: bool = True
+    """Whether Ray starts an actor again when its process dies, and gives it the batch again; false where the
+    death must stop the run (the engine: a crashed engine is not retried into every batch)."""

@@ -223,5 +223,5 @@ GENERATED = ("caption", "answers", "model", "engine")
 def stage(config: GenerateConfig, model_path: str) -> Stage:
     return Stage(
         "generate", Generate, (config, model_path), config.resources, needs=("pixels", "injected"), adds=GENERATED,
-        drops=("pixels", "injected"), actors=True, runtime_env=config.runtime_env(),
+        drops=("pixels", "injected"), actors=True, runtime_env=config.runtime_env(), restarts=False,
     )  # fmt: skip

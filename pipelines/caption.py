@@ -12,6 +12,7 @@ and benchmark paths take named prefixes of the same list (:func:`face_stages`,
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 import uuid
@@ -186,7 +187,9 @@ def _run_failure(error: BaseException) -> RunFailed | None:
         return found
     died = cause_of(error, ray.exceptions.RayActorError)
     if died is not None:
-        return RunFailed(f"an actor of the run died and was not restarted: {died}\n(run again with --resume)")
+        actor = re.search(r"MapBatches\((\w+)\)", str(died))
+        who = f"the {actor[1]} actor" if actor else "an actor of the run"
+        return RunFailed(f"{who} died and is not restarted, so the run stops: {died}\n(run again with --resume)")
     return None
 
 

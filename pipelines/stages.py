@@ -18,12 +18,15 @@ needs and that it returns one row per row, and applies the error policy:
   fails gets a ``stage_failed`` row error (retryable); the driver fails the run at the end
   if they are more than the budget;
 - :class:`plvm_model.errors.RunFailed` (a dead engine), and a stage whose function cannot be
-  built (a model that cannot load), always stop the run.
+  built (a model that cannot load), always stop the run;
+- an actor whose process dies is started again by Ray, which gives it the batch again, unless
+  its stage says ``restarts=False`` (the engine): then the run stops, and ``--resume`` goes on.
 """
 
 from __future__ import annotations
 
 import traceback
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from typing import Any
 
 import pyarrow as pa
 from ray.data.exceptions import UserCodeException
+from ray.util.annotations import RayDeprecationWarning
 
 from operators.base import FromRun, Resources, Stage
 from operators.rows import ErrorKind, fail, to_table
@@ -168,16 +172,21 @@ def apply(ds, steps: list[Step], tolerate: bool, retries: int):
         else:
             compute = ray.data.TaskPoolStrategy(size=resources.concurrency)
             udf, options = guarded(*args), {}
-        ds = ds.map_batches(
-            udf,
-            compute=compute,
-            batch_format="pyarrow",
-            batch_size=resources.batch_size,
-            num_cpus=resources.num_cpus,
-            udf_modifying_row_count=not step.keeps_rows,
-            runtime_env=step.runtime_env,
-            **options,
-        )
+        with warnings.catch_warnings():
+            # Ray 2.60 takes max_restarts only among its ray_remote_args, which it marks deprecated without
+            # naming a replacement; its actor pool reads it (actor_pool_map_operator: "max_restarts=0 to disable")
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
+            ds = ds.map_batches(
+                udf,
+                compute=compute,
+                batch_format="pyarrow",
+                batch_size=resources.batch_size,
+                num_cpus=resources.num_cpus,
+                udf_modifying_row_count=not step.keeps_rows,
+                runtime_env=step.runtime_env,
+                **options,
+                **({} if step.restarts or not step.actors else {"max_restarts": 0}),
+            )
     return ds
 
 
