@@ -100,3 +100,19 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Write ``path`` only if no file has that name yet; False (nothing written) if one has.
+
+    Of several writers racing to create the same name, exactly one wins: an exclusive open
+    (``O_EXCL``) on local disks, a conditional put (``If-None-Match: *``) on S3. A filesystem
+    with neither refuses the ``x`` mode, so the guarantee is never silently lost.
+    """
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        return False
+    return True
