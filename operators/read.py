@@ -5,6 +5,11 @@ optionally, a ``user_id`` per row (relative paths are taken from the manifest's 
 Every listed photo, readable or not, becomes one row: a missing file or a bad manifest row
 is that row's error. Paths are listed normalised (``storage.normalize``: absolute, ``.`` and
 ``..`` resolved), so that a photo has one identity however the input spelled it.
+
+What may be listed (``operators.input_scope``): a folder or glob lists files only, never those
+in the run's output folder; a photo outside the allowed roots (``input.allowed``; by default
+the input's own folder, or the manifest's) is an ``outside_input_scope`` row that no stage
+opens. An input that lists nothing is an error unless ``input.allow_empty`` says it may be.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from operators.base import Resources, Stage, StageConfig
-from operators.rows import ErrorKind, RowError, map_rows, to_table
+from operators.input_scope import InputScope
+from operators.rows import ErrorKind, RowError, fail, map_rows, to_table
 from plvm_model import storage
 from plvm_model.bank import validate_user_id
 from plvm_model.errors import InputError, InputNotFound
@@ -40,40 +46,87 @@ class InputConfig(StageConfig):
         IMAGE_EXTENSIONS,
         description="File endings taken from a folder (case-insensitive); a glob or a manifest takes what it names.",
     )
+    allowed: tuple[str, ...] | None = Field(
+        None,
+        description="The folders or URI prefixes photos may be read from (compared normalised, with their scheme, at "
+        "path-segment boundaries); a photo elsewhere is an `outside_input_scope` row, never opened. null: the input's "
+        "own folder (a glob's folder before its first wildcard; a manifest's folder).",
+    )
+    allow_empty: bool = Field(
+        False,
+        description="An input that lists no photo runs (0 rows) instead of failing (`plvm caption --allow-empty`).",
+    )
 
 
 class ReadConfig(StageConfig):
     max_bytes: int = Field(200 * 2**20, ge=1, description="A larger file is refused without being read.")
 
 
-def list_inputs(config: InputConfig, storage_options: storage.StorageOptions | None = None) -> pa.Table:
-    """One row (path, user_id, error, error_kind) per input photo."""
+def list_inputs(
+    config: InputConfig, storage_options: storage.StorageOptions | None = None, output: str | None = None
+) -> pa.Table:
+    """One row (path, user_id, error, error_kind) per input photo; nothing in ``output`` (the run's output
+    folder, with its staging and records) is ever listed as a photo."""
     if not config.uri:
         raise InputError("no input given: set input.uri in the config or pass --input")
     uri = storage.normalize(config.uri)  # then the filesystem's listing is normalised too
+    never = () if output is None else (storage.normalize(output),)
     if uri.lower().endswith(MANIFEST_EXTENSIONS):
-        return _read_manifest(uri, config.user, storage_options)
+        scope = _scope(config, uri.rsplit("/", 1)[0], "the manifest's folder", never)
+        rows = _read_manifest(uri, config.user, scope, storage_options)
+    else:
+        rows = _list_files(uri, config, never, storage_options)
+    if not rows and not config.allow_empty:
+        raise InputError(
+            f"input {uri} lists no photos: check the folder, glob or manifest, or pass --allow-empty "
+            "(input.allow_empty) if an empty input is expected"
+        )
+    return to_table(rows, LISTING_COLUMNS)
+
+
+def _scope(config: InputConfig, default: str, what: str, never: tuple[str, ...]) -> InputScope:
+    """``input.allowed``, or ``default`` (``what`` says which folder that is) when it is not given."""
+    if config.allowed is not None:
+        return InputScope(tuple(storage.normalize(root) for root in config.allowed), "input.allowed", never)
+    return InputScope((default,), f"input.allowed is not set, so {what}", never)
+
+
+def _list_files(
+    uri: str, config: InputConfig, never: tuple[str, ...], storage_options: storage.StorageOptions | None
+) -> list[dict]:
+    """The files of a folder, a glob or one file (``uri`` normalised), without those of ``never``."""
     try:
         user = validate_user_id(config.user)
     except ValueError as error:
         raise InputError(f"input.user: {error}") from None
     fs, path = storage.filesystem(uri, storage_options)
-    if any(ch in path for ch in "*?["):
-        paths = sorted(fs.glob(path))
+    wildcard = next((i for i, ch in enumerate(uri) if ch in "*?["), None)
+    if wildcard is not None:
+        root = uri[:wildcard].rsplit("/", 1)[0]
+        paths = [p for p, info in fs.glob(path, detail=True).items() if info["type"] == "file"]
     elif fs.isdir(path):
+        root = uri
         endings = tuple(e.lower() for e in config.extensions)
-        paths = sorted(
-            p for p in fs.find(path) if p.lower().endswith(endings) and not posixpath.basename(p).startswith(".")
-        )
+        paths = [p for p in fs.find(path) if p.lower().endswith(endings) and not posixpath.basename(p).startswith(".")]
     elif fs.exists(path):
-        paths = [path]
+        root, paths = uri, [path]
     else:
         raise InputNotFound(f"input {uri} does not exist")
-    rows = [{"path": storage.unstrip(uri, p), "user_id": user} for p in paths]
-    return to_table(rows, LISTING_COLUMNS)
+    scope = _scope(config, root, "the input's own folder", never)
+    rows = []
+    for found in sorted(paths):
+        row = {"path": storage.unstrip(uri, found), "user_id": user}
+        if scope.excluded(row["path"]) is not None:
+            continue  # the output's own parts, staging and records
+        if (refusal := scope.refusal(row["path"])) is not None:
+            fail(row, ErrorKind.OUTSIDE_INPUT_SCOPE, refusal)
+        rows.append(row)
+    return rows
 
 
-def _read_manifest(uri: str, default_user: str, storage_options: storage.StorageOptions | None) -> pa.Table:
+def _read_manifest(
+    uri: str, default_user: str, scope: InputScope, storage_options: storage.StorageOptions | None
+) -> list[dict]:
     """The manifest's rows; ``uri`` is normalised, and so is each row's path (a row without one is ``uri#row=N``)."""
     fs, path = storage.filesystem(uri, storage_options)
     try:
@@ -115,6 +168,8 @@ def _read_manifest(uri: str, default_user: str, storage_options: storage.Storage
             # The row still needs an identity: its place in the manifest.
             row.update(path=f"{uri}#row={index + 1}", error=f"{where}: 'path' is empty",
                        error_kind=ErrorKind.BAD_MANIFEST_ROW)  # fmt: skip
+        elif (refusal := scope.refusal(row["path"])) is not None:
+            fail(row, ErrorKind.OUTSIDE_INPUT_SCOPE, f"{where}: {refusal}")
         elif row["user_id"] is None or str(row["user_id"]).strip() == "":
             row.update(error=f"{where}: 'user_id' is empty", error_kind=ErrorKind.BAD_MANIFEST_ROW)
         else:
@@ -134,7 +189,7 @@ def _read_manifest(uri: str, default_user: str, storage_options: storage.Storage
                 "error_kind": ErrorKind.BAD_MANIFEST_ROW,
             }
         )
-    return to_table(rows, LISTING_COLUMNS)
+    return rows
 
 
 class ReadBytes:

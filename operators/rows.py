@@ -93,6 +93,7 @@ class ErrorKind(StrEnum):
     CORRUPT_IMAGE = "corrupt_image"
     DECOMPRESSION_BOMB = "decompression_bomb"
     BAD_MANIFEST_ROW = "bad_manifest_row"
+    OUTSIDE_INPUT_SCOPE = "outside_input_scope"
     INVALID_USER = "invalid_user"
     UNKNOWN_USER = "unknown_user"
     EMPTY_BANK = "empty_bank"
@@ -119,6 +120,7 @@ _MEANINGS = {
     ErrorKind.CORRUPT_IMAGE: "the image data is damaged",
     ErrorKind.DECOMPRESSION_BOMB: "the image claims more than `decode.max_pixels` pixels (not decoded)",
     ErrorKind.BAD_MANIFEST_ROW: "a manifest row without a path or user, or with a wrong number of fields",
+    ErrorKind.OUTSIDE_INPUT_SCOPE: "the path is outside `input.allowed` or inside the output folder (never opened)",
     ErrorKind.INVALID_USER: "the user id is not a safe path segment",
     ErrorKind.UNKNOWN_USER: "the user has no concept bank",
     ErrorKind.EMPTY_BANK: "the user's bank has no concepts",

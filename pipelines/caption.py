@@ -228,7 +228,7 @@ def caption(
     started = time.monotonic()
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     output = OutputFolder(config.output.uri, config.storage)
-    listing = list_inputs(config.input, config.storage)
+    listing = list_inputs(config.input, config.storage, output=config.output.uri)
     listing = listing.append_column("index", pa.array(range(listing.num_rows), pa.int64()))
     done = keys(output.read(["path", "user_id"]))
     retried = 0

@@ -39,7 +39,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from pipelines.caption import caption
 
     config = _config(
-        args, input__uri=args.input, input__user=args.user, output__uri=args.output, generate__engine=args.engine
+        args,
+        input__uri=args.input,
+        input__user=args.user,
+        input__allow_empty=args.allow_empty,
+        output__uri=args.output,
+        generate__engine=args.engine,
     )
     summary = caption(config, resume=args.resume, overwrite=args.overwrite, retry_errors=args.retry_errors)
     for line in summary.lines():
@@ -153,6 +158,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--output", help="output folder URI for the Parquet files")
     s.add_argument("--user", help="user of a folder's or glob's photos (default: the config's, 'default')")
     s.add_argument("--engine", choices=["transformers", "vllm"], help="generation engine (default: the config's)")
+    s.add_argument("--allow-empty", action="store_true", default=None,
+                   help="an input that lists no photo is a run of 0 rows, not an error (input.allow_empty)")  # fmt: skip
     again = s.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="skip photos that earlier runs already wrote")
     again.add_argument("--overwrite", action="store_true", help="remove earlier runs' output first")

@@ -49,11 +49,13 @@ def ray_local():
 
 
 def make_config(tmp_path: Path, **sections):
-    """A config on the tiny models with small resources, banks and output under ``tmp_path``."""
+    """A config on the tiny models with small resources, banks and output under ``tmp_path``; its inputs
+    may be the sample photos and ``tmp_path`` (the manifests of the tests list both)."""
     from pipelines.config import Config
 
     small = {"concurrency": 1, "num_cpus": 0.25, "threads": 1, "batch_size": 4}
     data = {
+        "input": {"allowed": [str(DATA), str(tmp_path)]},
         "bank": str(tmp_path / "banks"),
         "output": {"uri": str(tmp_path / "out")},
         "ray": {"num_cpus": 2, "no_progress_timeout_s": 300, "progress": "off"},

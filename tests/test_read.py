@@ -1,14 +1,26 @@
-"""Input listing: a photo has one identity (its normalised path) however the input spells it."""
+"""Input listing: a photo has one identity (its normalised path) however the input spells it, and only the
+allowed inputs are listed and read."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
+import re
+import subprocess
+import sys
+import threading
+from functools import partial
 from pathlib import Path
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from conftest import REPO
 
-from operators.read import InputConfig, list_inputs
+from operators.read import InputConfig, ReadBytes, ReadConfig, list_inputs
+from plvm_model.errors import InputError
 from plvm_model.storage import normalize
 
 
@@ -86,3 +98,128 @@ def test_object_store_inputs_spelled_with_dot_segments_list_as_spelled_without(t
         assert paths(f"{bucket}/photos/./../lists/m.csv") == [f"{bucket}/photos/a.jpg"]
     finally:
         fs.rm(bucket, recursive=True)
+
+
+@pytest.fixture
+def http_server():
+    """A file server on 127.0.0.1 in a thread; yields its base URL and the list of paths it was asked for."""
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"\xff\xd8 secret")
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_manifest_rows_outside_its_folder_are_refused_and_never_opened(photos, http_server):
+    base, asked = http_server
+    (photos / "lists" / "inside.jpg").write_bytes(b"listed, inside")
+    manifest = photos / "lists" / "m.csv"
+    outside = [f"{base}/photos/x.jpg", f"file://{photos}/photos/a.jpg", "../photos/b.png", f"{photos}/lists2/c.jpg"]
+    manifest.write_text("path,user_id\n" + "".join(f"{p},u\n" for p in ["inside.jpg", *outside]))
+    listing = list_inputs(InputConfig(uri=str(manifest)))
+    rows = listing.to_pylist()
+    assert rows[0]["path"] == str(photos / "lists" / "inside.jpg") and rows[0]["error"] is None
+    for row, given in zip(rows[1:], outside, strict=True):
+        assert row["error_kind"] == "outside_input_scope", given
+        assert row["path"] in row["error"] and f"[{photos / 'lists'}]" in row["error"]
+        assert "input.allowed is not set, so the manifest's folder" in row["error"]
+    read = ReadBytes(ReadConfig())(listing).to_pylist()
+    assert read[0]["data"] == b"listed, inside"
+    assert [r["data"] for r in read[1:]] == [None] * len(outside)
+    assert [r["error_kind"] for r in read[1:]] == ["outside_input_scope"] * len(outside)  # the read left them
+    assert asked == []  # the URL was never fetched
+
+
+def test_allowed_roots_are_matched_normalised_with_their_scheme_at_segment_boundaries(photos, http_server):
+    base, asked = http_server
+    (photos / "photos2").mkdir()
+    manifest = photos / "lists" / "m.csv"
+    given = {
+        f"{photos}/photos/a.jpg": True,
+        f"file://{photos}/photos/b.png": True,  # another spelling of the same place
+        f"{photos}/other/../photos/a.jpg": True,
+        f"{photos}/photos2/a.jpg": False,  # a prefix of the name, not a folder above it
+        f"{photos}/photos/../other/x.jpg": False,
+        f"file://{photos}/photos/../../x.jpg": False,
+        f"{photos}/link/../photos/a.jpg": False,  # link/.. is other/, where the link's target is
+        f"memory:/{photos}/photos/a.jpg": False,  # another filesystem with the same path
+        f"{base}/photos/a.jpg": True,
+        f"{base}/photos/%2e%2e/secret.jpg": False,  # a server may decode it to /secret.jpg
+        f"{base}/photos/..?x=/photos/a.jpg": False,
+        f"{base}/photos2/a.jpg": False,
+    }
+    manifest.write_text("path,user_id\n" + "".join(f"{p},u\n" for p in given))
+    allowed = [f"file://{photos}/lists/../photos/", f"{base}/photos"]
+    rows = list_inputs(InputConfig(uri=str(manifest), allowed=allowed)).to_pylist()
+    assert {p: r["error"] is None for p, r in zip(given, rows, strict=True)} == given
+    refused = next(r for r in rows if r["error"])
+    assert f"[file://{photos}/photos, {base}/photos] (input.allowed)" in refused["error"]
+    assert asked == []
+
+
+def test_a_folder_or_glob_lists_files_only_and_never_the_output(photos):
+    out = photos / "photos" / "out"
+    for name in ("part-r1-k.parquet", "_staging/r2/part-r2-k.parquet", "_runs/r1.json", "_index/a.jpg"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"the run's own")
+    (photos / "photos" / "album").mkdir()
+    (photos / "photos" / "album" / "c.jpg").write_bytes(b"a photo in a subfolder")
+    a, b, c = (str(photos / "photos" / name) for name in ("a.jpg", "b.png", "album/c.jpg"))
+
+    def listed(uri: str) -> list[str]:
+        return list_inputs(InputConfig(uri=uri), output=str(out)).column("path").to_pylist()
+
+    assert listed(f"{photos}/photos/*") == [a, b]  # neither album/ nor out/
+    assert listed(f"{photos}/photos/**") == [a, c, b]
+    assert listed(f"{photos}/photos/**/*.jpg") == [a, c]
+    assert listed(f"{photos}/photos") == [a, c, b]
+    (photos / "lists" / "m.csv").write_text(f"path,user_id\n{out}/_index/a.jpg,u\n")
+    [row] = list_inputs(InputConfig(uri=str(photos / "lists" / "m.csv"), allowed=[str(photos)]),
+                        output=f"{photos}/lists/../photos/out/").to_pylist()  # fmt: skip
+    assert row["error_kind"] == "outside_input_scope"
+    assert row["error"].endswith(f"{out}/_index/a.jpg is inside the output folder {out}, which is never input")
+
+
+@pytest.mark.parametrize("uri", ["empty", "photos/*.gif", "photos/nothing-*", "lists/m.csv", "lists/m.parquet"])
+def test_an_input_that_lists_no_photo_is_an_error_unless_allowed(photos, uri):
+    (photos / "empty").mkdir()
+    (photos / "lists" / "m.csv").write_text("path,user_id\n")
+    pq.write_table(pa.table({"path": pa.array([], pa.string())}), photos / "lists" / "m.parquet")
+    with pytest.raises(InputError, match=rf"^input {re.escape(str(photos / uri))} lists no photos: .*--allow-empty"):
+        list_inputs(InputConfig(uri=str(photos / uri)))
+    assert list_inputs(InputConfig(uri=str(photos / uri), allow_empty=True)).num_rows == 0
+
+
+def test_plvm_caption_of_an_empty_folder_exits_2_naming_it_unless_allow_empty(tmp_path, tiny_models):
+    (tmp_path / "empty").mkdir()
+    command = [sys.executable, "-m", "pipelines.cli", "caption", "--input", "empty", "--output", "out"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = partial(subprocess.run, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    refused = run(command)
+    assert refused.returncode == 2, refused.stderr
+    message = (
+        f"plvm caption: error: input {tmp_path / 'empty'} lists no photos: check the folder, glob or manifest, "
+        "or pass --allow-empty (input.allow_empty) if an empty input is expected"
+    )
+    assert refused.stderr.strip().splitlines() == [message]
+    assert not (tmp_path / "out").exists()
+    allowed = run([*command, "--allow-empty"])
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout.splitlines()[-1])["photos"] == 0

@@ -40,7 +40,7 @@ def assert_exactly_once(uri: str, paths: list[str], user: str) -> None:
 def caption_command(tmp_path: Path, config, paths: list[str], user: str) -> tuple[list[str], dict[str, str]]:
     """The ``plvm caption`` command line (and its environment) of ``config`` over a manifest of ``paths``."""
     data = config.model_dump(mode="json")
-    data["input"] = {"uri": write_manifest(tmp_path / "m.csv", paths, user)}
+    data["input"]["uri"] = write_manifest(tmp_path / "m.csv", paths, user)
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(data))
     command = [sys.executable, "-m", "pipelines.cli", "caption", "--config", str(config_file)]
