@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
+from s3_endpoint import moto_endpoint, s3_options
 
 from operators.read import InputConfig, ReadBytes, ReadConfig, list_inputs
 from plvm_model.errors import InputError
@@ -223,3 +224,27 @@ def test_plvm_caption_of_an_empty_folder_exits_2_naming_it_unless_allow_empty(tm
     allowed = run([*command, "--allow-empty"])
     assert allowed.returncode == 0, allowed.stderr
     assert json.loads(allowed.stdout.splitlines()[-1])["photos"] == 0
+
+
+def test_on_s3_a_glob_lists_objects_only_never_the_output_and_a_manifest_reaches_only_its_folder():
+    with moto_endpoint() as endpoint:
+        options = s3_options(endpoint)
+        fs = fsspec.filesystem("s3", **options["s3"])
+        fs.mkdir("photos"), fs.mkdir("secrets")
+        fs.pipe({"photos/u/a.jpg": b"a", "photos/u/album/c.jpg": b"c", "photos/u/out/part-r-k.parquet": b"p",
+                 "photos/u/out/_runs/r.json": b"r", "photos/secrets/key.jpg": b"k", "secrets/key.jpg": b"k"})  # fmt: skip
+
+        def listed(uri: str) -> list[str]:
+            return list_inputs(InputConfig(uri=uri), options, output="s3://photos/u/out").column("path").to_pylist()
+
+        assert listed("s3://photos/u/*") == ["s3://photos/u/a.jpg"]  # neither album/ nor out/
+        assert listed("s3://photos/u/**") == ["s3://photos/u/a.jpg", "s3://photos/u/album/c.jpg"]
+        outside = ["../../secrets/key.jpg", "s3://secrets/key.jpg", "s3://photos/u/../secrets/key.jpg", "/etc/hostname"]
+        fs.pipe("photos/u/m.csv", ("path,user_id\na.jpg,u\n" + "".join(f"{p},u\n" for p in outside)).encode())
+        listing = list_inputs(InputConfig(uri="s3://photos/u/m.csv"), options)
+        read = ReadBytes(ReadConfig(), options)(listing).to_pylist()
+    assert [r["path"] for r in read] == ["s3://photos/u/a.jpg", "s3://photos/secrets/key.jpg", "s3://secrets/key.jpg",
+                                         "s3://photos/secrets/key.jpg", "/etc/hostname"]  # fmt: skip
+    assert read[0]["data"] == b"a"
+    assert [(r["error_kind"], r["data"]) for r in read[1:]] == [("outside_input_scope", None)] * len(outside)
+    assert all("[s3://photos/u]" in r["error"] for r in read[1:])

@@ -31,7 +31,8 @@ def test_photos_bank_and_output_on_s3(s3, tmp_path, yollava, tiny_models, ray_lo
     fs.pipe("photos/nina/broken.jpg", b"not a jpeg")
     fs.put(photo("thao", "ref_img.jpg"), "photos/refs/thao.jpg")
     config = make_config(tmp_path, storage=options, bank="s3://banks/prod",
-                         input={"uri": "s3://photos/nina", "user": "nina"}, output={"uri": "s3://results/run1"})  # fmt: skip
+                         input={"uri": "s3://photos/nina", "user": "nina", "allowed": ["s3://photos"]},
+                         output={"uri": "s3://results/run1"})  # fmt: skip
 
     enroll(config, "nina", "Thao", ["s3://photos/refs/thao.jpg"])
     assert fs.exists("banks/prod/nina/concepts.parquet")
@@ -57,7 +58,8 @@ def test_a_damaged_bank_on_s3_is_refused_before_the_run(s3, tmp_path, tiny_model
     fs.pipe("banks/prod/oscar/concepts.parquet", b"garbage")
     fs.pipe("photos/oscar/a.jpg", b"unused")
     config = make_config(tmp_path, storage=options, bank="s3://banks/prod",
-                         input={"uri": "s3://photos/oscar", "user": "oscar"}, output={"uri": "s3://results/oscar"})  # fmt: skip
+                         input={"uri": "s3://photos/oscar", "user": "oscar", "allowed": ["s3://photos"]},
+                         output={"uri": "s3://results/oscar"})  # fmt: skip
     with pytest.raises(ValueError, match="s3://banks/prod/oscar/concepts.parquet is damaged"):
         caption(config)
     assert not fs.exists("results/oscar")
