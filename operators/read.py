@@ -102,17 +102,17 @@ def _list_files(
     fs, path = storage.filesystem(uri, storage_options)
     wildcard = next((i for i, ch in enumerate(uri) if ch in "*?["), None)
     if wildcard is not None:
-        root = uri[:wildcard].rsplit("/", 1)[0]
+        root, what = uri[:wildcard].rsplit("/", 1)[0], "the glob's folder"
         paths = [p for p, info in fs.glob(path, detail=True).items() if info["type"] == "file"]
     elif fs.isdir(path):
-        root = uri
+        root, what = uri, "the input folder"
         endings = tuple(e.lower() for e in config.extensions)
         paths = [p for p in fs.find(path) if p.lower().endswith(endings) and not posixpath.basename(p).startswith(".")]
     elif fs.exists(path):
-        root, paths = uri, [path]
+        root, what, paths = uri, "the input file", [path]
     else:
         raise InputNotFound(f"input {uri} does not exist")
-    scope = _scope(config, root, "the input's own folder", never)
+    scope = _scope(config, root, what, never)
     rows = []
     for found in sorted(paths):
         row = {"path": storage.unstrip(uri, found), "user_id": user}

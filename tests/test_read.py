@@ -164,6 +164,7 @@ def test_allowed_roots_are_matched_normalised_with_their_scheme_at_segment_bound
         f"{base}/photos/a.jpg": True,
         f"{base}/photos/%2e%2e/secret.jpg": False,  # a server may decode it to /secret.jpg
         f"{base}/photos/..?x=/photos/a.jpg": False,
+        f"{base}/photos/..\\secret.jpg": False,
         f"{base}/photos2/a.jpg": False,
     }
     manifest.write_text("path,user_id\n" + "".join(f"{p},u\n" for p in given))
