@@ -50,9 +50,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_repair(args: argparse.Namespace) -> int:
     from operators.write import OutputFolder, new_run_id
+    from plvm_model.errors import InputNotFound
 
     config = _config(args)
     output = OutputFolder(args.output, config.storage)
+    if not output.fs.exists(output.root):
+        raise InputNotFound(f"{args.output} does not exist: nothing to repair")
     with output.lease(new_run_id(), "repair", config.output.lease_expiry_s):
         removed = output.deduplicate()
     for row in removed:

@@ -208,3 +208,10 @@ def test_repair_keeps_one_row_per_photo_and_resume_then_works(tmp_path, yollava,
     resumed = caption(config, resume=True)
     assert resumed.skipped == len(paths) and resumed.photos == 0
     assert_exactly_once(config.output.uri, paths, "ann")
+
+
+def test_repair_of_a_missing_output_is_refused(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(["repair", str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"plvm repair: error: {missing} does not exist: nothing to repair"
+    assert not missing.exists()
