@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -175,6 +176,36 @@ def test_two_runs_started_at_once_into_one_output_write_each_photo_once(tmp_path
     assert refused.startswith("plvm caption: error:") and len(refused.strip().splitlines()) == 1
     assert_exactly_once(config.output.uri, paths, "kim")
     assert not Path(config.output.uri, LEASE).exists()
+
+
+def test_a_run_whose_lease_is_taken_over_stops_without_committing(tmp_path, yollava, tiny_models, ray_local):
+    paths = photos(1)
+    config = make_config(tmp_path, input={"uri": write_manifest(tmp_path / "m.csv", paths, "kim")},
+                         output={"lease_expiry_s": 2})  # a heartbeat every 0.5 s  # fmt: skip
+    enroll(config, "kim", "Thao", [photo("thao", "ref_img.jpg")])
+    out = Path(config.output.uri)
+    raised: list[BaseException] = []
+    run = threading.Thread(target=lambda: raised.extend(catch(LeaseLost, caption, config)))
+    run.start()
+    deadline = time.monotonic() + 120
+    while not (out / LEASE).exists() and run.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    taker = plant(fsspec.filesystem("file"), str(out), host="elsewhere")  # while the run's pipeline starts
+    run.join(timeout=600)
+    assert len(raised) == 1, "the run stopped with LeaseLost"
+    assert re.match(rf"run \S+ lost the lease {out / LEASE}: another process changed it; it is now held by run "
+                    rf"{taker.run_id} \(plvm caption\) on host elsewhere", str(raised[0])), raised  # fmt: skip
+    assert OutputFolder(str(out)).part_files() == [] and not (out / "_runs").exists()
+    assert json.loads((out / LEASE).read_text()) == taker.__dict__
+
+
+def catch(kind: type[BaseException], function, *args) -> list[BaseException]:
+    """The exception of ``kind`` that ``function(*args)`` raised, as a list (empty if none)."""
+    try:
+        function(*args)
+    except kind as error:
+        return [error]
+    return []
 
 
 def test_repair_keeps_one_row_per_photo_and_resume_then_works(tmp_path, yollava, tiny_models, ray_local, capsys):
