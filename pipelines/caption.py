@@ -308,5 +308,6 @@ def _caption(config: Config, output: OutputFolder, run_id: str, lease: Lease, re
         raise RowCountMismatch(
             f"run {run_id} wrote {summary.rows} rows for {summary.photos} photos; the output holds "
             f"{summary.missing} fewer and {summary.duplicates} more rows than the {listing.num_rows} listed photos"
+            + (f" (plvm repair {config.output.uri} keeps one row per photo)" if summary.duplicates else "")
         )
     return summary

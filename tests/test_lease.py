@@ -220,7 +220,7 @@ def test_repair_keeps_one_row_per_photo_and_resume_then_works(tmp_path, yollava,
     rows[0] |= {"error": f"{rows[0]['path']}: generate failed", "error_kind": "stage_failed", "caption": None}
     newer = part.replace(first.run_id, "29991231T000000Z-later0")
     pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(part)), newer)
-    with pytest.raises(RowCountMismatch, match="2 more rows"):
+    with pytest.raises(RowCountMismatch, match=rf"2 more rows .*\(plvm repair {config.output.uri} keeps one row"):
         caption(config, resume=True)  # the stuck state: every resume fails
 
     plant(out.fs, out.root, pid=dead_pid())  # and the run that left it was killed holding the lease
