@@ -131,7 +131,7 @@ def test_only_one_of_several_takers_of_a_stale_lease_wins(tmp_path, where, reque
     go, done = tmp_path / "go", tmp_path / "done"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     racers = [subprocess.Popen([sys.executable, "-c", RACER, uri, json.dumps(options), f"racer-{i}", str(go), str(done)],
-                               env=env, stdout=subprocess.PIPE, text=True) for i in range(6)]  # fmt: skip
+                               env=env, stdout=subprocess.PIPE, text=True) for i in range(4)]  # fmt: skip
     try:
         assert all(r.stdout.readline().strip() == "ready" for r in racers)
         go.touch()
@@ -140,7 +140,7 @@ def test_only_one_of_several_takers_of_a_stale_lease_wins(tmp_path, where, reque
         done.touch()
         for r in racers:
             r.wait(timeout=60)
-    assert sorted(x.split()[0] for x in results) == ["refused"] * 5 + ["won"], results
+    assert sorted(x.split()[0] for x in results) == ["refused"] * 3 + ["won"], results
     winner = f"racer-{results.index('won')}"
     assert all(f"run {winner} (plvm caption)" in x for x in results if x != "won")
     assert json.loads(fs.cat_file(f"{root}/{LEASE}"))["run_id"] == winner
