@@ -19,6 +19,7 @@ import posixpath
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,20 +29,48 @@ from pydantic import Field
 from operators.base import Resources, Stage, StageConfig
 from operators.rows import OUTPUT, RETRYABLE, output_schema
 from plvm_model import storage
+from plvm_model.errors import LeaseLost
+from plvm_model.lease import Lease, held_by
+
 
 class OutputConfig(StageConfig):
-    uri: str | None = Field(None, description="The output folder (any fsspec URI).")
+    uri: str | None = Field(
+        None, description="The output folder: a local path or an `s3://` URI (the two on which it can be leased)."
+    )
     face_embeddings: bool = Field(False, description="Also write each face's descriptor.")
     rows_per_file: int = Field(
         1000,
         ge=1,
         description="Rows per Parquet part: the unit of commit (a crash loses at most the parts being written).",
     )
+    lease_expiry_s: float = Field(
+        120.0,
+        gt=0,
+        description="A run's lease on the output (`_lease.json`, heartbeat every quarter of this) is stale, and "
+        "may be taken over by another run, when its heartbeat is older than this.",
+    )
+
+
+def new_run_id() -> str:
+    """A run's id: its start time (UTC, so ids sort by age) and a random suffix."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def keys(table: pa.Table) -> Counter:
     """How many times each (path, user_id) occurs: an input photo's identity."""
     return Counter(zip(table.column("path").to_pylist(), table.column("user_id").to_pylist()))
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """A committed row that ``plvm repair`` removed: a second row of the same photo."""
+
+    path: str
+    user_id: str
+    part: str
+    run_id: str
+    error: bool
+    """Whether the removed row was an error row."""
 
 
 class OutputFolder:
@@ -51,6 +80,10 @@ class OutputFolder:
         self.uri = uri
         self.storage_options = storage_options
         self.fs, self.root = storage.filesystem(uri, storage_options)
+
+    def lease(self, run_id: str, command: str, expiry_s: float) -> Lease:
+        """The folder's lease for ``run_id`` (see :mod:`plvm_model.lease`); use it as a context manager."""
+        return Lease.take(self.fs, self.root, self.uri, run_id, command, expiry_s)
 
     def staging(self, run_id: str) -> str:
         return posixpath.join(self.root, "_staging", run_id)
@@ -79,27 +112,60 @@ class OutputFolder:
 
     def drop_retryable(self) -> int:
         """Remove the rows whose error is retryable (``--retry-errors``): each part that holds some is
-        rewritten without them, atomically under its own name (a part left empty is removed). The photos
-        are then missing, so a resumed run writes them again; a crash in between loses no photo."""
+        rewritten without them. The photos are then missing, so a resumed run writes them again; a crash in
+        between loses no photo."""
         retryable = pa.array(RETRYABLE)
         dropped = 0
         for path in self.part_files():
             with self.fs.open(path, "rb") as f:  # the error kinds first: most parts have no retryable row
                 kinds = pq.read_table(f, columns=["error_kind"]).column("error_kind")
             drop = pc.fill_null(pc.is_in(kinds, value_set=retryable), False)
-            n = pc.sum(drop).as_py() or 0
-            if n == 0:
-                continue
-            dropped += n
-            if n == len(kinds):
-                self.fs.rm(path)
-                continue
+            dropped += self._drop_rows(path, drop)
+        return dropped
+
+    def deduplicate(self) -> list[Duplicate]:
+        """Keep one committed row per photo (path, user_id), remove the others (``plvm repair``).
+
+        The row kept is one without an error if there is one, then the newest run's (run ids begin with
+        their start time). Each part holding a removed row is rewritten without it; the kept rows are
+        never touched, so a crash part-way leaves every photo at least once and a second repair finishes.
+        """
+        rows: list[tuple[tuple[str, str], tuple[bool, str], str, int]] = []  # photo, rank, part, row
+        sizes: dict[str, int] = {}
+        for part in self.part_files():
+            with self.fs.open(part, "rb") as f:
+                table = pq.read_table(f, columns=["path", "user_id", "error"])
+            sizes[part] = table.num_rows
+            run = posixpath.basename(part).removeprefix("part-").rsplit("-", 1)[0]
+            for i, (path, user, error) in enumerate(zip(*(table.column(c).to_pylist() for c in table.column_names))):
+                rows.append(((path, user), (error is None, run), part, i))
+        best: dict[tuple[str, str], tuple[tuple[bool, str], str, int]] = {}
+        for photo, rank, part, i in rows:
+            if photo not in best or rank > best[photo][0]:
+                best[photo] = (rank, part, i)
+        removed: list[Duplicate] = []
+        drop: dict[str, set[int]] = {}
+        for photo, (clean, run), part, i in rows:
+            if best[photo][1:] != (part, i):
+                removed.append(Duplicate(*photo, storage.unstrip(self.uri, part), run, not clean))
+                drop.setdefault(part, set()).add(i)
+        for part, indices in drop.items():
+            self._drop_rows(part, pa.array([i in indices for i in range(sizes[part])], pa.bool_()))
+        return removed
+
+    def _drop_rows(self, path: str, drop: pa.Array) -> int:
+        """Rewrite the part ``path`` without the rows where ``drop`` is true, atomically under its own name
+        (a part left empty is removed); how many rows were dropped."""
+        n = pc.sum(drop).as_py() or 0
+        if n and n == len(drop):
+            self.fs.rm(path)
+        elif n:
             with self.fs.open(path, "rb") as f:
                 kept = pq.read_table(f).filter(pc.invert(drop))
             data = io.BytesIO()
             pq.write_table(kept, data)
             storage.write_atomic(self.fs, path, data.getvalue())
-        return dropped
+        return n
 
     def discard_staging(self) -> list[str]:
         """Remove what interrupted runs left in ``_staging`` (never visible output); returns the folders."""
@@ -152,6 +218,8 @@ class WriteParts:
         staged = posixpath.join(folder.staging(self.run_id), f"{key}.{uuid.uuid4().hex[:8]}.tmp")
         folder.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
         folder.fs.pipe_file(staged, data.getvalue())
+        if not held_by(folder.fs, folder.root, self.run_id):  # taken over: commit nothing beside the new holder
+            raise LeaseLost(f"run {self.run_id} no longer holds the lease of {self.uri}; part {key} not committed")
         folder.fs.mv(staged, final)  # a retried task renames identical bytes onto the same name
         return pa.table({"file": [storage.unstrip(self.uri, final)], "rows": [batch.num_rows]})
 

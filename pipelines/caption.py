@@ -15,19 +15,17 @@ import logging
 import re
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from functools import partial
 
 import pyarrow as pa
 
 from operators import decode, detect, embed, generate, match, prompt, read, write
-from operators.rows import RETRYABLE
 from operators.read import list_inputs
-from operators.write import OutputFolder, keys
+from operators.rows import RETRYABLE
+from operators.write import OutputFolder, keys, new_run_id
 from pipelines import cohort
 from pipelines.config import Config, ModelPaths, RayConfig
 from pipelines.runtime import init_ray
@@ -35,6 +33,7 @@ from pipelines.stages import StageFailed, Step, apply, cause_of
 from plvm_model.bank import ConceptBank
 from plvm_model.errors import ConfigError, OutputExists, RowCountMismatch, RunFailed
 from plvm_model.faces import embedder_class
+from plvm_model.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -222,12 +221,24 @@ def caption(
     that already holds rows is refused, so that no photo is ever written twice. A failure of
     the system past ``run.max_failed_fraction`` raises :class:`RunFailed` (after recording
     the run). ``stages`` builds the pipeline (the arguments of :func:`caption_stages`).
+
+    The run holds the output's lease from before it looks at the output to its end, so a
+    second run into the same output is refused (:class:`OutputLocked`) instead of writing
+    every photo again beside this one; a run whose lease another process took over stops
+    (:class:`LeaseLost`).
     """
     if not config.output.uri:
         raise ConfigError("no output given: set output.uri in the config or pass --output")
-    started = time.monotonic()
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    run_id = new_run_id()
     output = OutputFolder(config.output.uri, config.storage)
+    with output.lease(run_id, "caption", config.output.lease_expiry_s) as lease:
+        return _caption(config, output, run_id, lease, resume, overwrite, retry_errors, stages)
+
+
+def _caption(config: Config, output: OutputFolder, run_id: str, lease: Lease, resume: bool, overwrite: bool,
+             retry_errors: bool, stages: Callable[..., list[Step]]) -> RunSummary:  # fmt: skip
+    """:func:`caption`, with the output's lease held."""
+    started = time.monotonic()
     listing = list_inputs(config.input, config.storage, output=config.output.uri)
     listing = listing.append_column("index", pa.array(range(listing.num_rows), pa.int64()))
     done = keys(output.read(["path", "user_id"]))
@@ -258,6 +269,7 @@ def caption(
         pipeline = partial(stages, models=models, run_id=run_id, parts=n_parts)
         try:
             for part in dataset(config, todo, pipeline).iter_rows():
+                lease.check()
                 parts.append(part)
                 progress.update(part["rows"])
         except Exception as error:
@@ -285,6 +297,7 @@ def caption(
         photos_per_s=todo.num_rows / wall if wall else 0.0,
         output=sorted(p["file"] for p in parts),
     )
+    lease.check()
     failure = failure or _over_budget(summary, table, config.run.max_failed_fraction)
     if failure is not None:
         summary.status, summary.failure = "failed", str(failure)
@@ -295,5 +308,6 @@ def caption(
         raise RowCountMismatch(
             f"run {run_id} wrote {summary.rows} rows for {summary.photos} photos; the output holds "
             f"{summary.missing} fewer and {summary.duplicates} more rows than the {listing.num_rows} listed photos"
+            + (f" (plvm repair {config.output.uri} keeps one row per photo)" if summary.duplicates else "")
         )
     return summary

@@ -53,6 +53,23 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repair(args: argparse.Namespace) -> int:
+    from operators.write import OutputFolder, new_run_id
+    from plvm_model.errors import InputNotFound
+
+    config = _config(args)
+    output = OutputFolder(args.output, config.storage)
+    if not output.fs.exists(output.root):
+        raise InputNotFound(f"{args.output} does not exist: nothing to repair")
+    with output.lease(new_run_id(), "repair", config.output.lease_expiry_s):
+        removed = output.deduplicate()
+    for row in removed:
+        print(f"removed a second row of {row.path} (user {row.user_id}){' with an error' if row.error else ''}: "
+              f"run {row.run_id}, {row.part}")  # fmt: skip
+    print(f"{args.output}: removed {len(removed)} duplicate row(s); each photo now has one row")
+    return 0
+
+
 def cmd_eval_recognition(args: argparse.Namespace) -> int:
     from pipelines.evaluate import recognition
 
@@ -165,6 +182,9 @@ def parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true", help="remove earlier runs' output first")
     s.add_argument("--retry-errors", action="store_true",
                    help="write again the rows whose error is retryable (see the README); implies --resume")  # fmt: skip
+
+    s = command("repair", cmd_repair, "keep one row per photo in an output that runs wrote twice (under its lease)")
+    s.add_argument("output", help="output folder URI")
 
     evaluate = sub.add_parser("eval", help="evaluate recognition or VQA").add_subparsers(dest="what", required=True)
     s = command("recognition", cmd_eval_recognition, "is P in this photo? on a PLVM/YoLLaVA-layout folder", evaluate)

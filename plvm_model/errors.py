@@ -34,6 +34,10 @@ class OutputExists(PlvmError, ValueError):
     """The output already holds committed rows, and the run was not told to resume, retry or overwrite."""
 
 
+class OutputLocked(PlvmError, RuntimeError):
+    """Another run (or repair) holds the output's lease; the message names it."""
+
+
 class RunFailed(PlvmError, RuntimeError):
     """The system failed (a stage's bug, a dead or stuck engine) beyond the run's failure budget."""
 
@@ -42,6 +46,10 @@ class RunFailed(PlvmError, RuntimeError):
 
 class EngineDead(RunFailed):
     """The generation engine stopped working: the run stops rather than marking every photo."""
+
+
+class LeaseLost(RunFailed):
+    """Another process took over the lease of the output this run was writing: the run stops."""
 
 
 class RowCountMismatch(PlvmError, RuntimeError):
@@ -53,10 +61,11 @@ class RowCountMismatch(PlvmError, RuntimeError):
 EXIT_CODES: dict[int, str] = {
     0: "success: every listed photo has exactly one row (input faults are rows with an error)",
     1: "a bug: an unexpected exception, printed with its traceback",
-    2: "bad usage, config, input, bank, or an output that already holds rows (ConfigError, InputError, "
-    "InputNotFound, BankError, OutputExists)",
+    2: "bad usage, config, input, bank, an output that already holds rows, or one that another run is "
+    "writing (ConfigError, InputError, InputNotFound, BankError, OutputExists, OutputLocked)",
     3: "the run failed: system failures past `run.max_failed_fraction`, a stage that failed after its "
-    "retries, or a dead engine (RunFailed, EngineDead); the summary names the stage and the first error",
+    "retries, a dead engine, or a lease taken over by another run (RunFailed, EngineDead, LeaseLost); the "
+    "summary names the stage and the first error",
     4: "the output does not hold each listed photo exactly once (RowCountMismatch)",
 }
 """What each exit code of ``plvm`` means."""
