@@ -8,6 +8,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,6 +21,7 @@ from pipelines.caption import caption, caption_stages, check_banks
 from pipelines.cli import main
 from pipelines.enroll import Enroller
 from plvm_model.bank import BankError, Concept, ConceptBank, UserBank, encode, validate_user_id, version_file
+from s3_endpoint import moto_endpoint, s3_options
 from test_resilience import caption_command
 
 
@@ -88,6 +90,25 @@ def test_two_writers_of_one_version_cannot_both_commit(tmp_path):
     again = store.load("gus")
     again.concepts.append(concept("Cid"))
     assert store.commit(again) and [c.name for c in store.load("gus").concepts] == ["Ann", "Bea", "Cid"]
+
+
+def test_on_s3_a_version_committed_elsewhere_is_seen_and_wins(tmp_path):
+    """Another process's commit (here: another client, without the listing cache of ours) is read at once,
+    and a commit of the version it took is refused by the store (a conditional put)."""
+    with moto_endpoint() as endpoint:
+        options = s3_options(endpoint)
+        elsewhere = fsspec.filesystem("s3", skip_instance_cache=True, **options["s3"])
+        elsewhere.mkdir("banks")
+        store = ConceptBank("s3://banks/prod", options)
+        bank = UserBank("ivy", "dlib-resnet-v1", "a", [concept("Ann")])
+        store.save(bank)
+        stale = store.load("ivy")
+        theirs = replace(stale, version=2, concepts=[*stale.concepts, concept("Bea")])
+        elsewhere.pipe(f"banks/prod/ivy/{version_file(2)}", encode(theirs))
+        assert [c.name for c in store.load("ivy").concepts] == ["Ann", "Bea"]
+        stale.concepts.append(concept("Cid"))
+        assert not store.commit(stale)
+        assert store.load("ivy").version == 2
 
 
 def test_a_commit_that_fails_leaves_no_version_and_no_temporary_file(tmp_path, monkeypatch):
