@@ -199,17 +199,12 @@ class ConceptBank:
             if match is None:
                 continue
             where = self.location(user_id, name)
-            if not match[1].isdigit():
+            if not (match[1].isascii() and match[1].isdigit()):
                 raise BankError(f"concept bank file {where} is not named with an integer version")
             if entry["type"] == "directory":
                 raise BankError(f"concept bank file {where} is a folder, not a bank file")
             found[int(match[1])] = entry["name"]
         return found
-
-    def latest(self, user_id: str) -> int:
-        """The user's newest version; 0 if the user has no bank."""
-        bank = self.load(user_id)
-        return bank.version if bank is not None else 0
 
     def load(self, user_id: str, version: int | None = None) -> UserBank | None:
         """The user's bank at ``version`` (the newest if None), or None if the user has none (or had
@@ -313,7 +308,7 @@ def decode(data: bytes, user_id: str, where: str, version: int | None = None) ->
     if meta.get("plvm.user_id") != user_id:
         raise BankError(f"concept bank {where} belongs to user {meta.get('plvm.user_id')!r}, not {user_id!r}")
     written = meta.get("plvm.version", "")
-    if not written.isdigit() or (not legacy and int(written) != version):
+    if not (written.isascii() and written.isdigit()) or (not legacy and int(written) != version):
         raise BankError(f"concept bank {where} has version {written!r} in its metadata, not {version or 'an integer'}")
     bank = UserBank(user_id, meta.get("plvm.embedder", ""), meta.get("plvm.aligner", ""), [], int(written), where)
     for row in table.select(names).to_pylist():
