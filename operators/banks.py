@@ -1,4 +1,5 @@
-"""The users' concept banks as the stages see them: loaded once per worker process and user."""
+"""The users' concept banks as the stages see them: loaded once per worker process and user, at the
+version the run pinned at its start."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ from operators.rows import ErrorKind, RowError
 from plvm_model import storage
 from plvm_model.bank import BankError, ConceptBank, UserBank
 
+BankVersions = dict[str, int]
+"""user_id -> the version of the user's bank a run reads (0: the user had no bank at its start)."""
+
 
 class BankCache:
     """Users' banks, loaded on first use; a usable bank or a :class:`RowError` for each user.
 
-    ``embedder_space`` and ``aligner``, when given, are checked against the bank's.
+    ``embedder_space`` and ``aligner``, when given, are checked against the bank's. A user in
+    ``versions`` is read at that version (a bank enrolled during the run is left to the next
+    run), any other at its newest.
     """
 
     def __init__(
@@ -19,15 +25,17 @@ class BankCache:
         storage_options: storage.StorageOptions | None = None,
         embedder_space: str | None = None,
         aligner: str | None = None,
+        versions: BankVersions | None = None,
     ) -> None:
         self.bank = ConceptBank(uri, storage_options)
         self.embedder_space = embedder_space
         self.aligner = aligner
+        self.versions = versions or {}
         self._cache: dict[str, UserBank | RowError] = {}
 
     def _load(self, user_id: str) -> UserBank | RowError:
         try:
-            bank = self.bank.load(user_id)
+            bank = self.bank.load(user_id, self.versions.get(user_id))
         except BankError as error:
             return RowError(ErrorKind.BANK_ERROR, str(error))
         if bank is None:

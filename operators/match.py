@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from operators.banks import BankCache
+from operators.banks import BankCache, BankVersions
 from operators.base import FromRun, Resources, Stage, StageConfig
 from operators.rows import map_rows
 from plvm_model import storage
@@ -79,10 +79,11 @@ class MatchFaces:
         storage_options: storage.StorageOptions | None = None,
         embedder_space: str | None = None,
         scales: Scales | None = None,
+        versions: BankVersions | None = None,
     ) -> None:
         self.rule = config.rule()
         self.scales = scales or {}
-        self.banks = BankCache(bank_uri, storage_options, embedder_space)
+        self.banks = BankCache(bank_uri, storage_options, embedder_space, versions=versions)
 
     def _match(self, row: dict) -> None:
         bank = self.banks.get(row["user_id"])
@@ -108,9 +109,9 @@ class MatchFaces:
 
 def stage(
     config: MatchConfig, bank_uri: str, storage_options: storage.StorageOptions | None, embedder_space: str,
-    tasks: Resources,
+    tasks: Resources, versions: BankVersions | None = None,
 ) -> Stage:
-    """The match stage; with cohort normalization its scales come from the run's cohort barrier."""
+    """The match stage (banks at ``versions``); with cohort normalization its scales come from the cohort barrier."""
     scales = FromRun("scales") if config.normalization == "cohort" else None
-    args = (config, bank_uri, storage_options, embedder_space, scales)
+    args = (config, bank_uri, storage_options, embedder_space, scales, versions)
     return Stage("match", MatchFaces, args, tasks, needs=("user_id", "faces"), adds=("concepts",))

@@ -12,7 +12,7 @@ import logging
 import pyarrow as pa
 from pydantic import Field
 
-from operators.banks import BankCache
+from operators.banks import BankCache, BankVersions
 from operators.base import Resources, Stage, StageConfig
 from operators.rows import injected_record, map_rows
 from plvm_model import storage
@@ -35,9 +35,10 @@ class ChooseConcepts:
         bank_uri: str,
         storage_options: storage.StorageOptions | None = None,
         aligner: str | None = None,
+        versions: BankVersions | None = None,
     ) -> None:
         self.max_concepts = config.max_concepts
-        self.banks = BankCache(bank_uri, storage_options, aligner=aligner)
+        self.banks = BankCache(bank_uri, storage_options, aligner=aligner, versions=versions)
 
     def _choose(self, row: dict) -> None:
         matched = [f for f in row["faces"] if f.get("concept_id")]
@@ -57,7 +58,9 @@ class ChooseConcepts:
 
 
 def stage(
-    config: PromptConfig, bank_uri: str, storage_options: storage.StorageOptions | None, aligner: str, tasks: Resources
+    config: PromptConfig, bank_uri: str, storage_options: storage.StorageOptions | None, aligner: str, tasks: Resources,
+    versions: BankVersions | None = None,
 ) -> Stage:
-    args = (config, bank_uri, storage_options, aligner)
+    """The prompt stage, reading the banks at ``versions``."""
+    args = (config, bank_uri, storage_options, aligner, versions)
     return Stage("prompt", ChooseConcepts, args, tasks, needs=("user_id", "faces"), adds=("injected",))

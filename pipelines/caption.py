@@ -23,6 +23,7 @@ from functools import partial
 import pyarrow as pa
 
 from operators import decode, detect, embed, generate, match, prompt, read, write
+from operators.banks import BankVersions
 from operators.read import list_inputs
 from operators.rows import RETRYABLE
 from operators.write import OutputFolder, keys, new_run_id
@@ -49,24 +50,28 @@ def face_stages(config: Config) -> list[Step]:
     ]
 
 
-def naming_stages(config: Config) -> list[Step]:
-    """The face stages, the cohort barrier (with cohort normalization) and the match stage: faces named."""
+def naming_stages(config: Config, banks: BankVersions | None = None) -> list[Step]:
+    """The face stages, the cohort barrier (with cohort normalization) and the match stage: faces named
+    (against the users' banks at the versions ``banks`` pins, the newest for other users)."""
     space = embedder_class(config.embed.kind).space
-    barrier = [cohort.barrier(config.match, config.bank, config.storage, space)]
+    barrier = [cohort.barrier(config.match, config.bank, config.storage, space, banks)]
     return [
         *face_stages(config),
         *(barrier if config.match.normalization == "cohort" else []),
-        match.stage(config.match, config.bank, config.storage, space, config.tasks),
+        match.stage(config.match, config.bank, config.storage, space, config.tasks, banks),
     ]
 
 
-def caption_stages(config: Config, models: ModelPaths, run_id: str, parts: int) -> list[Step]:
-    """The whole caption pipeline, in order; ``parts`` is how many output files the run writes."""
+def caption_stages(
+    config: Config, models: ModelPaths, run_id: str, parts: int, banks: BankVersions | None = None
+) -> list[Step]:
+    """The whole caption pipeline, in order; ``parts`` is how many output files the run writes, ``banks``
+    the versions of the users' banks it reads."""
     tasks = config.tasks
     decode_again = [read.stage(config.read, config.storage, tasks), decode.stage(config.decode, tasks)]
     return [
-        *naming_stages(config),
-        prompt.stage(config.prompt, config.bank, config.storage, models.aligner_identity, tasks),
+        *naming_stages(config, banks),
+        prompt.stage(config.prompt, config.bank, config.storage, models.aligner_identity, tasks, banks),
         *(decode_again if config.match.normalization == "cohort" else []),  # the barrier dropped the pixels
         generate.stage(config.generate, models.llava),
         write.stage(config.output, run_id, config.storage, tasks, parts),
@@ -109,6 +114,8 @@ class RunSummary:
     wall_s: float = 0.0
     photos_per_s: float = 0.0
     output: list[str] = field(default_factory=list)
+    banks: BankVersions = field(default_factory=dict)
+    """The version of each user's bank the run read, pinned at its start (0: the user had none)."""
     status: str = "ok"
     """``ok``, or ``failed`` with the reason in ``failure``."""
     failure: str | None = None
@@ -167,11 +174,18 @@ def remaining(listing: pa.Table, done: Counter) -> pa.Table:
     return listing.filter(pa.array(keep, pa.bool_()))
 
 
-def check_banks(users: list[str], bank_uri: str, storage_options: dict | None) -> None:
-    """Refuse to start if any of ``users`` has a bank that exists but cannot be read."""
-    bank = ConceptBank(bank_uri, storage_options)
+def check_banks(users: list[str], config: Config) -> BankVersions:
+    """The newest version of each of ``users``' banks, pinned for the run (0: no bank); refuse to start
+    (:class:`BankError` naming the file, and the concept) if one cannot be read or has descriptors of another
+    length than the run's face embedder makes."""
+    store, embedder = ConceptBank(config.bank, config.storage), embedder_class(config.embed.kind)
+    pinned = {}
     for user in sorted(set(users)):
-        bank.load(user)  # raises BankError naming the file
+        bank = store.load(user)
+        if bank is not None and bank.embedder == embedder.space:  # a bank of another space is each row's error
+            bank.check_descriptor_size(embedder.dim, embedder.space)
+        pinned[user] = bank.version if bank is not None else 0
+    return pinned
 
 
 def _run_failure(error: BaseException) -> RunFailed | None:
@@ -259,14 +273,14 @@ def _caption(config: Config, output: OutputFolder, run_id: str, lease: Lease, re
         done = keys(output.read(["path", "user_id"]))
     todo = remaining(listing, done)
     valid = todo.filter(todo.column("error").is_null())
-    check_banks(valid.column("user_id").to_pylist(), config.bank, config.storage)
+    banks = check_banks(valid.column("user_id").to_pylist(), config)
     models = config.model_paths()
     parts: list[dict] = []
     failure: RunFailed | None = None
     if todo.num_rows:
         progress = Progress(todo.num_rows, config.ray)
         n_parts = max(1, -(-todo.num_rows // config.output.rows_per_file))
-        pipeline = partial(stages, models=models, run_id=run_id, parts=n_parts)
+        pipeline = partial(stages, models=models, run_id=run_id, parts=n_parts, banks=banks)
         try:
             for part in dataset(config, todo, pipeline).iter_rows():
                 lease.check()
@@ -296,6 +310,7 @@ def _caption(config: Config, output: OutputFolder, run_id: str, lease: Lease, re
         wall_s=wall,
         photos_per_s=todo.num_rows / wall if wall else 0.0,
         output=sorted(p["file"] for p in parts),
+        banks=banks,
     )
     lease.check()
     failure = failure or _over_budget(summary, table, config.run.max_failed_fraction)

@@ -31,7 +31,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     )
     verb = "enrolled" if result.created else "extended" if result.added else "already enrolled from these photos:"
     print(f"{verb} {result.name!r} ({result.concept_id}) for user {result.user_id!r}: "
-          f"{result.references} reference photo(s), bank {result.bank}")  # fmt: skip
+          f"{result.references} reference photo(s), bank version {result.version} ({result.bank})")  # fmt: skip
     return 0
 
 

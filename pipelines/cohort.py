@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.banks import BankCache
+from operators.banks import BankCache, BankVersions
 from operators.match import MatchConfig, Scales
 from operators.rows import RowError
 from pipelines.stages import Barrier
@@ -32,9 +32,10 @@ class CohortScales:
         bank_uri: str,
         storage_options: storage.StorageOptions | None = None,
         embedder_space: str | None = None,
+        versions: BankVersions | None = None,
     ) -> None:
         self.rule = config.rule()
-        self.banks = BankCache(bank_uri, storage_options, embedder_space)
+        self.banks = BankCache(bank_uri, storage_options, embedder_space, versions=versions)
 
     def __call__(self, group: pa.Table) -> pa.Table:
         out: dict[str, list] = {"user_id": [], "concept_id": [], "scale": []}
@@ -60,9 +61,11 @@ def cohort_scales(
     bank_uri: str,
     storage_options: storage.StorageOptions | None = None,
     embedder_space: str | None = None,
+    versions: BankVersions | None = None,
 ) -> Scales:
-    """Every user's concept scales from ``rows`` with face embeddings (a materialized Ray dataset or a table)."""
-    scales = CohortScales(config, bank_uri, storage_options, embedder_space)
+    """Every user's concept scales from ``rows`` with face embeddings (a materialized Ray dataset or a table),
+    against the banks at ``versions``."""
+    scales = CohortScales(config, bank_uri, storage_options, embedder_space, versions)
     if not isinstance(rows, pa.Table) and rows.size_bytes() <= config.cohort_gather_mb * 2**20:
         import ray
 
@@ -80,13 +83,14 @@ def cohort_scales(
 
 
 def barrier(
-    config: MatchConfig, bank_uri: str, storage_options: storage.StorageOptions | None, embedder_space: str
+    config: MatchConfig, bank_uri: str, storage_options: storage.StorageOptions | None, embedder_space: str,
+    versions: BankVersions | None = None,
 ) -> Barrier:
     """The cohort barrier step: hands the scales on as ``scales`` (the match stage's :class:`FromRun` argument)."""
 
     def run(ds, values: dict) -> object:
         ds = ds.drop_columns(["pixels"]).materialize()
-        values["scales"] = cohort_scales(ds, config, bank_uri, storage_options, embedder_space)
+        values["scales"] = cohort_scales(ds, config, bank_uri, storage_options, embedder_space, versions)
         return ds
 
     return Barrier("cohort", run, needs=("user_id", "faces"), drops=("pixels",))

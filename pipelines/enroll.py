@@ -4,11 +4,17 @@ Each reference photo goes through the caption pipeline's own read, decode, detec
 embed operators (in this process: a few photos need no cluster). The reference face gives
 the concept a face descriptor; the first reference photo also gives its soft tokens
 (DINOv2 + Aligner), which captioning reads from the bank and never recomputes. The bank
-is written whole, atomically, only after every reference photo was accepted.
+is changed only after every reference photo was accepted, by committing its next version.
+
+Two enrollments into one user's bank do not lose either's person: each reads the newest
+version N and commits N+1 with an exclusive create (compare-and-swap). The one that finds
+N+1 taken reads it, applies its change again (its faces and soft tokens are computed once)
+and commits N+2, up to :data:`COMMIT_ATTEMPTS` times, then refuses with :class:`BankError`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, get_args
@@ -21,8 +27,13 @@ from pipelines.config import Config
 from pipelines.stages import InProcess
 from plvm_model.bank import Concept, ConceptBank, UserBank, validate_user_id
 from plvm_model.concepts import ConceptEncoder
-from plvm_model.errors import InputError
+from plvm_model.errors import BankError, InputError
 from plvm_model.faces import Face, embedder_class
+
+log = logging.getLogger(__name__)
+
+COMMIT_ATTEMPTS = 10
+"""Commits an enrollment tries before it refuses: each one lost means another enrollment committed."""
 
 DOMINANCE = 2.0
 """A face at least this many times larger than every other one is the reference face."""
@@ -48,6 +59,9 @@ class EnrollResult:
     """Reference photos added now (a photo enrolled before is not added again)."""
     created: bool
     bank: str
+    """The bank's file of this version."""
+    version: int
+    """The version of the bank holding the concept now."""
 
 
 def validate_name(name: str) -> str:
@@ -138,7 +152,9 @@ class Enroller:
     ) -> EnrollResult:
         """Add ``name`` with the reference photos ``images`` to ``user_id``'s bank.
 
-        Each photo's reference face is its face ``face_index`` if given, else the one ``face_policy`` chooses.
+        Each photo's reference face is its face ``face_index`` if given, else the one ``face_policy``
+        chooses. The change is committed as the bank's next version; if another enrollment committed
+        that version first, the change is applied again to the new version (see the module).
         """
         validate_user_id(user_id)
         name = validate_name(name)
@@ -146,60 +162,74 @@ class Enroller:
             raise EnrollError("give at least one reference photo")
         if face_policy not in get_args(FacePolicy):
             raise EnrollError(f"unknown face policy {face_policy!r}: one of {', '.join(get_args(FacePolicy))}")
-        bank = self.store.load(user_id)  # a damaged bank raises here, before any work
-        space, aligner = self.space, self.models.aligner_identity
-        if bank is None:
-            bank = UserBank(user_id=user_id, embedder=space, aligner=aligner)
-        bank.check_compatible(embedder=space, aligner=aligner, where=f" at {self.config.bank}")
+        bank = self._load(user_id)  # a damaged bank raises here, before any work
         concept = bank.find(name)
-        created = concept is None
-        if concept is not None:
-            images = [p for p in images if p not in concept.references]
-        if images:
-            concept = self._add_references(bank, concept, name, images, face_index, face_policy)
-            self.store.save(bank)
-        return EnrollResult(
-            user_id=user_id,
-            name=name,
-            concept_id=concept.concept_id,
-            references=len(concept.references),
-            added=len(images),
-            created=created,
-            bank=self.store.location(user_id),
+        images = [p for p in images if concept is None or p not in concept.references]
+        faces = _ReferenceFaces(self, self.reference_faces(images), face_index, face_policy) if images else None
+        for _ in range(COMMIT_ATTEMPTS):
+            concept, added, created = faces.add_to(bank, name) if faces else (concept, 0, False)
+            if not added or self.store.commit(bank):
+                return EnrollResult(
+                    user_id=user_id,
+                    name=name,
+                    concept_id=concept.concept_id,
+                    references=len(concept.references),
+                    added=added,
+                    created=created,
+                    bank=bank.location,
+                    version=bank.version,
+                )
+            log.warning("version %d of %s's bank was committed by another writer; applying %r to it",
+                        bank.version + 1, user_id, name)  # fmt: skip
+            bank = self._load(user_id)
+        raise BankError(
+            f"the concept bank {self.store.location(user_id)} changed {COMMIT_ATTEMPTS} times while {name!r} was "
+            "being enrolled, each time before this enrollment could commit; nothing was written: enroll again"
         )
 
-    def _add_references(
-        self,
-        bank: UserBank,
-        concept: Concept | None,
-        name: str,
-        images: list[str],
-        face_index: int | None,
-        face_policy: FacePolicy,
-    ) -> Concept:
-        """``concept`` (a new one if None, added to ``bank``) with the faces of ``images`` as references."""
-        rows = self.reference_faces(images)
-        chosen = []
-        for row in rows:
-            size = (row["pixels_width"], row["pixels_height"])
-            chosen.append(choose_face(working_faces(row), size, row["path"], face_index, face_policy))
-        descriptors = np.asarray([row["faces"][i]["embedding"] for row, i in zip(rows, chosen)], np.float32)
+    def _load(self, user_id: str) -> UserBank:
+        """The user's newest bank (a new one if none), refused if enrolled with another embedder or Aligner."""
+        space, aligner = self.space, self.models.aligner_identity
+        bank = self.store.load(user_id) or UserBank(user_id=user_id, embedder=space, aligner=aligner)
+        bank.check_compatible(embedder=space, aligner=aligner, where=f" at {self.config.bank}")
+        return bank
+
+
+class _ReferenceFaces:
+    """The reference faces of some photos, ready to be added to a bank (again, if a commit lost a race)."""
+
+    def __init__(self, enroller: Enroller, rows: list[dict], face_index: int | None, face_policy: FacePolicy) -> None:
+        self.enroller, self.rows = enroller, rows
+        self.chosen = [
+            choose_face(working_faces(row), (row["pixels_width"], row["pixels_height"]), row["path"], face_index, face_policy)
+            for row in rows
+        ]
+        self.paths: list[str] = [row["path"] for row in rows]
+        self.descriptors = np.asarray([row["faces"][i]["embedding"] for row, i in zip(rows, self.chosen)], np.float32)
+        self._tokens: tuple[np.ndarray, np.ndarray] | None = None
+
+    def tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """The soft tokens and head weight of the first photo's reference face (computed once)."""
+        if self._tokens is None:
+            first = self.rows[0]
+            self._tokens = self.enroller.encoder.encode(row_pixels(first), working_faces(first)[self.chosen[0]])
+        return self._tokens
+
+    def add_to(self, bank: UserBank, name: str) -> tuple[Concept, int, bool]:
+        """``bank``'s concept ``name`` (new if it has none) with these faces as references, how many it gained
+        (a photo that is a reference already is not added again), and whether it is new."""
+        concept = bank.find(name)
         if concept is None:
-            first = rows[0]
-            soft_tokens, head_weight = self.encoder.encode(row_pixels(first), working_faces(first)[chosen[0]])
-            concept = Concept(
-                name=name,
-                face_descriptors=descriptors,
-                soft_tokens=soft_tokens,
-                head_weight=head_weight,
-                references=[r["path"] for r in rows],
-            )
+            soft_tokens, head_weight = self.tokens()
+            concept = Concept(name, self.descriptors, soft_tokens, head_weight, list(self.paths))
             bank.concepts.append(concept)
-        else:
-            concept.face_descriptors = np.concatenate([concept.face_descriptors, descriptors])
-            concept.references = [*concept.references, *(r["path"] for r in rows)]
+            return concept, len(self.paths), True
+        new = [i for i, path in enumerate(self.paths) if path not in concept.references]
+        if new:
+            concept.face_descriptors = np.concatenate([concept.face_descriptors, self.descriptors[new]])
+            concept.references = [*concept.references, *(self.paths[i] for i in new)]
             concept.updated_at = datetime.now(UTC)
-        return concept
+        return concept, len(new), False
 
 
 def enroll(

@@ -27,7 +27,8 @@ class InputNotFound(PlvmError, FileNotFoundError):
 
 
 class BankError(PlvmError, ValueError):
-    """A bank that cannot be used: missing, unreadable, of another schema or another model."""
+    """A bank that cannot be used: unreadable, damaged or changed (checksums, non-finite vectors, shapes), of another
+    schema or another model, or changed by other enrollments each time this one tried to commit."""
 
 
 class OutputExists(PlvmError, ValueError):

@@ -14,6 +14,7 @@ from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 StorageOptions = dict[str, dict[str, Any]]
 
@@ -105,11 +106,25 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     """Write ``path`` only if no file has that name yet; False (nothing written) if one has.
 
-    Of several writers racing to create the same name, exactly one wins: an exclusive open
-    (``O_EXCL``) on local disks, a conditional put (``If-None-Match: *``) on S3. A filesystem
-    with neither refuses the ``x`` mode, so the guarantee is never silently lost.
+    Of several writers racing to create the same name, exactly one wins, and readers see the
+    file whole or not at all: on local disks the bytes go to a temporary sibling that is then
+    hard-linked to ``path`` (``link`` fails if the name exists); on S3 a conditional put
+    (``If-None-Match: *``). A filesystem with neither refuses the ``x`` mode, so the guarantee
+    is never silently lost.
     """
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    parent = posixpath.dirname(path)
+    fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "xb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
     try:
         with fs.open(path, "xb") as f:
             f.write(data)

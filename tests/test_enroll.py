@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from conftest import make_config, photo
+from conftest import REPO, make_config, photo
 from pipelines.enroll import EnrollError, choose_face, enroll
 from plvm_model.bank import ConceptBank
 from plvm_model.concepts import ConceptEncoder
@@ -67,10 +77,9 @@ def test_a_photo_without_a_face_is_refused_and_nothing_is_written(config, yollav
     assert ConceptBank(config.bank).load("bob") is None
 
     enroll(config, "bob", "Viruss", [photo("viruss", "ref_img.jpg")])
-    before = (tmp_path / "banks" / "bob" / "concepts.parquet").read_bytes()
     with pytest.raises(EnrollError, match="no face found"):
         enroll(config, "bob", "Thao", [photo("thao", "ref_img.jpg"), str(empty)])
-    assert (tmp_path / "banks" / "bob" / "concepts.parquet").read_bytes() == before
+    assert os.listdir(tmp_path / "banks" / "bob") == ["concepts.v000001.parquet"], "no version was committed"
 
 
 def test_several_similar_faces_need_a_choice(config, yollava, tmp_path):
@@ -123,3 +132,67 @@ def test_centre_policy_enrolls_the_middle_of_three_similar_faces(config, yollava
 def test_bad_names_are_refused(config, name):
     with pytest.raises(EnrollError, match="invalid concept name"):
         enroll(config, "erin", name, ["unused.jpg"])
+
+
+@contextlib.contextmanager
+def photos_served_together(files: dict[str, str], together: int) -> Iterator[str]:
+    """``http://127.0.0.1:PORT``, serving ``files`` (name -> path); the first ``together`` downloads are all
+    answered only once all of them have been asked for."""
+    arrived, everyone = [], threading.Event()
+    lock = threading.Lock()
+
+    class Photos(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.answer(body=False)
+
+        def do_GET(self) -> None:
+            with lock:
+                arrived.append(self.path)
+                if len(arrived) >= together:
+                    everyone.set()
+            everyone.wait(timeout=300)
+            self.answer(body=True)
+
+        def answer(self, body: bool) -> None:
+            data = Path(files[self.path.lstrip("/")]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Photos)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_concurrent_enrollments_into_one_bank_keep_every_person(config, yollava, tmp_path):
+    """Two ``plvm enroll`` processes read the same version of one user's bank, then both commit: each
+    downloads its reference photo, which is sent only once both asked for theirs (so both loaded the bank)."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    people = {"Thao": photo("thao", "ref_img.jpg"), "Viruss": photo("viruss", "ref_img.jpg")}
+    with photos_served_together({f"{name}.jpg": path for name, path in people.items()}, len(people)) as url:
+        running = {
+            name: subprocess.Popen(
+                [sys.executable, "-m", "pipelines.cli", "enroll", "--config", str(config_file), "--user", "pat",
+                 "--name", name, f"{url}/{name}.jpg"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            for name in people
+        }  # fmt: skip
+        done = {name: process.communicate(timeout=600) for name, process in running.items()}
+    for name, process in running.items():
+        assert process.returncode == 0, done[name][1][-3000:]
+        assert f"enrolled '{name}'" in done[name][0]
+    bank = ConceptBank(config.bank).load("pat")
+    assert sorted(c.name for c in bank.concepts) == ["Thao", "Viruss"] and bank.version == 2
+    assert sum("was committed by another writer" in err for _, err in done.values()) == 1, "the commits raced"

@@ -35,7 +35,7 @@ def test_photos_bank_and_output_on_s3(s3, tmp_path, yollava, tiny_models, ray_lo
                          output={"uri": "s3://results/run1"})  # fmt: skip
 
     enroll(config, "nina", "Thao", ["s3://photos/refs/thao.jpg"])
-    assert fs.exists("banks/prod/nina/concepts.parquet")
+    assert fs.exists("banks/prod/nina/concepts.v000001.parquet")
     assert ConceptBank("s3://banks/prod", options).load("nina").concepts[0].references == ["s3://photos/refs/thao.jpg"]
 
     summary = caption(config)
