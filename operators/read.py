@@ -145,8 +145,9 @@ def _read_manifest(
                 io.BytesIO(data),
                 read_options=pa_csv.ReadOptions(use_threads=False),  # so that bad lines know their number
                 parse_options=pa_csv.ParseOptions(invalid_row_handler=keep_ragged),
-                convert_options=pa_csv.ConvertOptions(strings_can_be_null=True, column_types={"path": pa.string(),
-                                                                                              "user_id": pa.string()}),
+                # only an empty cell is missing: a user or a file may be called "nan", "NULL" or "NA"
+                convert_options=pa_csv.ConvertOptions(strings_can_be_null=True, null_values=[""],
+                                                      column_types={"path": pa.string(), "user_id": pa.string()}),
             )  # fmt: skip
         else:
             table = pq.read_table(io.BytesIO(data))

@@ -249,3 +249,12 @@ def test_on_s3_a_glob_lists_objects_only_never_the_output_and_a_manifest_reaches
     assert read[0]["data"] == b"a"
     assert [(r["error_kind"], r["data"]) for r in read[1:]] == [("outside_input_scope", None)] * len(outside)
     assert all("[s3://photos/u]" in r["error"] for r in read[1:])
+
+
+def test_a_manifest_cell_is_missing_only_when_empty(photos):
+    manifest = photos / "lists" / "users.csv"
+    manifest.write_text("path,user_id\n../photos/a.jpg,nan\n../photos/b.png,NULL\n../photos/a.jpg,NA\n../photos/b.png,\n")
+    listing = list_inputs(InputConfig(uri=str(manifest), allowed=[str(photos)])).to_pylist()
+    assert [r["user_id"] for r in listing[:3]] == ["nan", "NULL", "NA"]
+    assert [r["error"] for r in listing[:3]] == [None] * 3
+    assert "'user_id' is empty" in listing[3]["error"]
