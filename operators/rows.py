@@ -124,7 +124,8 @@ _MEANINGS = {
     ErrorKind.INVALID_USER: "the user id is not a safe path segment",
     ErrorKind.UNKNOWN_USER: "the user has no concept bank",
     ErrorKind.EMPTY_BANK: "the user's bank has no concepts",
-    ErrorKind.BANK_ERROR: "the user's bank was made with another face embedder or Aligner",
+    ErrorKind.BANK_ERROR: "the user's bank cannot serve this run: made with another face embedder or Aligner, "
+    "or its pinned version became unreadable during the run",
     ErrorKind.ENGINE_TIMEOUT: "the engine gave no answer within `generate.timeout_s` (retryable)",
     ErrorKind.STAGE_FAILED: "a stage raised an unexpected exception on this photo, tolerated because "
     "`run.max_failed_fraction` > 0 (retryable)",
