@@ -1,0 +1,125 @@
+"""The embedded Ray of a real ``plvm caption``: it listens on loopback only, and what a killed run leaves is stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+
+from conftest import make_config, photo
+from pipelines.enroll import enroll
+from pipelines.ray_processes import stop
+from test_resilience import caption_command, photos
+
+
+def loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def family(pid: int) -> list[psutil.Process]:
+    """``pid`` and its descendants: a driver, the Ray it started and that Ray's workers."""
+    try:
+        proc = psutil.Process(pid)
+        return [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def listening(procs: list[psutil.Process]) -> dict[tuple[str, int], str]:
+    """The TCP sockets in LISTEN and the unconnected UDP sockets of ``procs``: address -> process name."""
+    found = {}
+    for proc in procs:
+        try:
+            sockets, name = proc.net_connections(kind="inet"), proc.name()
+        except psutil.Error:
+            continue
+        for s in sockets:
+            if s.status == psutil.CONN_LISTEN or (s.status == psutil.CONN_NONE and not s.raddr):
+                found[(s.laddr.ip, s.laddr.port)] = name
+    return found
+
+
+def running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def enrolled(tmp_path: Path):
+    """A config whose bank knows user ``kim``."""
+    config = make_config(tmp_path, ray={"num_cpus": 2, "progress": "off"})
+    enroll(config, "kim", "Viruss", [photo("viruss", "ref_img.jpg")])
+    return config
+
+
+@contextlib.contextmanager
+def caption_process(tmp_path: Path, config, n_each: int, name: str, *args: str) -> Iterator[subprocess.Popen]:
+    """A ``plvm caption`` subprocess over ``2 * n_each`` photos of ``kim``, its stderr in ``NAME.err``.
+
+    Interrupted (Ctrl-C) if still running at the end of the block, and whatever it started stopped.
+    """
+    command, env = caption_command(tmp_path, config, photos(n_each), "kim")
+    stderr = (tmp_path / f"{name}.err").open("w")
+    run = subprocess.Popen([*command, *args], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        yield run
+    finally:
+        started = family(run.pid)
+        run.send_signal(signal.SIGINT)
+        run.wait(timeout=120)
+        stop([p for p in started if running(p)])
+
+
+def wait_for(what, timeout_s: float = 300.0):
+    deadline = time.monotonic() + timeout_s
+    while not (found := what()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
+
+
+def stage_actors(pid: int) -> set[str]:
+    """The stage actors (Ray Data's map workers) of the run ``pid`` that are up."""
+    return {p.name() for p in family(pid) if "MapWorker" in p.name() and running(p)}
+
+
+def test_the_embedded_ray_listens_on_loopback_only(tmp_path, yollava, tiny_models):
+    with caption_process(tmp_path, enrolled(tmp_path), 1, "run") as run:
+        sockets: dict[tuple[str, int], str] = {}
+        every_stage = time.monotonic() + 300
+        # Ray's processes start one after another: look until every stage's actor is up, and a second more
+        while time.monotonic() < every_stage and run.poll() is None:
+            sockets.update(listening(family(run.pid)))
+            if len(stage_actors(run.pid)) == 3 and every_stage > time.monotonic() + 1:
+                every_stage = time.monotonic() + 1
+            time.sleep(0.1)
+    names = set(sockets.values())
+    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names, sockets
+    assert sum("MapWorker" in name for name in names) == 3, f"each stage's actor listens too: {sockets}"
+    exposed = {address: name for address, name in sockets.items() if not loopback(address[0])}
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def test_the_next_run_stops_what_a_killed_run_left_and_nothing_else(tmp_path, yollava, tiny_models, ray_local):
+    other = [p for p in family(psutil.Process().pid) if p.name() in ("gcs_server", "raylet")]  # ray_local's
+    assert other, "the session's Ray: a live run's"
+    config = enrolled(tmp_path)
+    with caption_process(tmp_path, config, 2, "first") as first:
+        assert wait_for(lambda: stage_actors(first.pid)), "the stages run"
+        left = family(first.pid)[1:]
+        first.kill()  # the driver only
+        first.wait()
+        assert any(running(p) for p in left), "a killed driver's Ray lingers"
+
+    with caption_process(tmp_path, config, 2, "second", "--resume") as second:
+        assert wait_for(lambda: stage_actors(second.pid)), "the next run's stages run"
+        assert not [p for p in left if running(p)], "the next run stopped what the killed one left, before starting"
+    assert "Ray processes left by earlier runs that were killed" in (tmp_path / "second.err").read_text()
+    assert all(running(p) for p in other) and ray_local.get(ray_local.put(7)) == 7, "a live run's Ray is untouched"
