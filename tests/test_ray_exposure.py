@@ -32,18 +32,17 @@ def family(pid: int) -> list[psutil.Process]:
         return []
 
 
-def listening(procs: list[psutil.Process]) -> dict[tuple[str, int], str]:
-    """The TCP sockets in LISTEN and the unconnected UDP sockets of ``procs``: address -> process name."""
-    found = {}
+def listening(procs: list[psutil.Process]) -> set[tuple[str, str, int]]:
+    """The TCP sockets in LISTEN and the unconnected UDP sockets of ``procs``: (process name, address, port)."""
+    names = {}
     for proc in procs:
-        try:
-            sockets, name = proc.net_connections(kind="inet"), proc.name()
-        except psutil.Error:
-            continue
-        for s in sockets:
-            if s.status == psutil.CONN_LISTEN or (s.status == psutil.CONN_NONE and not s.raddr):
-                found[(s.laddr.ip, s.laddr.port)] = name
-    return found
+        with contextlib.suppress(psutil.Error):
+            names[proc.pid] = proc.name()
+    return {
+        (names[s.pid], s.laddr.ip, s.laddr.port)
+        for s in psutil.net_connections(kind="inet")
+        if s.pid in names and (s.status == psutil.CONN_LISTEN or (s.status == psutil.CONN_NONE and not s.raddr))
+    }
 
 
 def running(proc: psutil.Process) -> bool:
@@ -85,26 +84,31 @@ def wait_for(what, timeout_s: float = 300.0):
     return found
 
 
-def stage_actors(pid: int) -> set[str]:
-    """The stage actors (Ray Data's map workers) of the run ``pid`` that are up."""
-    return {p.name() for p in family(pid) if "MapWorker" in p.name() and running(p)}
+STAGES = ("DetectFaces", "EmbedFaces", "Generate")
+"""The stages whose actors (Ray Data's map workers) a caption run starts, Generate last (after the cohort barrier)."""
+
+
+def stages_up(pid: int) -> set[str]:
+    """The stages of the run ``pid`` whose actor is up."""
+    names = [p.name() for p in family(pid) if running(p)]
+    return {stage for stage in STAGES for name in names if "MapWorker" in name and stage in name}
 
 
 def test_the_embedded_ray_listens_on_loopback_only(tmp_path, yollava, tiny_models):
     with caption_process(tmp_path, enrolled(tmp_path), 1, "run") as run:
-        sockets: dict[tuple[str, int], str] = {}
-        every_stage = time.monotonic() + 300
+        sockets: set[tuple[str, str, int]] = set()
+        until = time.monotonic() + 300
         # Ray's processes start one after another: look until every stage's actor is up, and a second more
-        while time.monotonic() < every_stage and run.poll() is None:
-            sockets.update(listening(family(run.pid)))
-            if len(stage_actors(run.pid)) == 3 and every_stage > time.monotonic() + 1:
-                every_stage = time.monotonic() + 1
-            time.sleep(0.1)
-    names = set(sockets.values())
-    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names, sockets
-    assert sum("MapWorker" in name for name in names) == 3, f"each stage's actor listens too: {sockets}"
-    exposed = {address: name for address, name in sockets.items() if not loopback(address[0])}
+        while time.monotonic() < until and run.poll() is None:
+            sockets |= listening(family(run.pid))
+            if len(stages_up(run.pid)) == len(STAGES):
+                until = min(until, time.monotonic() + 1)
+            time.sleep(0.5)
+    exposed = sorted(socket for socket in sockets if not loopback(socket[1]))
     assert not exposed, f"listening beyond loopback: {exposed}"
+    names = {name for name, _, _ in sockets}
+    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names, sockets
+    assert {stage for stage in STAGES for name in names if stage in name} == set(STAGES), f"the actors too: {sockets}"
 
 
 def test_the_next_run_stops_what_a_killed_run_left_and_nothing_else(tmp_path, yollava, tiny_models, ray_local):
@@ -112,14 +116,14 @@ def test_the_next_run_stops_what_a_killed_run_left_and_nothing_else(tmp_path, yo
     assert other, "the session's Ray: a live run's"
     config = enrolled(tmp_path)
     with caption_process(tmp_path, config, 2, "first") as first:
-        assert wait_for(lambda: stage_actors(first.pid)), "the stages run"
+        assert wait_for(lambda: stages_up(first.pid)), "the stages run"
         left = family(first.pid)[1:]
         first.kill()  # the driver only
         first.wait()
         assert any(running(p) for p in left), "a killed driver's Ray lingers"
 
     with caption_process(tmp_path, config, 2, "second", "--resume") as second:
-        assert wait_for(lambda: stage_actors(second.pid)), "the next run's stages run"
+        assert wait_for(lambda: stages_up(second.pid)), "the next run's stages run"
         assert not [p for p in left if running(p)], "the next run stopped what the killed one left, before starting"
     assert "Ray processes left by earlier runs that were killed" in (tmp_path / "second.err").read_text()
     assert all(running(p) for p in other) and ray_local.get(ray_local.put(7)) == 7, "a live run's Ray is untouched"
