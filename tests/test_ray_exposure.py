@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-
 from conftest import make_config, photo
+from test_resilience import caption_command, photos
+
 from pipelines.enroll import enroll
 from pipelines.ray_processes import stop
-from test_resilience import caption_command, photos
 
 
 def loopback(ip: str) -> bool:
