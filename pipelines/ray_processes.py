@@ -1,12 +1,13 @@
 """The processes of a Ray on this machine, found by its session folder, and the leftovers of killed runs stopped.
 
 Every process a Ray starts (GCS, raylet, agents, dashboard, monitors, workers, actors, and
-what they start in turn) writes its output into ``logs/`` of the Ray's session folder: its
-standard output or error is a file there. That finds them all, whatever their title (Ray
-rewrites the command lines, and with them the environment that ``/proc`` shows). The embedded
-Ray of a run is claimed with the run's mark (pid and start time) in ``plvm_owner`` in its
-session folder; a Ray whose owner has died is a leftover. Rays without that file (another
-user's, one from ``ray start``, a cluster's) and those of live runs are never touched.
+what they start in turn) holds a file in ``logs/`` of the Ray's session folder open for
+writing (its log, or its standard output inherited). That finds them all, whatever their
+title (Ray rewrites the command lines, and with them the environment that ``/proc`` shows).
+The embedded Ray of a run is claimed with the run's mark (pid and start time) in
+``plvm_owner`` in its session folder; a Ray whose owner has died is a leftover. Rays without
+that file (another user's, one from ``ray start``, a cluster's) and those of live runs are
+never touched.
 """
 
 from __future__ import annotations

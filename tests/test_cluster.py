@@ -31,7 +31,9 @@ def test_caption_job_on_a_two_node_cluster_with_s3(tmp_path, yollava, tiny_model
     done = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(result_file.read_text())
-    assert result["left_running"] == [], "the scenario stops the cluster it started"
+    stopped = Counter(result["cluster"]["stopped"])
+    assert stopped["gcs_server"] == 1 and stopped["raylet"] == 2, stopped
+    assert result["cluster"]["running"] == [], "the scenario stops the cluster it started"
     assert other and all(running(p) for p in other), "and no other Ray on the machine"
     assert [code for code, _ in result["enroll"]] == [0, 0], result["enroll"]
     assert result["head"][0] == 0 and result["worker"][0] == 0, (result["head"], result["worker"])

@@ -15,7 +15,7 @@ from conftest import make_config, photo
 from test_resilience import caption_command, photos
 
 from pipelines.enroll import enroll
-from pipelines.ray_processes import stop
+from pipelines.ray_processes import OWNER_FILE, owner_mark, stop, stop_leftovers
 
 
 def loopback(ip: str) -> bool:
@@ -127,3 +127,25 @@ def test_the_next_run_stops_what_a_killed_run_left_and_nothing_else(tmp_path, yo
         assert not [p for p in left if running(p)], "the next run stopped what the killed one left, before starting"
     assert "Ray processes left by earlier runs that were killed" in (tmp_path / "second.err").read_text()
     assert all(running(p) for p in other) and ray_local.get(ray_local.put(7)) == 7, "a live run's Ray is untouched"
+
+
+def test_only_processes_of_sessions_whose_claiming_run_is_dead_are_stopped(tmp_path):
+    me = psutil.Process()
+    claims = {
+        "dead": f"{me.pid}:{me.create_time() + 1}",  # this pid, but another process: a pid reused since
+        "live": owner_mark(),
+        "unclaimed": None,
+    }
+    writers = {}
+    for name, mark in claims.items():
+        logs = tmp_path / f"session_{name}" / "logs"
+        logs.mkdir(parents=True)
+        if mark:
+            (logs.parent / OWNER_FILE).write_text(mark)
+        with (logs / "worker.out").open("w") as out:
+            writers[name] = psutil.Popen(["sleep", "60"], stdout=out)
+    try:
+        assert stop_leftovers() >= 1
+        assert [name for name, proc in writers.items() if running(proc)] == ["live", "unclaimed"]
+    finally:
+        stop(list(writers.values()))
