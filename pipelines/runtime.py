@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 
 from pipelines.config import RayConfig
+from pipelines.ray_processes import claim, stop_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +36,11 @@ _PROGRESS_BARS_OFF = _DropRecords("Progress bars disabled.", "Progress bars for 
 
 
 def init_ray(config: RayConfig) -> None:
-    """Join ``config.address`` (or ``RAY_ADDRESS``, set inside a Ray job), else start a private Ray on 127.0.0.1.
+    """Join ``config.address`` (or ``RAY_ADDRESS``, set inside a Ray job), else start a private Ray on loopback.
 
-    A no-op when Ray is already up in this process.
+    The private Ray is claimed as this process's (``pipelines.ray_processes``), and before it
+    starts, the processes that killed runs left are stopped. A no-op when Ray is
+    already up in this process.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -46,13 +51,16 @@ def init_ray(config: RayConfig) -> None:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(
-                num_cpus=config.num_cpus,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-            )
+            stop_leftovers()
+            with _loopback_only():
+                started = ray.init(
+                    num_cpus=config.num_cpus,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                )
+            claim(started.address_info["session_dir"])
         _spend_actor_restart_notice()
     context = DataContext.get_current()
     context.execution_no_progress_timeout_s = config.no_progress_timeout_s
@@ -62,6 +70,27 @@ def init_ray(config: RayConfig) -> None:
     context.enable_operator_progress_bars = bars
     context.print_on_execution_start = False
     logging.getLogger("ray.data._internal.progress").addFilter(_PROGRESS_BARS_OFF)
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Within the block, ``ray.init(_node_ip_address="127.0.0.1")`` keeps 127.0.0.1 as the node's address.
+
+    Ray 2.60 replaces a loopback node address by the machine's own (``resolve_ip_for_localhost``)
+    unless it thinks it cannot form clusters (``ray_constants.ENABLE_RAY_CLUSTER``, read from
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when ``ray`` is first imported, so it is set here on the
+    module). On the machine's address the GCS, the raylet, the object manager and every worker
+    listen on all interfaces, the agents and the metrics ports on that address; on 127.0.0.1
+    they all listen on loopback only (tests/test_ray_exposure.py lists them).
+    """
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def _spend_actor_restart_notice() -> None:

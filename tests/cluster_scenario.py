@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import fsspec
+import psutil
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -30,11 +31,35 @@ sys.path[:0] = [str(HERE), str(REPO)]
 from conftest import DATA  # noqa: E402
 from s3_endpoint import CREDENTIALS, free_port, moto_endpoint  # noqa: E402
 
+from pipelines.ray_processes import session_processes, stop  # noqa: E402
+
 BIN = Path(sys.executable).parent
 
 
 def run(*command: str, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def stop_cluster(temp_dir: Path) -> dict[str, list[str]]:
+    """Stop this scenario's cluster and nothing else; the names of its processes stopped and still running.
+
+    Not ``ray stop``, which stops every Ray on the machine. The cluster's processes are those of
+    the Ray sessions under ``temp_dir`` (both nodes and the job's driver write there), and any
+    whose command line names ``temp_dir`` (the GCS, the raylets).
+    """
+
+    def started() -> list[psutil.Process]:
+        found = {proc.pid: proc for session, procs in session_processes().items() if session.parent == temp_dir
+                 for proc in procs}  # fmt: skip
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(temp_dir) in " ".join(proc.info["cmdline"] or []) and proc.pid != os.getpid():
+                found[proc.pid] = proc
+        return list(found.values())
+
+    cluster = started()
+    names = [proc.name() for proc in cluster]
+    stop(cluster)
+    return {"stopped": names, "running": [proc.name() for proc in started()]}
 
 
 def main(result_file: Path) -> None:
@@ -100,7 +125,7 @@ def main(result_file: Path) -> None:
                       env=env)  # fmt: skip
             result["submit"] = [job.returncode, job.stdout[-6000:], job.stderr[-3000:]]
         finally:
-            run(str(BIN / "ray"), "stop", "--force", env=env)
+            result["cluster"] = stop_cluster(Path(temp_dir))
             shutil.rmtree(config_file.parent, ignore_errors=True)
             shutil.rmtree(temp_dir, ignore_errors=True)
         sys.path.insert(0, str(REPO))

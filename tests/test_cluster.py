@@ -8,9 +8,10 @@ import subprocess
 import sys
 from collections import Counter
 
+import psutil
 import pytest
-
 from conftest import REPO
+from test_ray_exposure import family, running
 
 pytestmark = pytest.mark.cluster
 
@@ -23,12 +24,17 @@ def private_network() -> list[str]:
     return []
 
 
-def test_caption_job_on_a_two_node_cluster_with_s3(tmp_path, yollava, tiny_models):
+def test_caption_job_on_a_two_node_cluster_with_s3(tmp_path, yollava, tiny_models, ray_local):
+    other = [p for p in family(psutil.Process().pid) if p.name() in ("gcs_server", "raylet")]  # ray_local's
     result_file = tmp_path / "result.json"
     command = [*private_network(), sys.executable, str(REPO / "tests" / "cluster_scenario.py"), str(result_file)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(result_file.read_text())
+    stopped = Counter(result["cluster"]["stopped"])
+    assert stopped["gcs_server"] == 1 and stopped["raylet"] == 2, stopped
+    assert result["cluster"]["running"] == [], "the scenario stops the cluster it started"
+    assert other and all(running(p) for p in other), "and no other Ray on the machine"
     assert [code for code, _ in result["enroll"]] == [0, 0], result["enroll"]
     assert result["head"][0] == 0 and result["worker"][0] == 0, (result["head"], result["worker"])
     assert result["nodes"] == [True, True], "two live nodes"
