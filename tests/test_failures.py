@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -11,16 +13,16 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import ray.cloudpickle
-
 from conftest import REPO, make_config, photo
+from test_resilience import assert_exactly_once, photos, write_manifest
+
 from operators.detect import DetectFaces
+from operators.generate import Generate
 from operators.rows import ErrorKind
-from operators.write import read_output
+from operators.write import keys, read_output
 from pipelines.caption import caption, caption_stages
 from pipelines.enroll import enroll
 from plvm_model.errors import EXIT_CODES, RunFailed
-from test_resilience import assert_exactly_once, photos, write_manifest
-
 
 # Ray's workers cannot import the tests: the buggy stage below travels by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -38,14 +40,28 @@ class FailsOn(DetectFaces):
         return super().__call__(batch)
 
 
-def buggy(marker: str):
-    """``caption_stages`` with the detect stage replaced by :class:`FailsOn` ``marker``."""
-    udf = type("FailsOn", (FailsOn,), {"marker": marker})
+class DiesMidRun(Generate):
+    """The real generate stage, whose process dies (SIGKILL, as the OOM killer does) at its second batch."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.batches = getattr(self, "batches", 0) + 1
+        if self.batches == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__call__(batch)
+
+
+def replacing(name: str, udf: type):
+    """``caption_stages`` with the batch function of stage ``name`` replaced by ``udf``."""
 
     def stages(config, **kwargs):
-        return [replace(s, udf=udf) if s.name == "detect" else s for s in caption_stages(config, **kwargs)]
+        return [replace(s, udf=udf) if s.name == name else s for s in caption_stages(config, **kwargs)]
 
     return stages
+
+
+def buggy(marker: str):
+    """``caption_stages`` with the detect stage replaced by :class:`FailsOn` ``marker``."""
+    return replacing("detect", type("FailsOn", (FailsOn,), {"marker": marker}))
 
 
 def manifest_config(tmp_path: Path, user: str, paths: list[str], **sections):
@@ -131,6 +147,22 @@ def test_a_model_that_cannot_load_fails_the_run_naming_the_stage(tmp_path, yolla
     with pytest.raises(RunFailed, match="stage generate could not start: .*no-model"):
         caption(config)
     assert read_output(config.output.uri).num_rows == 0, "no photo was turned into an error row"
+
+
+def test_an_engine_whose_process_dies_stops_the_run_and_resume_finishes_it(tmp_path, yollava, tiny_models, ray_local):
+    small = {"concurrency": 1, "num_cpus": 0.25, "threads": 1, "batch_size": 2}
+    paths = photos(3)
+    config = manifest_config(tmp_path, "ann", paths, output={"rows_per_file": 2}, generate={"resources": small})
+    with pytest.raises(RunFailed, match="the Generate actor died and is not restarted") as stopped:
+        caption(config, stages=replacing("generate", type("Generate", (DiesMidRun,), {})))
+    assert "--resume" in str(stopped.value) and stopped.value.exit_code == 3
+    before = keys(read_output(config.output.uri, columns=["path", "user_id"]))
+    assert sum(before.values()) <= 2, "no batch after the engine's death was answered by a restarted engine"
+    assert not any(r["error"] for r in read_output(config.output.uri).to_pylist()), "no photo took the engine's fault"
+
+    summary = caption(config, resume=True)
+    assert summary.skipped == sum(before.values()) and summary.photos == len(paths) - summary.skipped
+    assert_exactly_once(config.output.uri, paths, "ann")
 
 
 def test_every_error_kind_and_exit_code_is_in_the_readme():

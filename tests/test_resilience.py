@@ -15,12 +15,12 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from conftest import REPO, make_config, photo
+
 from operators.write import OutputFolder, keys, read_output
-from plvm_model.errors import OutputExists, RunFailed
 from pipelines.caption import caption
 from pipelines.enroll import enroll
+from plvm_model.errors import OutputExists
 
 
 def photos(n_each: int) -> list[str]:
@@ -139,31 +139,3 @@ def test_overwrite_starts_again(tmp_path, yollava, tiny_models, ray_local):
     assert_exactly_once(config.output.uri, paths, "max")
     assert OutputFolder(config.output.uri).part_files(first.run_id) == []
 
-
-def test_an_engine_whose_process_dies_stops_the_run_and_resume_finishes_it(tmp_path, yollava, tiny_models, ray_local):
-    # small generate batches of longer answers: the engine is still at work when it is killed
-    small = {"concurrency": 1, "num_cpus": 0.25, "threads": 1, "batch_size": 2}
-    config = make_config(tmp_path, output={"rows_per_file": 2}, generate={"max_new_tokens": 24, "resources": small})
-    enroll(config, "ann", "Thao", [photo("thao", "ref_img.jpg")])
-    paths = photos(6)
-    config = config.model_copy(
-        update={"input": config.input.model_copy(update={"uri": write_manifest(tmp_path / "m.csv", paths, "ann")})}
-    )
-    killed: list[int] = []
-    stop = threading.Event()
-    killer = threading.Thread(target=kill_once, args=("MapBatches(Generate)", killed, stop), daemon=True)
-    killer.start()
-    try:
-        with pytest.raises(RunFailed, match="the Generate actor died") as stopped:
-            caption(config)
-    finally:
-        stop.set()
-    assert killed, "the engine's actor was killed during the run"
-    assert "--resume" in str(stopped.value)
-    before = keys(read_output(config.output.uri, columns=["path", "user_id"]))
-    assert sum(before.values()) < len(paths) and all(n == 1 for n in before.values())
-    assert not any(r["error"] for r in read_output(config.output.uri).to_pylist()), "no photo took the engine's fault"
-
-    summary = caption(config, resume=True)
-    assert summary.skipped == sum(before.values()) and summary.photos == len(paths) - summary.skipped
-    assert_exactly_once(config.output.uri, paths, "ann")
