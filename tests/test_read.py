@@ -221,7 +221,8 @@ def test_plvm_caption_of_an_empty_folder_exits_2_naming_it_unless_allow_empty(tm
         "or pass --allow-empty (input.allow_empty) if an empty input is expected"
     )
     assert refused.stderr.strip().splitlines() == [message]
-    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()], "nothing is written (the lease is released)"
+    written = [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert written == ["_lease.lock"], "nothing is written but the lock of the lease (the lease itself is released)"
     allowed = run([*command, "--allow-empty"])
     assert allowed.returncode == 0, allowed.stderr
     assert json.loads(allowed.stdout.splitlines()[-1])["photos"] == 0
