@@ -109,10 +109,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from operators.write import read_output
+    from pipelines.report import caption_rows
 
-    config = _config(args)
-    table = read_output(args.output, config.storage).sort_by("path")
+    table = caption_rows(args.output, _config(args).storage)
     for row in table.slice(0, args.limit).to_pylist():
         names = ", ".join(row["concepts"] or []) or "-"
         text = row["error"] or row["caption"] or ""
@@ -181,7 +180,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=200, help="photos drawn (default 200)")
 
     s = command("show", cmd_show, "print the rows of a caption run's output: path, named people, caption or error")
-    s.add_argument("output", help="output folder URI")
+    s.add_argument("output", help="output folder URI, or one Parquet file")
     s.add_argument("--limit", type=int, default=20, help="rows to print (default 20)")
     return p
 
