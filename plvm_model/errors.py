@@ -34,6 +34,15 @@ class OutputExists(PlvmError, ValueError):
     """The output already holds committed rows, and the run was not told to resume, retry or overwrite."""
 
 
+class OutputUnwritable(PlvmError, OSError):
+    """The output cannot be written (a file in the folder's place, no write rights, a missing bucket): found at
+    the start of a run, before any work."""
+
+
+class ResourcesUnavailable(PlvmError, ValueError):
+    """A stage asks for more CPUs or GPUs per actor or task than any node of the Ray cluster has or could have."""
+
+
 class RunFailed(PlvmError, RuntimeError):
     """The system failed (a stage's bug, a dead or stuck engine) beyond the run's failure budget."""
 
@@ -53,8 +62,9 @@ class RowCountMismatch(PlvmError, RuntimeError):
 EXIT_CODES: dict[int, str] = {
     0: "success: every listed photo has exactly one row (input faults are rows with an error)",
     1: "a bug: an unexpected exception, printed with its traceback",
-    2: "bad usage, config, input, bank, or an output that already holds rows (ConfigError, InputError, "
-    "InputNotFound, BankError, OutputExists)",
+    2: "bad usage, config, input, bank, an output that already holds rows or cannot be written, or resources no "
+    "Ray node has (ConfigError, InputError, InputNotFound, BankError, OutputExists, OutputUnwritable, "
+    "ResourcesUnavailable); found at the start, before any work",
     3: "the run failed: system failures past `run.max_failed_fraction`, a stage that failed after its "
     "retries, or a dead engine (RunFailed, EngineDead); the summary names the stage and the first error",
     4: "the output does not hold each listed photo exactly once (RowCountMismatch)",
