@@ -16,6 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
+from plvm_model.errors import INTERRUPTED, PlvmError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
 
 
@@ -188,10 +190,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-INTERRUPTED = 130
-"""The exit code of a command stopped by Ctrl-C (SIGINT), as shells report one: 128 + 2."""
-
-
 def run(argv: list[str] | None = None) -> int:
     """Run one ``plvm`` command line in this process and return its exit code (``plvm_model.errors.EXIT_CODES``).
 
@@ -201,8 +199,6 @@ def run(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from plvm_model.errors import PlvmError
-
     try:
         return args.handler(args)
     except PlvmError as error:  # the user's to act on: one message; anything else is a bug and keeps its traceback
@@ -227,7 +223,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except KeyboardInterrupt:
         print("plvm: interrupted", file=sys.stderr)
         code = INTERRUPTED
-    except Exception:  # a bug: its traceback
+    except Exception:  # noqa: BLE001 - a bug: its traceback, as the interpreter would print it
         traceback.print_exc()
         code = 1
     if "ray" in sys.modules:

@@ -166,7 +166,7 @@ def _variable(match: re.Match, key: str) -> str:
         return default
     if name in os.environ:  # set to the empty string: the user's own choice
         return ""
-    raise ConfigError(f"{key}: the environment variable {name} is not set (set it, or give a default: ${{{name}:-...}})")
+    raise ConfigError(f"{key}: the environment variable {name} is not set (set it, or give a default ${{{name}:-...}})")
 
 
 def _describe(error: ValidationError, source: str) -> str:

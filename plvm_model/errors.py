@@ -59,6 +59,9 @@ class RowCountMismatch(PlvmError, RuntimeError):
     exit_code = 4
 
 
+INTERRUPTED = 130
+"""The exit code of a command stopped by Ctrl-C (SIGINT), as shells report one: 128 + 2."""
+
 EXIT_CODES: dict[int, str] = {
     0: "success: every listed photo has exactly one row (input faults are rows with an error)",
     1: "a bug: an unexpected exception, printed with its traceback",
@@ -68,5 +71,6 @@ EXIT_CODES: dict[int, str] = {
     3: "the run failed: system failures past `run.max_failed_fraction`, a stage that failed after its "
     "retries, or a dead engine (RunFailed, EngineDead); the summary names the stage and the first error",
     4: "the output does not hold each listed photo exactly once (RowCountMismatch)",
+    INTERRUPTED: "interrupted by Ctrl-C (SIGINT); Ray stopped, what the run committed stays (`--resume` goes on)",
 }
 """What each exit code of ``plvm`` means."""
