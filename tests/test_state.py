@@ -97,7 +97,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
     assert_one_line_error(done, 2, f"output {folder / 'out'} cannot be written")
 
 
-def test_an_output_on_s3_is_probed_before_any_work(tmp_path, yollava):
+def test_an_output_on_s3_is_probed_before_any_work_and_read_by_show(tmp_path, yollava):
     with moto_endpoint() as endpoint:
         options = s3_options(endpoint)
         fs = fsspec.filesystem("s3", **options["s3"])
@@ -111,6 +111,13 @@ def test_an_output_on_s3_is_probed_before_any_work(tmp_path, yollava):
 
         check_output("s3://results/run", options)
         assert fs.ls("results", refresh=True) == [], "the probe object is removed"
+        # plvm show and report read an output on S3 the same way, and refuse a prefix that holds nothing
+        with pytest.raises(InputNotFound, match="s3://results/run does not exist"):
+            caption_rows("s3://results/run", options)
+        table = pa.Table.from_pylist([{"path": "s3://photos/0.jpg", "user_id": "kim"}], schema=output_schema())
+        with fs.open("results/run/part-run-0.parquet", "wb") as f:
+            pq.write_table(table, f)
+        assert caption_rows("s3://results/run", options).column("path").to_pylist() == ["s3://photos/0.jpg"]
 
 
 @pytest.mark.parametrize(
