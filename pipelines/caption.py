@@ -27,7 +27,7 @@ from operators.banks import BankVersions
 from operators.read import list_inputs
 from operators.rows import RETRYABLE
 from operators.write import OutputFolder, keys, new_run_id
-from pipelines import cohort
+from pipelines import cohort, preflight
 from pipelines.config import Config, ModelPaths, RayConfig
 from pipelines.runtime import init_ray
 from pipelines.stages import StageFailed, Step, apply, cause_of
@@ -88,9 +88,11 @@ def dataset(config: Config, listing: pa.Table, stages: Callable[[Config], list[S
     # no more tasks at once than blocks: a small run starts no idle workers (and Ray does not warn)
     tasks = config.tasks.model_copy(update={"concurrency": min(config.tasks.concurrency, len(blocks))})
     config = config.model_copy(update={"tasks": tasks})
+    steps = stages(config)
+    preflight.check_resources(steps)
     # from_blocks: the metadata is computed here, with no Ray task (from_arrow runs one per block, and Ray then
     # warns that no CPU is free before it counts them free again)
-    return apply(ray.data.from_blocks(blocks), stages(config), config.run.max_failed_fraction > 0, config.run.retries)
+    return apply(ray.data.from_blocks(blocks), steps, config.run.max_failed_fraction > 0, config.run.retries)
 
 
 @dataclass
@@ -243,6 +245,7 @@ def caption(
     """
     if not config.output.uri:
         raise ConfigError("no output given: set output.uri in the config or pass --output")
+    preflight.check_output(config.output.uri, config.storage)
     run_id = new_run_id()
     output = OutputFolder(config.output.uri, config.storage)
     with output.lease(run_id, "caption", config.output.lease_expiry_s) as lease:

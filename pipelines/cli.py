@@ -8,10 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import NoReturn
+
+from plvm_model.errors import INTERRUPTED, PlvmError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
 
@@ -131,10 +136,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from operators.write import read_output
+    from pipelines.report import caption_rows
 
-    config = _config(args)
-    table = read_output(args.output, config.storage).sort_by("path")
+    table = caption_rows(args.output, _config(args).storage)
     for row in table.slice(0, args.limit).to_pylist():
         names = ", ".join(row["concepts"] or []) or "-"
         text = row["error"] or row["caption"] or ""
@@ -208,18 +212,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=200, help="photos drawn (default 200)")
 
     s = command("show", cmd_show, "print the rows of a caption run's output: path, named people, caption or error")
-    s.add_argument("output", help="output folder URI")
+    s.add_argument("output", help="output folder URI, or one Parquet file")
     s.add_argument("--limit", type=int, default=20, help="rows to print (default 20)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
+    """Run one ``plvm`` command line in this process and return its exit code (``plvm_model.errors.EXIT_CODES``).
+
+    A :class:`PlvmError` is printed as one line; anything else (a bug, Ctrl-C) propagates.
+    """
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from plvm_model.errors import PlvmError
-
     try:
         return args.handler(args)
     except PlvmError as error:  # the user's to act on: one message; anything else is a bug and keeps its traceback
@@ -227,5 +233,36 @@ def main(argv: list[str] | None = None) -> int:
         return error.exit_code
 
 
+def main(argv: list[str] | None = None) -> NoReturn:
+    """The ``plvm`` program: :func:`run`, then Ray shut down, the output flushed, and the process ended at once.
+
+    The process ends with ``os._exit``, without the interpreter's teardown, in which native thread pools
+    still alive (pyarrow's, after reading Parquet: apache/arrow#34314) are destroyed while running and
+    abort the process (``terminate called without an active exception``, exit 134) after its work is
+    done, now and then. What that teardown would still do is done here first: Ray shut down (the Ray
+    this process started stops with it), logs and standard streams flushed. A bug prints its traceback
+    and exits 1; argparse's usage errors exit 2; Ctrl-C exits :data:`INTERRUPTED`.
+    """
+    try:
+        code = run(argv)
+    except SystemExit as done:  # argparse: --help (0) or a usage error (2)
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    except KeyboardInterrupt:
+        print("plvm: interrupted", file=sys.stderr)
+        code = INTERRUPTED
+    except Exception:  # noqa: BLE001 - a bug: its traceback, as the interpreter would print it
+        traceback.print_exc()
+        code = 1
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

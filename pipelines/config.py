@@ -2,7 +2,8 @@
 
 Unknown keys and wrong types are errors naming the key (``detect.long_sid: unknown key``).
 ``${VAR}`` in a string takes the environment variable's value (``${VAR:-default}`` when it
-is unset or empty), so credentials and machine paths can stay out of the file.
+is unset or empty), so credentials and machine paths can stay out of the file; an unset
+``${VAR}`` without a default is an error naming it and its key.
 """
 
 from __future__ import annotations
@@ -143,14 +144,29 @@ class Config(StageConfig):
         )
 
 
-def _expand(value: Any) -> Any:
+def _expand(value: Any, key: str = "") -> Any:
+    """``value`` with each ``${VAR}`` replaced by the variable's value; an unset one without a default is an
+    error naming it and ``key`` (the dotted key it is under), never an empty string that turns
+    ``${ROOT}/banks`` into ``/banks``."""
     if isinstance(value, str):
-        return _VAR.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+        return _VAR.sub(lambda m: _variable(m, key), value)
     if isinstance(value, dict):
-        return {k: _expand(v) for k, v in value.items()}
+        return {k: _expand(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v) for v in value]
+        return [_expand(v, f"{key}[{i}]") for i, v in enumerate(value)]
     return value
+
+
+def _variable(match: re.Match, key: str) -> str:
+    """The value of ``${NAME}`` or ``${NAME:-default}``: the default when the variable is unset or empty."""
+    name, default = match.group(1), match.group(2)
+    if os.environ.get(name):
+        return os.environ[name]
+    if default is not None:
+        return default
+    if name in os.environ:  # set to the empty string: the user's own choice
+        return ""
+    raise ConfigError(f"{key}: the environment variable {name} is not set (set it, or give a default ${{{name}:-...}})")
 
 
 def _describe(error: ValidationError, source: str) -> str:
@@ -193,7 +209,10 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
             raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
-    data = _expand(data)
+    try:
+        data = _expand(data)
+    except ConfigError as error:
+        raise ConfigError(f"config {source}: {error}") from None
     for dotted, value in overrides.items():
         if value is None:
             continue

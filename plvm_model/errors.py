@@ -39,6 +39,15 @@ class OutputLocked(PlvmError, RuntimeError):
     """Another run (or repair) holds the output's lease; the message names it."""
 
 
+class OutputUnwritable(PlvmError, OSError):
+    """The output cannot be written (a file in the folder's place, no write rights, a missing bucket): found at
+    the start of a run, before any work."""
+
+
+class ResourcesUnavailable(PlvmError, ValueError):
+    """A stage asks for more CPUs or GPUs per actor or task than any node of the Ray cluster has or could have."""
+
+
 class RunFailed(PlvmError, RuntimeError):
     """The system failed (a stage's bug, a dead or stuck engine) beyond the run's failure budget."""
 
@@ -59,14 +68,19 @@ class RowCountMismatch(PlvmError, RuntimeError):
     exit_code = 4
 
 
+INTERRUPTED = 130
+"""The exit code of a command stopped by Ctrl-C (SIGINT), as shells report one: 128 + 2."""
+
 EXIT_CODES: dict[int, str] = {
     0: "success: every listed photo has exactly one row (input faults are rows with an error)",
     1: "a bug: an unexpected exception, printed with its traceback",
-    2: "bad usage, config, input, bank, an output that already holds rows, or one that another run is "
-    "writing (ConfigError, InputError, InputNotFound, BankError, OutputExists, OutputLocked)",
+    2: "bad usage, config, input, bank, an output that already holds rows, that another run is writing or that "
+    "cannot be written, or resources no Ray node has (ConfigError, InputError, InputNotFound, BankError, "
+    "OutputExists, OutputLocked, OutputUnwritable, ResourcesUnavailable); found at the start, before any work",
     3: "the run failed: system failures past `run.max_failed_fraction`, a stage that failed after its "
     "retries, a dead engine, or a lease taken over by another run (RunFailed, EngineDead, LeaseLost); the "
     "summary names the stage and the first error",
     4: "the output does not hold each listed photo exactly once (RowCountMismatch)",
+    INTERRUPTED: "interrupted by Ctrl-C (SIGINT); Ray stopped, what the run committed stays (`--resume` goes on)",
 }
 """What each exit code of ``plvm`` means."""

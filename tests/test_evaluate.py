@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, make_config, photo
-from pipelines.cli import main
+from pipelines.cli import run
 from pipelines.evaluate import Decision, RecognitionResult, best_threshold, cross_validate, recognition, roc_auc
 from test_enroll import side_by_side
 
@@ -98,7 +98,7 @@ def test_people_whose_reference_cannot_be_enrolled_are_skipped(
     policy, tmp_path, yollava, tiny_models, ray_local, capsys
 ):
     folder = eval_folder(tmp_path / "set")
-    assert main(["eval", "recognition", str(folder), "--face-policy", policy]) == 0
+    assert run(["eval", "recognition", str(folder), "--face-policy", policy]) == 0
     printed = capsys.readouterr().out
     figures = json.loads(printed.strip().splitlines()[-1])
     skipped = {s["person"]: s["reason"] for s in figures["skipped"]}

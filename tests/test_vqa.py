@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_config, photo
-from pipelines.cli import main
+from pipelines.cli import run
 from pipelines.vqa import load_items, model_choice, position_choice
 
 SIDES = {"A": "left", "B": "middle", "C": "right"}
@@ -77,7 +77,7 @@ def test_eval_vqa_answers_positions_from_the_matched_face_and_asks_the_model_the
     config.write_text(json.dumps(make_config(tmp_path).model_dump(mode="json")))
     answers = tmp_path / "answers.jsonl"
 
-    assert main(["eval", "vqa", str(questions), "--config", str(config), "--answers", str(answers)]) == 0
+    assert run(["eval", "vqa", str(questions), "--config", str(config), "--answers", str(answers)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert summary["n"] == 5 and len(rows) == 5
