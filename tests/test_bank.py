@@ -18,7 +18,7 @@ from conftest import make_config, photo
 from operators.banks import BankCache
 from operators.rows import RowError
 from pipelines.caption import caption, caption_stages, check_banks
-from pipelines.cli import main
+from pipelines.cli import run
 from pipelines.enroll import Enroller
 from plvm_model.bank import BankError, Concept, ConceptBank, UserBank, encode, validate_user_id, version_file
 from s3_endpoint import moto_endpoint, s3_options
@@ -229,7 +229,7 @@ def test_a_bank_of_another_user_or_model_is_refused(tmp_path):
 
 def test_plvm_caption_refuses_a_damaged_bank_at_start_in_one_line(tmp_path, tiny_models, capsys):
     """Each damaged bank, and a bank of descriptors of a length the run's embedder does not make, through
-    the command line (its ``main``): exit code 2, one line naming the user, the concept and the file."""
+    the command line (its ``run``, the ``plvm`` program without its process exit): exit code 2, one line naming the user, the concept and the file."""
     banks = tmp_path / "banks"
     banks.mkdir()
     cases = tampered_banks(banks)
@@ -240,7 +240,7 @@ def test_plvm_caption_refuses_a_damaged_bank_at_start_in_one_line(tmp_path, tiny
         (tmp_path / user).mkdir()
         config = make_config(tmp_path / user, bank=str(banks))
         command, _ = caption_command(tmp_path / user, config, [photo("thao", "1.jpg")], user)
-        assert main(command[command.index("caption"):]) == 2, user  # any other exception would be raised here
+        assert run(command[command.index("caption"):]) == 2, user  # any other exception would be raised here
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("plvm caption: error: ") and file in err, err
         assert re.search(error, err), err

@@ -21,7 +21,7 @@ import yaml
 from conftest import REPO, make_config, photo
 from operators.write import OutputFolder, WriteParts, read_output
 from pipelines.caption import caption
-from pipelines.cli import main
+from pipelines.cli import run
 from pipelines.enroll import enroll
 from plvm_model import storage
 from plvm_model.errors import LeaseLost, OutputLocked, RowCountMismatch
@@ -185,13 +185,13 @@ def test_a_run_whose_lease_is_taken_over_stops_without_committing(tmp_path, yoll
     enroll(config, "kim", "Thao", [photo("thao", "ref_img.jpg")])
     out = Path(config.output.uri)
     raised: list[BaseException] = []
-    run = threading.Thread(target=lambda: raised.extend(catch(LeaseLost, caption, config)))
-    run.start()
+    running = threading.Thread(target=lambda: raised.extend(catch(LeaseLost, caption, config)))
+    running.start()
     deadline = time.monotonic() + 120
-    while not (out / LEASE).exists() and run.is_alive() and time.monotonic() < deadline:
+    while not (out / LEASE).exists() and running.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
     taker = plant(fsspec.filesystem("file"), str(out), host="elsewhere")  # while the run's pipeline starts
-    run.join(timeout=600)
+    running.join(timeout=600)
     assert len(raised) == 1, "the run stopped with LeaseLost"
     assert re.match(rf"run \S+ lost the lease {out / LEASE}: another process changed it; it is now held by run "
                     rf"{taker.run_id} \(plvm caption\) on host elsewhere", str(raised[0])), raised  # fmt: skip
@@ -226,7 +226,7 @@ def test_repair_keeps_one_row_per_photo_and_resume_then_works(tmp_path, yollava,
     plant(out.fs, out.root, pid=dead_pid())  # and the run that left it was killed holding the lease
     config_file = tmp_path / "repair.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    assert main(["repair", "--config", str(config_file), config.output.uri]) == 0
+    assert run(["repair", "--config", str(config_file), config.output.uri]) == 0
     printed = capsys.readouterr().out
     assert "removed 2 duplicate row(s)" in printed
     assert f"removed a second row of {rows[0]['path']} (user ann) with an error: run 29991231T000000Z-later0" in printed
@@ -243,6 +243,6 @@ def test_repair_keeps_one_row_per_photo_and_resume_then_works(tmp_path, yollava,
 
 def test_repair_of_a_missing_output_is_refused(tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    assert main(["repair", str(missing)]) == 2
+    assert run(["repair", str(missing)]) == 2
     assert capsys.readouterr().err.strip() == f"plvm repair: error: {missing} does not exist: nothing to repair"
     assert not missing.exists()
