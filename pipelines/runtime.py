@@ -34,6 +34,11 @@ class _DropRecords(logging.Filter):
 # (no terminal, or ray.progress says so) and the run prints its own progress lines instead.
 _PROGRESS_BARS_OFF = _DropRecords("Progress bars disabled.", "Progress bars for operators disabled.")
 
+# Ray's notice that it turned token authentication on for the new local Ray, logged on every start: on is what
+# the embedded Ray should be (see the README's Security), and setting RAY_AUTH_MODE=token ourselves instead does
+# not reach Ray's configuration once ray is imported (its GCS then refuses the driver).
+_TOKEN_AUTH_ON = _DropRecords("Token authentication is enabled for this Ray cluster.")
+
 
 def init_ray(config: RayConfig) -> None:
     """Join ``config.address`` (or ``RAY_ADDRESS``, set inside a Ray job), else start a private Ray on loopback.
@@ -52,6 +57,7 @@ def init_ray(config: RayConfig) -> None:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             stop_leftovers()
+            logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_AUTH_ON)
             with _loopback_only():
                 started = ray.init(
                     num_cpus=config.num_cpus,
