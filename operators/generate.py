@@ -105,6 +105,12 @@ class GenerateConfig(StageConfig):
     )
     questions: list[str] = Field([], description="VQA questions asked about every photo; answers go to `answers`.")
     max_new_tokens: int = Field(48, ge=1, description="Most tokens generated per caption or answer.")
+    image_aspect: Literal["pad", "crop"] = Field(
+        "pad",
+        description="How a photo that is not square becomes the vision tower's square input: `pad` pads it to a "
+        "square with the image processor's mean colour first, as LLaVA-1.5 was trained and PLVM runs it "
+        "(`image_aspect_ratio: pad`); `crop` is the llava-hf processor's centre crop, which cuts off the sides.",
+    )
     timeout_s: float | None = Field(
         900.0, gt=0, description="Longest wait for the engine's answers to one batch; null waits for ever."
     )
@@ -124,6 +130,7 @@ class GenerateConfig(StageConfig):
         options: dict[str, Any] = dict(
             model_path=model_path,
             template=PromptTemplate(**self.template.model_dump()),
+            image_aspect=self.image_aspect,
             max_new_tokens=self.max_new_tokens,
             dtype=self.dtype,
             quantization=self.quantization,

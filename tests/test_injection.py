@@ -34,6 +34,30 @@ def concepts(tiny_models, yollava):
     return out
 
 
+def llava_expand2square(image: Image.Image, colour: tuple[int, ...]) -> Image.Image:
+    """LLaVA-1.5's padding, written from its description: the photo centred on a square of ``colour``."""
+    side = max(image.size)
+    square = Image.new(image.mode, (side, side), colour)
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return square
+
+
+@pytest.mark.parametrize("size", [(96, 40), (40, 96), (64, 64)])
+def test_photos_are_padded_to_a_square_with_the_mean_colour_as_llava_1_5_does(size, tiny_models):
+    from transformers import CLIPImageProcessorPil
+
+    photo_ = Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+    clip = CLIPImageProcessorPil.from_pretrained(str(tiny_models.llava))  # the checkpoint's own processor (PIL)
+    mean = tuple(int(x * 255) for x in clip.image_mean)
+    padded = clip(images=[llava_expand2square(photo_, mean)], return_tensors="pt")["pixel_values"]
+    cropped = clip(images=[photo_], return_tensors="pt")["pixel_values"]
+    for aspect, expected in (("pad", padded), ("crop", cropped)):
+        engine_ = TransformersEngine(**GenerateConfig(image_aspect=aspect).engine_options(str(tiny_models.llava)))
+        assert torch.allclose(engine_.prompter.pixel_values([np.asarray(photo_)]), expected, atol=1e-6), aspect
+    assert torch.equal(padded, cropped) == (size[0] == size[1]), "padding changes exactly the photos not square"
+    assert GenerateConfig().image_aspect == "pad", "LLaVA-1.5's preprocessing is the default"
+
+
 def test_template_and_spans(engine):
     prompter = engine.prompter
     text = PromptTemplate(**TemplateConfig().model_dump()).render("Who is here?", ["Mike", "Susan"])

@@ -32,12 +32,16 @@ class Engine(Protocol):
 class LlavaPrompter:
     """Tokenizer, image processor and template of one LLaVA checkpoint (a local folder)."""
 
-    def __init__(self, model_path: str, template: PromptTemplate) -> None:
-        from transformers import AutoConfig, AutoProcessor
+    def __init__(self, model_path: str, template: PromptTemplate, image_aspect: str) -> None:
+        from transformers import AutoConfig, AutoProcessor, LlavaImageProcessorPil
 
         self.template = template
-        # The PIL backend: the same pixels in every environment (the vLLM one has no torchvision).
+        # The PIL backends: the same pixels in every environment (the vLLM one has no torchvision).
         self.processor = AutoProcessor.from_pretrained(model_path, backend="pil")
+        # LLaVA's own image processor with the checkpoint's settings (the same pixels as its CLIP processor),
+        # which can also pad a photo to a square with the mean colour first, as LLaVA-1.5 was trained
+        self.image_processor = LlavaImageProcessorPil.from_pretrained(model_path)
+        self.pad = image_aspect == "pad"
         self.tokenizer = self.processor.tokenizer
         self.config = AutoConfig.from_pretrained(model_path)
         vision = self.config.vision_config
@@ -63,8 +67,9 @@ class LlavaPrompter:
         )
 
     def pixel_values(self, images: list[np.ndarray]):
+        """The vision tower's input: each photo padded to a square (``image_aspect: pad``) or centre-cropped."""
         pil = [Image.fromarray(image) for image in images]
-        return self.processor.image_processor(images=pil, return_tensors="pt")["pixel_values"]
+        return self.image_processor(images=pil, do_pad=self.pad, return_tensors="pt")["pixel_values"]
 
     def decode(self, token_ids) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

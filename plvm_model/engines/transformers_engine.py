@@ -57,6 +57,7 @@ class TransformersEngine(LlavaEngine):
         model_path: str,
         *,
         template: PromptTemplate,
+        image_aspect: str,
         max_new_tokens: int,
         dtype: str,
         quantization: str | None,
@@ -67,7 +68,7 @@ class TransformersEngine(LlavaEngine):
 
         logging.set_verbosity_error()
         logging.disable_progress_bar()
-        self.prompter = LlavaPrompter(model_path, template)
+        self.prompter = LlavaPrompter(model_path, template, image_aspect)
         self.max_new_tokens = max_new_tokens
         self.dtype = getattr(torch, dtype)
         quantization_config = _quantization_config(quantization)

@@ -51,6 +51,7 @@ class VLLMEngine(LlavaEngine):
         model_path: str,
         *,
         template: PromptTemplate,
+        image_aspect: str,
         max_new_tokens: int,
         dtype: str,
         quantization: str | None,
@@ -65,7 +66,7 @@ class VLLMEngine(LlavaEngine):
         from vllm import LLM, SamplingParams
         from vllm.platforms import current_platform
 
-        self.prompter = LlavaPrompter(model_path, template)
+        self.prompter = LlavaPrompter(model_path, template, image_aspect)
         self.encoders = LlavaEncoders(model_path, dtype=getattr(torch, dtype), device=device)
         self.llm = LLM(
             model=str(text_only_checkpoint(model_path)),
