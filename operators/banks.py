@@ -3,6 +3,8 @@ version the run pinned at its start."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from operators.rows import ErrorKind, RowError
 from plvm_model import storage
 from plvm_model.bank import BankError, ConceptBank, UserBank
@@ -11,26 +13,29 @@ BankVersions = dict[str, int]
 """user_id -> the version of the user's bank a run reads (0: the user had no bank at its start)."""
 
 
+@dataclass(frozen=True)
+class BankSource:
+    """Where the stages read the users' banks: the banks' root, its storage options, and the versions the run
+    pinned (a user not in ``versions`` is read at its newest)."""
+
+    uri: str
+    storage_options: storage.StorageOptions | None = None
+    versions: BankVersions = field(default_factory=dict)
+
+
 class BankCache:
     """Users' banks, loaded on first use; a usable bank or a :class:`RowError` for each user.
 
-    ``embedder_space`` and ``aligner``, when given, are checked against the bank's. A user in
-    ``versions`` is read at that version (a bank enrolled during the run is left to the next
-    run), any other at its newest.
+    ``embedder_space`` and ``aligner``, when given, are checked against the bank's. A user is
+    read at the version ``source`` pinned (a bank enrolled during the run is left to the next
+    run).
     """
 
-    def __init__(
-        self,
-        uri: str,
-        storage_options: storage.StorageOptions | None = None,
-        embedder_space: str | None = None,
-        aligner: str | None = None,
-        versions: BankVersions | None = None,
-    ) -> None:
-        self.bank = ConceptBank(uri, storage_options)
+    def __init__(self, source: BankSource, embedder_space: str | None = None, aligner: str | None = None) -> None:
+        self.bank = ConceptBank(source.uri, source.storage_options)
         self.embedder_space = embedder_space
         self.aligner = aligner
-        self.versions = versions or {}
+        self.versions = source.versions
         self._cache: dict[str, UserBank | RowError] = {}
 
     def _load(self, user_id: str) -> UserBank | RowError:

@@ -22,10 +22,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from operators.banks import BankCache, BankVersions
+from operators.banks import BankCache, BankSource
 from operators.base import FromRun, Resources, Stage, StageConfig
 from operators.rows import map_rows
-from plvm_model import storage
 from plvm_model.faces.matching import MatchRule
 
 
@@ -75,15 +74,13 @@ class MatchFaces:
     def __init__(
         self,
         config: MatchConfig,
-        bank_uri: str,
-        storage_options: storage.StorageOptions | None = None,
+        banks: BankSource,
         embedder_space: str | None = None,
         scales: Scales | None = None,
-        versions: BankVersions | None = None,
     ) -> None:
         self.rule = config.rule()
         self.scales = scales or {}
-        self.banks = BankCache(bank_uri, storage_options, embedder_space, versions=versions)
+        self.banks = BankCache(banks, embedder_space)
 
     def _match(self, row: dict) -> None:
         bank = self.banks.get(row["user_id"])
@@ -107,11 +104,8 @@ class MatchFaces:
         return map_rows(batch, self._match, add=["concepts"])
 
 
-def stage(
-    config: MatchConfig, bank_uri: str, storage_options: storage.StorageOptions | None, embedder_space: str,
-    tasks: Resources, versions: BankVersions | None = None,
-) -> Stage:
-    """The match stage (banks at ``versions``); with cohort normalization its scales come from the cohort barrier."""
+def stage(config: MatchConfig, banks: BankSource, embedder_space: str, tasks: Resources) -> Stage:
+    """The match stage; with cohort normalization its scales come from the cohort barrier."""
     scales = FromRun("scales") if config.normalization == "cohort" else None
-    args = (config, bank_uri, storage_options, embedder_space, scales, versions)
+    args = (config, banks, embedder_space, scales)
     return Stage("match", MatchFaces, args, tasks, needs=("user_id", "faces"), adds=("concepts",))

@@ -12,10 +12,9 @@ import logging
 import pyarrow as pa
 from pydantic import Field
 
-from operators.banks import BankCache, BankVersions
+from operators.banks import BankCache, BankSource
 from operators.base import Resources, Stage, StageConfig
 from operators.rows import injected_record, map_rows
-from plvm_model import storage
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +31,11 @@ class ChooseConcepts:
     def __init__(
         self,
         config: PromptConfig,
-        bank_uri: str,
-        storage_options: storage.StorageOptions | None = None,
+        banks: BankSource,
         aligner: str | None = None,
-        versions: BankVersions | None = None,
     ) -> None:
         self.max_concepts = config.max_concepts
-        self.banks = BankCache(bank_uri, storage_options, aligner=aligner, versions=versions)
+        self.banks = BankCache(banks, aligner=aligner)
 
     def _choose(self, row: dict) -> None:
         matched = [f for f in row["faces"] if f.get("concept_id")]
@@ -57,10 +54,6 @@ class ChooseConcepts:
         return map_rows(batch, self._choose, add=["injected"])
 
 
-def stage(
-    config: PromptConfig, bank_uri: str, storage_options: storage.StorageOptions | None, aligner: str, tasks: Resources,
-    versions: BankVersions | None = None,
-) -> Stage:
-    """The prompt stage, reading the banks at ``versions``."""
-    args = (config, bank_uri, storage_options, aligner, versions)
+def stage(config: PromptConfig, banks: BankSource, aligner: str, tasks: Resources) -> Stage:
+    args = (config, banks, aligner)
     return Stage("prompt", ChooseConcepts, args, tasks, needs=("user_id", "faces"), adds=("injected",))

@@ -23,7 +23,7 @@ from functools import partial
 import pyarrow as pa
 
 from operators import decode, detect, embed, generate, match, prompt, read, write
-from operators.banks import BankVersions
+from operators.banks import BankSource, BankVersions
 from operators.read import list_inputs
 from operators.rows import RETRYABLE
 from operators.write import OutputFolder, keys, new_run_id
@@ -54,11 +54,12 @@ def naming_stages(config: Config, banks: BankVersions | None = None) -> list[Ste
     """The face stages, the cohort barrier (with cohort normalization) and the match stage: faces named
     (against the users' banks at the versions ``banks`` pins, the newest for other users)."""
     space = embedder_class(config.embed.kind).space
-    barrier = [cohort.barrier(config.match, config.bank, config.storage, space, banks)]
+    source = BankSource(config.bank, config.storage, banks or {})
+    barrier = [cohort.barrier(config.match, source, space)]
     return [
         *face_stages(config),
         *(barrier if config.match.normalization == "cohort" else []),
-        match.stage(config.match, config.bank, config.storage, space, config.tasks, banks),
+        match.stage(config.match, source, space, config.tasks),
     ]
 
 
@@ -68,10 +69,11 @@ def caption_stages(
     """The whole caption pipeline, in order; ``parts`` is how many output files the run writes, ``banks``
     the versions of the users' banks it reads."""
     tasks = config.tasks
+    source = BankSource(config.bank, config.storage, banks or {})
     decode_again = [read.stage(config.read, config.storage, tasks), decode.stage(config.decode, tasks)]
     return [
         *naming_stages(config, banks),
-        prompt.stage(config.prompt, config.bank, config.storage, models.aligner_identity, tasks, banks),
+        prompt.stage(config.prompt, source, models.aligner_identity, tasks),
         *(decode_again if config.match.normalization == "cohort" else []),  # the barrier dropped the pixels
         generate.stage(config.generate, models.llava),
         write.stage(config.output, run_id, config.storage, tasks, parts),

@@ -14,11 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.banks import BankCache, BankVersions
+from operators.banks import BankCache, BankSource
 from operators.match import MatchConfig, Scales
 from operators.rows import RowError
 from pipelines.stages import Barrier
-from plvm_model import storage
 
 SCALE_SCHEMA = pa.schema([("user_id", pa.string()), ("concept_id", pa.string()), ("scale", pa.float64())])
 
@@ -29,13 +28,11 @@ class CohortScales:
     def __init__(
         self,
         config: MatchConfig,
-        bank_uri: str,
-        storage_options: storage.StorageOptions | None = None,
+        banks: BankSource,
         embedder_space: str | None = None,
-        versions: BankVersions | None = None,
     ) -> None:
         self.rule = config.rule()
-        self.banks = BankCache(bank_uri, storage_options, embedder_space, versions=versions)
+        self.banks = BankCache(banks, embedder_space)
 
     def __call__(self, group: pa.Table) -> pa.Table:
         out: dict[str, list] = {"user_id": [], "concept_id": [], "scale": []}
@@ -58,14 +55,11 @@ class CohortScales:
 def cohort_scales(
     rows,
     config: MatchConfig,
-    bank_uri: str,
-    storage_options: storage.StorageOptions | None = None,
+    banks: BankSource,
     embedder_space: str | None = None,
-    versions: BankVersions | None = None,
 ) -> Scales:
-    """Every user's concept scales from ``rows`` with face embeddings (a materialized Ray dataset or a table),
-    against the banks at ``versions``."""
-    scales = CohortScales(config, bank_uri, storage_options, embedder_space, versions)
+    """Every user's concept scales from ``rows`` with face embeddings (a materialized Ray dataset or a table)."""
+    scales = CohortScales(config, banks, embedder_space)
     if not isinstance(rows, pa.Table) and rows.size_bytes() <= config.cohort_gather_mb * 2**20:
         import ray
 
@@ -82,15 +76,12 @@ def cohort_scales(
     return {(r["user_id"], r["concept_id"]): r["scale"] for r in out}
 
 
-def barrier(
-    config: MatchConfig, bank_uri: str, storage_options: storage.StorageOptions | None, embedder_space: str,
-    versions: BankVersions | None = None,
-) -> Barrier:
+def barrier(config: MatchConfig, banks: BankSource, embedder_space: str) -> Barrier:
     """The cohort barrier step: hands the scales on as ``scales`` (the match stage's :class:`FromRun` argument)."""
 
     def run(ds, values: dict) -> object:
         ds = ds.drop_columns(["pixels"]).materialize()
-        values["scales"] = cohort_scales(ds, config, bank_uri, storage_options, embedder_space, versions)
+        values["scales"] = cohort_scales(ds, config, banks, embedder_space)
         return ds
 
     return Barrier("cohort", run, needs=("user_id", "faces"), drops=("pixels",))

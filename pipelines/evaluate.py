@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 from scipy.stats import mannwhitneyu
 
+from operators.banks import BankSource
 from operators.match import MatchFaces
 from operators.read import IMAGE_EXTENSIONS
 from operators.rows import to_table
@@ -131,9 +132,12 @@ def face_table(config: Config, paths: list[str]) -> pa.Table:
 
 def match_as(config: Config, faces: pa.Table, user: str, space: str) -> tuple[list[dict], dict]:
     """The match stage's rows for ``faces`` taken as ``user``'s photos (against ``config.bank``), and its cohort scales."""
-    batch = faces.set_column(faces.schema.get_field_index("user_id"), "user_id", pa.array([user] * faces.num_rows, pa.string()))
-    scales = cohort_scales(batch, config.match, config.bank, embedder_space=space) if config.match.rule().cohort else {}
-    return MatchFaces(config.match, config.bank, embedder_space=space, scales=scales)(batch).to_pylist(), scales
+    batch = faces.set_column(
+        faces.schema.get_field_index("user_id"), "user_id", pa.array([user] * faces.num_rows, pa.string())
+    )
+    banks = BankSource(config.bank, config.storage)
+    scales = cohort_scales(batch, config.match, banks, embedder_space=space) if config.match.rule().cohort else {}
+    return MatchFaces(config.match, banks, embedder_space=space, scales=scales)(batch).to_pylist(), scales
 
 
 def recognition(
@@ -178,7 +182,8 @@ def _decide(row: dict, concept, scale: float | None, photos: dict[str, str], rul
     scores = rule.scores(distances, [scale])[:, 0]
     distances = distances[:, 0]
     drawn = [
-        {"box": f["box"], "concept": f.get("concept"), "distance": float(d)} for f, d in zip(row["faces"] or [], distances)
+        {"box": f["box"], "concept": f.get("concept"), "distance": float(d)}
+        for f, d in zip(row["faces"] or [], distances)
     ]
     nearest = float(distances.min()) if len(distances) else None
     score = float(scores.min()) if len(scores) else None

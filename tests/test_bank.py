@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_config, photo
-from operators.banks import BankCache
+from operators.banks import BankCache, BankSource
 from operators.rows import RowError
 from pipelines.caption import caption, caption_stages, check_banks
 from pipelines.cli import run
@@ -147,15 +147,15 @@ def test_a_pinned_version_is_read_while_newer_ones_are_committed(tmp_path):
     store = ConceptBank(str(tmp_path))
     bank = UserBank("ann", "dlib-resnet-v1", "a", [concept("Mike")])
     store.save(bank)
-    pinned = BankCache(str(tmp_path), versions={"ann": 1, "new": 0})
+    pinned = BankCache(BankSource(str(tmp_path), versions={"ann": 1, "new": 0}))
     bank.concepts.append(concept("Sue"))
     store.save(bank)
     store.save(UserBank("new", "dlib-resnet-v1", "a", [concept("Ola")]))
     assert [c.name for c in pinned.get("ann").concepts] == ["Mike"]
-    assert [c.name for c in BankCache(str(tmp_path)).get("ann").concepts] == ["Mike", "Sue"]
+    assert [c.name for c in BankCache(BankSource(str(tmp_path))).get("ann").concepts] == ["Mike", "Sue"]
     with pytest.raises(RowError, match="user 'new' has no concept bank"):
         pinned.get("new")  # enrolled after the run started: left to the next run
-    gone = BankCache(str(tmp_path), versions={"ann": 7})
+    gone = BankCache(BankSource(str(tmp_path), versions={"ann": 7}))
     with pytest.raises(RowError, match="version 7 of the concept bank .*ann is gone"):
         gone.get("ann")
 

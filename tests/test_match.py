@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from operators.banks import BankSource
 from operators.match import MatchConfig, MatchFaces
 from pipelines.cohort import cohort_scales
 from operators.rows import to_table
@@ -44,9 +45,10 @@ def test_scales_are_the_same_gathered_or_grouped_and_follow_the_definition(run, 
     uri, banks, table = run
     config = MatchConfig()
     ds = ray.data.from_arrow([table.slice(i, 5) for i in range(0, table.num_rows, 5)]).materialize()
-    in_driver = cohort_scales(table, config, uri, embedder_space="test-space")
-    gathered = cohort_scales(ds, config, uri, embedder_space="test-space")
-    grouped = cohort_scales(ds, config.model_copy(update={"cohort_gather_mb": 0}), uri, embedder_space="test-space")
+    source = BankSource(uri)
+    in_driver = cohort_scales(table, config, source, embedder_space="test-space")
+    gathered = cohort_scales(ds, config, source, embedder_space="test-space")
+    grouped = cohort_scales(ds, config.model_copy(update={"cohort_gather_mb": 0}), source, embedder_space="test-space")
     assert len(in_driver) == 3
     assert gathered == pytest.approx(in_driver) and grouped == pytest.approx(in_driver)
 
@@ -61,7 +63,7 @@ def test_scales_are_the_same_gathered_or_grouped_and_follow_the_definition(run, 
     assert in_driver[("ann", mike.concept_id)] == pytest.approx(expected)
 
     # the match stage names faces by distance / scale
-    matched = MatchFaces(config, uri, embedder_space="test-space", scales=in_driver)(table).to_pylist()
+    matched = MatchFaces(config, source, embedder_space="test-space", scales=in_driver)(table).to_pylist()
     for row in matched:
         for face in row["faces"]:
             if face["concept"] is not None:

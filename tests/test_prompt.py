@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 
+from operators.banks import BankSource
 from operators.prompt import ChooseConcepts, PromptConfig
 from operators.rows import injected_tokens
 from operators.rows import to_table
@@ -28,7 +29,7 @@ def test_the_closest_concepts_are_injected_left_to_right_and_the_cap_is_logged(t
     ]
     batch = to_table([{"path": "/p.jpg", "user_id": "ann", "faces": faces}], ["path", "user_id", "faces"])
     with caplog.at_level(logging.INFO, logger="operators.prompt"):
-        out = ChooseConcepts(PromptConfig(max_concepts=2), str(tmp_path), aligner="aligner-x")(batch)
+        out = ChooseConcepts(PromptConfig(max_concepts=2), BankSource(str(tmp_path)), aligner="aligner-x")(batch)
     (row,) = out.to_pylist()
     tokens = injected_tokens(row)
     assert [t.name for t in tokens] == ["Susan", "Mike"], "the two closest, as they stand left to right"
@@ -36,5 +37,5 @@ def test_the_closest_concepts_are_injected_left_to_right_and_the_cap_is_logged(t
     np.testing.assert_array_equal(tokens[0].head_weight, concepts[1].head_weight)
     assert "3 concepts recognised, injecting the 2 closest" in caplog.text and "leaving out Tom" in caplog.text
 
-    other = ChooseConcepts(PromptConfig(), str(tmp_path), aligner="aligner-y")(batch).to_pylist()[0]
+    other = ChooseConcepts(PromptConfig(), BankSource(str(tmp_path)), aligner="aligner-y")(batch).to_pylist()[0]
     assert other["error_kind"] == "bank_error" and "enrolled with Aligner 'aligner-x'" in other["error"]
