@@ -11,15 +11,16 @@ lengths in one batch) cannot arise, because no request carries ``multi_modal_dat
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from plvm_model.engines.base import GenerationRequest, LlavaEngine, LlavaPrompter
+from plvm_model.engines.base import LlavaEngine, LlavaPrompter, SlotBatch
 from plvm_model.engines.llava_parts import LlavaEncoders, text_only_checkpoint
 from plvm_model.engines.vllm_args import refuse_engine_set
-from plvm_model.injection import PromptTemplate, splice
+from plvm_model.injection import ConceptTokens, PromptTemplate, splice
 
 # Our name -> vLLM's quantization method, per platform.
 GPU_QUANTIZATIONS = {"fp8": "fp8", "4bit": "bitsandbytes", "bitsandbytes": "bitsandbytes"}
@@ -43,6 +44,17 @@ def vllm_quantization(quantization: str | None, on_cpu: bool, dtype: str) -> str
     return table[quantization]
 
 
+@torch.inference_mode()
+def write_rows(model: torch.nn.Module, embeddings: dict[int, torch.Tensor], head: dict[int, torch.Tensor]) -> None:
+    """Writes rows of the embedding table and the output head of vLLM's language model (run inside each worker by
+    ``LLM.apply_model``). Each layer holds the rows of its vocabulary shard (tensor parallelism)."""
+    for layer, rows in ((model.get_input_embeddings(), embeddings), (model.lm_head, head)):
+        start, end = layer.shard_indices.org_vocab_start_index, layer.shard_indices.org_vocab_end_index
+        for token_id, row in rows.items():
+            if start <= token_id < end:
+                layer.weight[token_id - start] = row.to(layer.weight.dtype)
+
+
 class VLLMEngine(LlavaEngine):
     name = "vllm"
 
@@ -56,6 +68,8 @@ class VLLMEngine(LlavaEngine):
         dtype: str,
         quantization: str | None,
         device: str,
+        concept_style: str,
+        concept_slots: int,
         engine_args: dict[str, Any],
     ) -> None:
         """``engine_args`` go to ``vllm.LLM`` as they are, except those the engine sets itself (refused)."""
@@ -66,10 +80,12 @@ class VLLMEngine(LlavaEngine):
         from vllm import LLM, SamplingParams
         from vllm.platforms import current_platform
 
-        self.prompter = LlavaPrompter(model_path, template, image_aspect)
+        self.prompter = LlavaPrompter(model_path, template, image_aspect, concept_style)
+        self.concept_slots = concept_slots
+        slots = concept_slots if concept_style == "plvm" else 0
         self.encoders = LlavaEncoders(model_path, dtype=getattr(torch, dtype), device=device)
         self.llm = LLM(
-            model=str(text_only_checkpoint(model_path)),
+            model=str(text_only_checkpoint(model_path, extra_rows=slots)),
             tokenizer=model_path,
             enable_prompt_embeds=True,
             dtype=dtype,
@@ -78,13 +94,21 @@ class VLLMEngine(LlavaEngine):
             **engine_args,
         )
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
-        self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        # Concept tokens lie beyond the tokenizer: our code turns them into names (LlavaEngine.generate)
+        self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=slots == 0)
+        self.vocabulary = list(range(self.prompter.vocab))
         self.model_name = Path(model_path).name
 
+    def write_slots(self, rows: dict[int, ConceptTokens]) -> None:
+        embeddings = {i: torch.as_tensor(c.soft_tokens[0]) for i, c in rows.items()}
+        heads = {i: torch.as_tensor(c.head_weight) for i, c in rows.items()}
+        self.llm.apply_model(partial(write_rows, embeddings=embeddings, head=heads))
+
     @torch.inference_mode()
-    def prepare(self, requests: list[GenerationRequest]) -> list[torch.Tensor]:
+    def prepare(self, batch: SlotBatch) -> list[torch.Tensor]:
         """Each request's whole prompt as one (length, hidden) embedding sequence."""
-        prompts = [self.prompter.tokenize(r) for r in requests]
+        requests = batch.requests
+        prompts = [self.prompter.tokenize(r, ids) for r, ids in zip(requests, batch.concept_ids)]
         for prompt, request in zip(prompts, requests):
             if len(prompt.input_ids) + self.sampling.max_tokens > self.max_model_len:
                 raise ValueError(
@@ -95,11 +119,31 @@ class VLLMEngine(LlavaEngine):
         features = self.encoders.image_features(pixels.to(self.encoders.embed_tokens.weight))
         out = []
         for prompt, request, image in zip(prompts, requests, features):
-            embeds = self.encoders.embed_tokens(torch.tensor(prompt.input_ids, device=image.device))
+            ids = torch.tensor(prompt.input_ids, device=image.device)
+            # a concept token's row is not in the encoders' table: splice writes it
+            ids[ids >= self.prompter.vocab] = self.prompter.placeholder_id
+            embeds = self.encoders.embed_tokens(ids)
             out.append(splice(embeds, prompt, request.concepts, image_features=image).cpu())
         return out
 
-    def generate_ids(self, requests: list[GenerationRequest]) -> list[list[int]]:
-        embeds = self.prepare(requests)
-        outputs = self.llm.generate([{"prompt_embeds": e} for e in embeds], self.sampling, use_tqdm=False)
+    def sampling_params(self, batch: SlotBatch) -> list:
+        """Greedy sampling per request; in ``plvm`` style each request may emit only its own concept tokens."""
+        from vllm import SamplingParams
+
+        if self.prompter.concept_style != "plvm":
+            return [self.sampling] * len(batch.requests)
+        return [
+            SamplingParams(
+                temperature=0.0,
+                max_tokens=self.sampling.max_tokens,
+                detokenize=False,
+                allowed_token_ids=self.vocabulary + batch.allowed_slots(row),
+            )
+            for row in range(len(batch.requests))
+        ]
+
+    def generate_batch(self, batch: SlotBatch) -> list[list[int]]:
+        embeds = self.prepare(batch)
+        prompts = [{"prompt_embeds": e} for e in embeds]
+        outputs = self.llm.generate(prompts, self.sampling_params(batch), use_tqdm=False)
         return [self.prompter.until_eos(list(output.outputs[0].token_ids)) for output in outputs]
