@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from plvm_model.engines.base import GenerationRequest, LlavaEngine, LlavaPrompter, SlotBatch
+from plvm_model.engines.base import LlavaEngine, LlavaPrompter, SlotBatch
 from plvm_model.injection import ConceptTokens, PromptTemplate, TokenizedPrompt, splice
 
 QUANTIZATIONS = ("8bit", "4bit")

@@ -47,8 +47,11 @@ def vllm_quantization(quantization: str | None, on_cpu: bool, dtype: str) -> str
 @torch.inference_mode()
 def write_rows(model: torch.nn.Module, embeddings: dict[int, torch.Tensor], head: dict[int, torch.Tensor]) -> None:
     """Writes rows of the embedding table and the output head of vLLM's language model (run inside each worker by
-    ``LLM.apply_model``). Each layer holds the rows of its vocabulary shard (tensor parallelism)."""
-    for layer, rows in ((model.get_input_embeddings(), embeddings), (model.lm_head, head)):
+    ``LLM.apply_model``). Each layer holds the rows of its vocabulary shard (tensor parallelism); a pipeline
+    stage without the layer has nothing to write."""
+    for layer, rows in ((model.model.embed_tokens, embeddings), (model.lm_head, head)):
+        if not hasattr(layer, "shard_indices"):  # vLLM's PPMissingLayer
+            continue
         start, end = layer.shard_indices.org_vocab_start_index, layer.shard_indices.org_vocab_end_index
         for token_id, row in rows.items():
             if start <= token_id < end:
