@@ -48,14 +48,19 @@ def vllm_quantization(quantization: str | None, on_cpu: bool, dtype: str) -> str
 def write_rows(model: torch.nn.Module, embeddings: dict[int, torch.Tensor], head: dict[int, torch.Tensor]) -> None:
     """Writes rows of the embedding table and the output head of vLLM's language model (run inside each worker by
     ``LLM.apply_model``). Each layer holds the rows of its vocabulary shard (tensor parallelism); a pipeline
-    stage without the layer has nothing to write."""
+    stage without the layer has nothing to write. A layer's method then prepares its weight again, as after
+    loading (vLLM's CPU build computes the output head from a packed copy of the weight)."""
     for layer, rows in ((model.model.embed_tokens, embeddings), (model.lm_head, head)):
         if not hasattr(layer, "shard_indices"):  # vLLM's PPMissingLayer
             continue
+        method = type(layer.quant_method).__name__
+        if method != "UnquantizedEmbeddingMethod":
+            raise ValueError(f"concept slots need unquantized embedding and output-head rows, not {method}")
         start, end = layer.shard_indices.org_vocab_start_index, layer.shard_indices.org_vocab_end_index
         for token_id, row in rows.items():
             if start <= token_id < end:
                 layer.weight[token_id - start] = row.to(layer.weight.dtype)
+        layer.quant_method.process_weights_after_loading(layer)
 
 
 class VLLMEngine(LlavaEngine):
