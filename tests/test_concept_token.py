@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import photo
+from conftest import make_config, photo
 from operators.generate import GenerateConfig
 from plvm_model.concepts import ConceptEncoder, aligner_shape
 from plvm_model.engines import GenerationRequest
@@ -196,3 +196,48 @@ def test_a_batch_with_more_concepts_than_slots_is_served_in_parts(tiny_models, e
     assert small.generate(requests) == one_by_one == engine.generate(requests)
     with pytest.raises(ValueError, match="injects 3 concepts, more than generate.concept_slots"):
         small.generate([GenerationRequest(image, "Who?", [thao, viruss, tien])])
+
+
+def test_a_checkpoint_with_plvms_keys_drives_a_caption_run(tmp_path, yollava, tiny_models, ray_local):
+    """An Aligner checkpoint with exactly PLVM's state-dict keys, whose head MLP is set to make Thao's token win
+    the caption's first step: the run enrolls Thao with it and the caption starts with her name."""
+    from operators.decode import decode_image
+    from operators.write import read_output
+    from pipelines.caption import caption
+    from pipelines.enroll import Enroller
+    from test_aligner import published_state_dict
+
+    state = torch.load(tiny_models.aligner, weights_only=True)
+    shape = aligner_shape(tiny_models.aligner)
+    assert set(state) == set(published_state_dict(depth=shape.depth)), "the tiny Aligner has PLVM's keys"
+    last = "linear_weight_mapping.4"
+    state[f"{last}.weight"] = torch.zeros_like(state[f"{last}.weight"])  # the head vector is the bias alone
+
+    def checkpoint(name: str, head: torch.Tensor):
+        folder = tmp_path / name
+        folder.mkdir()
+        torch.save(state | {f"{last}.bias": head}, folder / "aligner.pt")
+        (folder / "aligner.json").write_text((tiny_models.aligner.parent / "aligner.json").read_text())
+        return make_config(tmp_path, models={"aligner": str(folder / "aligner.pt")}, bank=str(tmp_path / name),
+                           input={"uri": photo("thao", "0.jpg"), "user": "una"},
+                           output={"uri": str(tmp_path / name / "out")},
+                           generate={"max_new_tokens": 4, "questions": []})  # fmt: skip
+
+    neutral = checkpoint("neutral", torch.zeros(shape.output_dim))
+    Enroller(neutral).enroll("una", "Thao", [photo("thao", "ref_img.jpg")])
+    concept = Enroller(neutral).store.load("una").concepts[0].tokens()
+    engine = TransformersEngine(**neutral.generate.engine_options(str(tiny_models.llava)))
+    image, _, _ = decode_image(open(photo("thao", "0.jpg"), "rb").read(), neutral.decode.max_side,
+                               neutral.decode.max_pixels)  # fmt: skip
+    head = torch.from_numpy(winning(engine, GenerationRequest(image, neutral.generate.caption, [concept])).head_weight)
+
+    config = checkpoint("winning", head)
+    Enroller(config).enroll("una", "Thao", [photo("thao", "ref_img.jpg")])
+    enrolled = Enroller(config).store.load("una").concepts[0]
+    assert np.array_equal(enrolled.soft_tokens, concept.soft_tokens), "the head MLP does not touch the soft tokens"
+    assert np.allclose(enrolled.head_weight, head.numpy())
+    summary = caption(config)
+    assert summary.rows == 1 and not summary.errors
+    row = read_output(config.output.uri).to_pylist()[0]
+    assert row["concepts"] == ["Thao"]
+    assert row["caption"].startswith("Thao"), row["caption"]
