@@ -45,9 +45,9 @@ def vllm_env():
 
 @pytest.fixture(scope="module")
 def vllm_engine(vllm_env, tiny_models, ray_local):
-    """The engine as the generate stage builds it, with one vLLM option (max_logprobs) from ``engine_args``, and
-    two concept slots (a batch of three people is served in two parts)."""
-    vllm = LOCAL_VLLM["vllm"] | {"engine_args": {"max_logprobs": 3}}
+    """The engine as the generate stage builds it, with vLLM options (max_logprobs, logprobs_mode) from
+    ``engine_args``, and two concept slots (a batch of three people is served in two parts)."""
+    vllm = LOCAL_VLLM["vllm"] | {"engine_args": {"max_logprobs": 3, "logprobs_mode": "raw_logits"}}
     config = GenerateConfig.model_validate(LOCAL_VLLM | {"max_new_tokens": 12, "vllm": vllm, "concept_slots": 2})
     remote = ray_local.remote(VLLMEngine).options(num_cpus=0.5, runtime_env=config.runtime_env())
     actor = remote.remote(**config.engine_options(str(tiny_models.llava)))
@@ -115,6 +115,40 @@ def test_vllm_builds_plvms_token_layout(vllm_engine, reference, concepts, ray_lo
         for position, want in enumerate(rows):
             if want is not None:
                 assert torch.equal(embeds[row][position], want.to(embeds[row].dtype)), (row, position)
+
+
+def test_vllms_logit_of_a_concept_token_is_the_hidden_state_times_its_head_weight(
+    vllm_engine, reference, concepts, ray_local
+):
+    requests = layout_cases(concepts)[:2]
+    batch = reference.one_batch(requests)
+    inputs = reference.prepare(batch)
+    with torch.no_grad():
+        hidden = reference.model.model(
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, pixel_values=inputs.pixel_values
+        ).last_hidden_state[:, -1]
+
+    def concept_logits(engine):
+        """The raw logit of each concept token at the first step (the token forced, its logit returned)."""
+        from vllm import SamplingParams
+
+        out = []
+        for indices, group in engine.slot_batches(requests):
+            engine.write_slots(group.rows)
+            embeds = engine.prepare(group)
+            for row, token_ids in enumerate(group.concept_ids):
+                for token in token_ids:
+                    params = SamplingParams(max_tokens=1, logprobs=0, detokenize=False, allowed_token_ids=[token])
+                    result = engine.llm.generate([{"prompt_embeds": embeds[row]}], params, use_tqdm=False)[0]
+                    out.append((indices[row], token, result.outputs[0].logprobs[0][token].logprob))
+        return out
+
+    logits = ray_local.get(vllm_engine.__ray_call__.remote(concept_logits))
+    assert len(logits) == 3
+    for row, token, logit in logits:
+        concept = requests[row].concepts[batch.concept_ids[row].index(token)]
+        expected = float(hidden[row] @ torch.from_numpy(concept.head_weight))
+        assert logit == pytest.approx(expected, rel=1e-4, abs=1e-4), (row, concept.name)
 
 
 def test_vllm_emits_a_winning_concept_token_as_the_name(vllm_engine, reference, concepts, ray_local):
