@@ -6,6 +6,8 @@ description, independently of the engine's code; the vLLM engine's side is in te
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -227,7 +229,7 @@ def test_a_checkpoint_with_plvms_keys_drives_a_caption_run(tmp_path, yollava, ti
     Enroller(neutral).enroll("una", "Thao", [photo("thao", "ref_img.jpg")])
     concept = Enroller(neutral).store.load("una").concepts[0].tokens()
     engine = TransformersEngine(**neutral.generate.engine_options(str(tiny_models.llava)))
-    image, _, _ = decode_image(open(photo("thao", "0.jpg"), "rb").read(), neutral.decode.max_side,
+    image, _, _ = decode_image(Path(photo("thao", "0.jpg")).read_bytes(), neutral.decode.max_side,
                                neutral.decode.max_pixels)  # fmt: skip
     head = torch.from_numpy(winning(engine, GenerationRequest(image, neutral.generate.caption, [concept])).head_weight)
 

@@ -114,7 +114,9 @@ def test_another_concept_changes_the_logits(engine, concepts, yollava):
     image = rgb(photo("thao", "1.jpg"))
 
     def logits(soft_tokens: np.ndarray) -> torch.Tensor:
-        request = GenerationRequest(image, "Who is this?", [ConceptTokens("Thao", soft_tokens, concepts["Thao"].head_weight)])
+        request = GenerationRequest(
+            image, "Who is this?", [ConceptTokens("Thao", soft_tokens, concepts["Thao"].head_weight)]
+        )
         batch = engine.prepare(engine.one_batch([request]))
         with torch.no_grad():
             out = engine.model(

@@ -62,13 +62,16 @@ class LlavaPrompter:
         if len(n_context) > 1:
             raise ValueError(f"concepts with different numbers of soft tokens in one prompt: {sorted(n_context)}")
         if self.concept_style == "plvm":
+            concept_ids = concept_ids or []
+            if len(concept_ids) != len(request.concepts):
+                raise ValueError(f"{len(request.concepts)} concepts need as many concept token ids, not {concept_ids}")
             for concept in request.concepts:
                 check_servable(concept, self.config.text_config.hidden_size)
             return tokenize_plvm(
                 self.tokenizer,
                 self.template,
                 request.question,
-                concept_ids or [],
+                concept_ids,
                 n_context=n_context.pop() if n_context else 0,
                 n_image=self.n_image,
                 image_token_id=self.image_token_id,
