@@ -11,7 +11,6 @@ lengths in one batch) cannot arise, because no request carries ``multi_modal_dat
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from plvm_model.engines.base import LlavaEngine, LlavaPrompter, SlotBatch
 from plvm_model.engines.llava_parts import LlavaEncoders, text_only_checkpoint
 from plvm_model.engines.vllm_args import refuse_engine_set
+from plvm_model.engines.vllm_slots import SLOT_WRITER
 from plvm_model.injection import ConceptTokens, PromptTemplate, splice
 
 # Our name -> vLLM's quantization method, per platform.
@@ -42,25 +42,6 @@ def vllm_quantization(quantization: str | None, on_cpu: bool, dtype: str) -> str
     if on_cpu and dtype not in ("bfloat16", "float16"):
         raise ValueError(f"{where} runs fp8 weights with dtype bfloat16 or float16, not {dtype}")
     return table[quantization]
-
-
-@torch.inference_mode()
-def write_rows(model: torch.nn.Module, embeddings: dict[int, torch.Tensor], head: dict[int, torch.Tensor]) -> None:
-    """Writes rows of the embedding table and the output head of vLLM's language model (run inside each worker by
-    ``LLM.apply_model``). Each layer holds the rows of its vocabulary shard (tensor parallelism); a pipeline
-    stage without the layer has nothing to write. A layer's method then prepares its weight again, as after
-    loading (vLLM's CPU build computes the output head from a packed copy of the weight)."""
-    for layer, rows in ((model.model.embed_tokens, embeddings), (model.lm_head, head)):
-        if not hasattr(layer, "shard_indices"):  # vLLM's PPMissingLayer
-            continue
-        method = type(layer.quant_method).__name__
-        if method != "UnquantizedEmbeddingMethod":
-            raise ValueError(f"concept slots need unquantized embedding and output-head rows, not {method}")
-        start, end = layer.shard_indices.org_vocab_start_index, layer.shard_indices.org_vocab_end_index
-        for token_id, row in rows.items():
-            if start <= token_id < end:
-                layer.weight[token_id - start] = row.to(layer.weight.dtype)
-        layer.quant_method.process_weights_after_loading(layer)
 
 
 class VLLMEngine(LlavaEngine):
@@ -99,6 +80,7 @@ class VLLMEngine(LlavaEngine):
             dtype=dtype,
             quantization=vllm_quantization(quantization, current_platform.is_cpu(), dtype),
             seed=0,
+            worker_extension_cls=SLOT_WRITER if slots else "",
             **engine_args,
         )
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -108,9 +90,12 @@ class VLLMEngine(LlavaEngine):
         self.model_name = Path(model_path).name
 
     def write_slots(self, rows: dict[int, ConceptTokens]) -> None:
-        embeddings = {i: torch.as_tensor(c.soft_tokens[0]) for i, c in rows.items()}
-        heads = {i: torch.as_tensor(c.head_weight) for i, c in rows.items()}
-        self.llm.apply_model(partial(write_rows, embeddings=embeddings, head=heads))
+        """Through vLLM's own worker RPC, into every worker (our worker extension's method; plain ids and tensors
+        travel with vLLM's own serialization, in process or across processes)."""
+        ids = list(rows)
+        embeddings = torch.stack([torch.as_tensor(rows[i].soft_tokens[0]) for i in ids])
+        heads = torch.stack([torch.as_tensor(rows[i].head_weight) for i in ids])
+        self.llm.collective_rpc("write_concept_rows", args=(ids, embeddings, heads))
 
     @torch.inference_mode()
     def prepare(self, batch: SlotBatch) -> list[torch.Tensor]:
