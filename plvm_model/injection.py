@@ -64,6 +64,8 @@ class TokenizedPrompt:
     """(start, concept index) of each run of context vectors, in order."""
     image_span: tuple[int, int] | None = None
     """(start, length) of the image placeholder run."""
+    token_positions: list[tuple[int, int]] = field(default_factory=list)
+    """(position, concept index) of each concept token (``concept_style: plvm``): it gets the concept's row 0."""
 
 
 def tokenize(
@@ -105,7 +107,8 @@ def splice(
     image_features: torch.Tensor | None = None,
     offset: int = 0,
 ) -> torch.Tensor:
-    """Write each concept's context vectors (and the image features, if given) into ``embeds`` (L, H).
+    """Write each concept's context vectors and concept-token rows (and the image features, if given) into
+    ``embeds`` (L, H).
 
     ``offset`` shifts every span, for sequences padded on the left. Returns ``embeds``.
     """
@@ -119,6 +122,8 @@ def splice(
                 f"the LLM's hidden size is {embeds.shape[-1]}: the bank was enrolled for another model"
             )
         embeds[offset + start : offset + start + len(vectors)] = vectors
+    for position, index in prompt.token_positions:
+        embeds[offset + position] = torch.as_tensor(concepts[index].soft_tokens[0], dtype=embeds.dtype)
     if image_features is not None:
         start, length = prompt.image_span
         embeds[offset + start : offset + start + length] = image_features.to(embeds.dtype)
