@@ -61,31 +61,21 @@ class LlavaPrompter:
         n_context = {len(c.context) for c in request.concepts}
         if len(n_context) > 1:
             raise ValueError(f"concepts with different numbers of soft tokens in one prompt: {sorted(n_context)}")
+        runs = dict(
+            n_context=n_context.pop() if n_context else 0,
+            n_image=self.n_image,
+            image_token_id=self.image_token_id,
+            placeholder_id=self.placeholder_id,
+        )
         if self.concept_style == "plvm":
             concept_ids = concept_ids or []
             if len(concept_ids) != len(request.concepts):
                 raise ValueError(f"{len(request.concepts)} concepts need as many concept token ids, not {concept_ids}")
             for concept in request.concepts:
                 check_servable(concept, self.config.text_config.hidden_size)
-            return tokenize_plvm(
-                self.tokenizer,
-                self.template,
-                request.question,
-                concept_ids,
-                n_context=n_context.pop() if n_context else 0,
-                n_image=self.n_image,
-                image_token_id=self.image_token_id,
-                placeholder_id=self.placeholder_id,
-            )
+            return tokenize_plvm(self.tokenizer, self.template, request.question, concept_ids, **runs)
         text = self.template.render(request.question, [c.name for c in request.concepts])
-        return tokenize(
-            self.tokenizer,
-            text,
-            n_context=n_context.pop() if n_context else 0,
-            n_image=self.n_image,
-            image_token_id=self.image_token_id,
-            placeholder_id=self.placeholder_id,
-        )
+        return tokenize(self.tokenizer, text, **runs)
 
     def pixel_values(self, images: list[np.ndarray]):
         """The vision tower's input: each photo padded to a square (``image_aspect: pad``) or centre-cropped."""

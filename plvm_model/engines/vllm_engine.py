@@ -90,11 +90,11 @@ class VLLMEngine(LlavaEngine):
         self.model_name = Path(model_path).name
 
     def write_slots(self, rows: dict[int, ConceptTokens]) -> None:
-        """Through vLLM's own worker RPC, into every worker (our worker extension's method; plain ids and tensors
-        travel with vLLM's own serialization, in process or across processes)."""
+        """Through vLLM's own worker RPC, into every worker (our worker extension's method; ids and rows of float32
+        values as plain lists, exact through vLLM's serialization, in process or across processes)."""
         ids = list(rows)
-        embeddings = torch.stack([torch.as_tensor(rows[i].soft_tokens[0]) for i in ids])
-        heads = torch.stack([torch.as_tensor(rows[i].head_weight) for i in ids])
+        embeddings = [rows[i].soft_tokens[0].tolist() for i in ids]
+        heads = [rows[i].head_weight.tolist() for i in ids]
         self.llm.collective_rpc("write_concept_rows", args=(ids, embeddings, heads))
 
     @torch.inference_mode()

@@ -2,7 +2,8 @@
 
 vLLM adds the methods of a ``worker_extension_cls`` to each of its workers, for
 ``LLM.collective_rpc``; the engine calls :meth:`ConceptSlotWriter.write_concept_rows` by name, so
-only token ids and tensors cross into the worker processes (no pickled code). Imported inside
+only token ids and rows of numbers cross into the worker processes (no pickled code; plain lists,
+because vLLM's RPC decodes arguments without their types, and a tensor would arrive as its parts). Imported inside
 vLLM's workers: it needs torch and the worker's model, nothing of vLLM at import time.
 """
 
@@ -35,5 +36,5 @@ def write_rows(model: torch.nn.Module, token_ids: list[int], embeddings: torch.T
 class ConceptSlotWriter:
     """Mixed into each vLLM worker by ``worker_extension_cls``."""
 
-    def write_concept_rows(self, token_ids: list[int], embeddings: torch.Tensor, heads: torch.Tensor) -> None:
-        write_rows(self.get_model(), token_ids, embeddings, heads)
+    def write_concept_rows(self, token_ids: list[int], embeddings: list[list[float]], heads: list[list[float]]) -> None:
+        write_rows(self.get_model(), token_ids, torch.tensor(embeddings), torch.tensor(heads))
