@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from operators import decode, detect, embed, generate, match, prompt, read, write
 from operators.banks import BankSource, BankVersions
 from operators.read import list_inputs
-from operators.rows import RETRYABLE
-from operators.write import OutputFolder, keys, new_run_id
+from operators.output_table import OutputTable, Staged, keys, new_run_id
+from operators.rows import RETRYABLE, output_schema
 from pipelines import cohort, preflight
 from pipelines.config import Config, ModelPaths, RayConfig
 from pipelines.runtime import init_ray
@@ -249,38 +250,39 @@ def caption(
         raise ConfigError("no output given: set output.uri in the config or pass --output")
     preflight.check_output(config.output.uri, config.storage)
     run_id = new_run_id()
-    output = OutputFolder(config.output.uri, config.storage)
+    output = OutputTable(config.output.uri, config.storage)
     with output.lease(run_id, "caption", config.output.lease_expiry_s) as lease:
         return _caption(config, output, run_id, lease, resume, overwrite, retry_errors, stages)
 
 
-def _caption(config: Config, output: OutputFolder, run_id: str, lease: Lease, resume: bool, overwrite: bool,
+def _caption(config: Config, output: OutputTable, run_id: str, lease: Lease, resume: bool, overwrite: bool,
              retry_errors: bool, stages: Callable[..., list[Step]]) -> RunSummary:  # fmt: skip
     """:func:`caption`, with the output's lease held."""
     started = time.monotonic()
     listing = list_inputs(config.input, config.storage, output=config.output.uri)
     listing = listing.append_column("index", pa.array(range(listing.num_rows), pa.int64()))
-    done = keys(output.read(["path", "user_id"]))
-    retried = 0
-    if overwrite:
-        output.clear()
-        done = Counter()
-    elif done and not (resume or retry_errors):
+    written = output.read(["path", "user_id", "error_kind"])
+    done = Counter() if overwrite else keys(written)
+    if done and not (resume or retry_errors):
         raise OutputExists(
             f"{config.output.uri} already holds {sum(done.values())} rows from earlier runs: pass --resume to "
             "write only the photos not written yet, --retry-errors to also write again the rows that failed in "
             "the system, or --overwrite to start again"
         )
-    for stale in output.discard_staging():
-        log.warning("removed %s, left by a run that did not finish", stale)
-    if retry_errors and done:
-        retried = output.drop_retryable()
-        done = keys(output.read(["path", "user_id"]))
+    if retry_errors:
+        done -= keys(written.filter(pc.is_in(written.column("error_kind"), value_set=pa.array(RETRYABLE))))
     todo = remaining(listing, done)
     valid = todo.filter(todo.column("error").is_null())
     banks = check_banks(valid.column("user_id").to_pylist(), config)
+    # the output changes only from here, once the run is known to start
+    for stale in output.discard_staging():
+        log.warning("removed %s, left by a run that did not finish", stale)
+    output.open(output_schema(config.output.face_embeddings), overwrite=overwrite)
+    for stale in output.vacuum():
+        log.warning("removed %s, a part that a run which did not finish never committed", stale)
+    retried = output.drop_retryable(run_id) if retry_errors else 0
     models = config.model_paths()
-    parts: list[dict] = []
+    committed: list[str] = []
     failure: RunFailed | None = None
     if todo.num_rows:
         progress = Progress(todo.num_rows, config.ray)
@@ -289,7 +291,7 @@ def _caption(config: Config, output: OutputFolder, run_id: str, lease: Lease, re
         try:
             for part in dataset(config, todo, pipeline).iter_rows():
                 lease.check()
-                parts.append(part)
+                committed.extend(output.commit([Staged(**part)], run_id))
                 progress.update(part["rows"])
         except Exception as error:
             failure = _run_failure(error)
@@ -314,7 +316,7 @@ def _caption(config: Config, output: OutputFolder, run_id: str, lease: Lease, re
         failed=sum(n for k, n in errors.items() if k in RETRYABLE),
         wall_s=wall,
         photos_per_s=todo.num_rows / wall if wall else 0.0,
-        output=sorted(p["file"] for p in parts),
+        output=sorted(committed),
         banks=banks,
     )
     lease.check()

@@ -59,15 +59,18 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from operators.write import OutputFolder, new_run_id
+    from operators.output_table import OutputTable, new_run_id
+    from operators.rows import output_schema
     from plvm_model.errors import InputNotFound
 
     config = _config(args)
-    output = OutputFolder(args.output, config.storage)
+    output = OutputTable(args.output, config.storage)
     if not output.fs.exists(output.root):
         raise InputNotFound(f"{args.output} does not exist: nothing to repair")
-    with output.lease(new_run_id(), "repair", config.output.lease_expiry_s):
-        removed = output.deduplicate()
+    run_id = new_run_id()
+    with output.lease(run_id, "repair", config.output.lease_expiry_s):
+        output.open(output_schema(config.output.face_embeddings))
+        removed = output.deduplicate(run_id)
     for row in removed:
         print(f"removed a second row of {row.path} (user {row.user_id}){' with an error' if row.error else ''}: "
               f"run {row.run_id}, {row.part}")  # fmt: skip

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import REPO, make_config, photo
 from operators.generate import GenerateConfig
-from operators.write import read_output
+from operators.output_table import read_output
 from pipelines.caption import caption
 from pipelines.enroll import enroll
 from plvm_model.concepts import ConceptEncoder, aligner_shape
