@@ -288,6 +288,8 @@ def _caption(config: Config, output: OutputFolder, run_id: str, lease: Lease, re
     started = time.monotonic()
     listing = list_inputs(config.input, config.storage, output=config.output.uri)
     listing = listing.append_column("index", pa.array(range(listing.num_rows), pa.int64()))
+    users = listing.filter(listing.column("error").is_null()).column("user_id").to_pylist()
+    archive = open_archive(config, listing, users, rebuild_index)  # a damaged part stops the run here, before all
     done = keys(output.read(["path", "user_id"]))
     retried = 0
     if overwrite:
@@ -307,8 +309,6 @@ def _caption(config: Config, output: OutputFolder, run_id: str, lease: Lease, re
     todo = remaining(listing, done)
     valid = todo.filter(todo.column("error").is_null())
     banks = check_banks(valid.column("user_id").to_pylist(), config)
-    users = listing.filter(listing.column("error").is_null()).column("user_id").to_pylist()
-    archive = open_archive(config, listing, users, rebuild_index)
     models = config.model_paths()
     parts: list[dict] = []
     failure: RunFailed | None = None

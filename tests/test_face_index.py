@@ -204,7 +204,7 @@ def test_a_damaged_index_part_stops_the_run_and_rebuild_index_recovers(tmp_path,
     assert cli.run(["index", "check", config.output.uri]) == 2
     out, err = capsys.readouterr()
     assert f"damaged: face index part {damaged} is damaged" in out
-    assert err.strip() == f"plvm index check: error: {index.uri}: 1 of 2 parts are damaged (listed above); plvm " \
+    assert err.strip() == f"plvm index: error: {index.uri}: 1 of 2 parts are damaged (listed above); plvm " \
         "caption --rebuild-index drops them and detects their photos again"  # fmt: skip
 
     summary = caption(config, overwrite=True, rebuild_index=True)
