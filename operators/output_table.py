@@ -129,13 +129,13 @@ class OutputTable:
 
     def read(self, columns: list[str] | None = None, run_id: str = "*") -> pa.Table:
         """The current rows (of one run, if ``run_id`` is given), with ``columns`` only if given."""
-        tables = [self._read_part(path, columns) for path in self.part_files(run_id)]
+        tables = [self.read_part(path, columns) for path in self.part_files(run_id)]
         if not tables:
             empty = output_schema().empty_table()
             return empty if columns is None else empty.select(columns)
         return pa.concat_tables(tables, promote_options="permissive")
 
-    def _read_part(self, path: str, columns: list[str] | None = None) -> pa.Table:
+    def read_part(self, path: str, columns: list[str] | None = None) -> pa.Table:
         with self.fs.open(path, "rb") as f:
             return pq.read_table(f, columns=columns)
 
@@ -190,19 +190,17 @@ class OutputTable:
             table.create_write_transaction(adds, "append", table.schema(), commit_properties=_commit("append", run_id))
         return [storage.join(self.uri, a.path) for a in adds]
 
-    def replace(self, drop: dict[str, pa.Array], staged: list[Staged], run_id: str, operation: str) -> int:
+    def replace(self, drop: dict[str, pa.Array], staged: list[Staged], run_id: str, operation: str) -> int | None:
         """One commit that removes the rows where ``drop[part]`` is true (each such part is rewritten without
-        them, under a new name of the run that wrote it) and adds the ``staged`` parts; then the table is vacuumed. How many rows
-        were removed."""
-        removed, rewritten, removes = 0, [], []
+        them, under a new name of the run that wrote it) and adds the ``staged`` parts; then the table is
+        vacuumed (which commits too when it deletes files). The version of the commit (None: nothing to do)."""
+        rewritten, removes = [], []
         for part, mask in drop.items():
-            n = pc.sum(mask).as_py() or 0
-            if not n:
+            if not pc.any(mask).as_py():
                 continue
-            removed += n
             name = posixpath.basename(part)
             removes.append(RemoveAction(name, True, int(time.time() * 1000)))
-            kept = self._read_part(part).filter(pc.invert(mask))
+            kept = self.read_part(part).filter(pc.invert(mask))
             if kept.num_rows:
                 data = io.BytesIO()
                 pq.write_table(kept, data)
@@ -213,15 +211,17 @@ class OutputTable:
                 key = hashlib.sha1(f"{name} {run_id}".encode()).hexdigest()[:20]
                 rewritten.append(Staged(path, part_name(run_of(name), key), kept.num_rows))
         if not removes and not staged:
-            return 0
+            return None
         adds = self._publish([*rewritten, *staged], run_id)
         table = self._delta()
         table.create_write_transaction([*removes, *adds], "append", table.schema(),
                                        commit_properties=_commit(operation, run_id))  # fmt: skip
+        table.update_incremental()
+        version = table.version()
         self.vacuum()
         if self.fs.exists(self.staging(run_id)):
             self.fs.rm(self.staging(run_id), recursive=True)
-        return removed
+        return version
 
     def vacuum(self) -> list[str]:
         """Delete the files the log does not name (replaced parts, parts a killed run never committed); the
@@ -234,9 +234,10 @@ class OutputTable:
         retryable = pa.array(RETRYABLE)
         drop = {}
         for path in self.part_files():
-            kinds = self._read_part(path, ["error_kind"]).column("error_kind")
+            kinds = self.read_part(path, ["error_kind"]).column("error_kind")
             drop[path] = pc.fill_null(pc.is_in(kinds, value_set=retryable), False)
-        return self.replace(drop, [], run_id, "retry-errors")
+        self.replace(drop, [], run_id, "retry-errors")
+        return sum(pc.sum(mask).as_py() or 0 for mask in drop.values())
 
     def deduplicate(self, run_id: str) -> list[Duplicate]:
         """Keep one current row per photo (path, user_id), remove the others in one commit (``plvm repair``).
@@ -247,7 +248,7 @@ class OutputTable:
         rows: list[tuple[tuple[str, str], tuple[bool, str], str, int]] = []  # photo, rank, part, row
         sizes: dict[str, int] = {}
         for part in self.part_files():
-            table = self._read_part(part, ["path", "user_id", "error"])
+            table = self.read_part(part, ["path", "user_id", "error"])
             sizes[part] = table.num_rows
             for i, (path, user, error) in enumerate(zip(*(table.column(c).to_pylist() for c in table.column_names))):
                 rows.append(((path, user), (error is None, run_of(part)), part, i))

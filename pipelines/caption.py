@@ -218,7 +218,7 @@ def check_banks(users: list[str], config: Config) -> BankVersions:
     return pinned
 
 
-def _run_failure(error: BaseException) -> RunFailed | None:
+def run_failure(error: BaseException) -> RunFailed | None:
     """The run's failure behind an exception that Ray raised in the driver, as a :class:`RunFailed`."""
     import ray.exceptions
 
@@ -324,7 +324,7 @@ def _caption(config: Config, output: OutputTable, run_id: str, lease: Lease, res
                 committed.extend(output.commit([Staged(**part)], run_id))
                 progress.update(part["rows"])
         except Exception as error:
-            failure = _run_failure(error)
+            failure = run_failure(error)
             if failure is None:
                 raise
     table = output.read(["faces", "concepts", "error", "error_kind"], run_id=run_id)

@@ -59,6 +59,16 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rematch(args: argparse.Namespace) -> int:
+    from pipelines.rematch import rematch
+
+    summary = rematch(_config(args), args.output, user=args.user)
+    for line in summary.lines():
+        print(line)
+    print(json.dumps(asdict(summary)))
+    return 0
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
     from operators.output_table import OutputTable, new_run_id
     from operators.rows import output_schema
@@ -218,6 +228,12 @@ def parser() -> argparse.ArgumentParser:
 
     s = command("repair", cmd_repair, "keep one row per photo in an output that runs wrote twice (under its lease)")
     s.add_argument("output", help="output folder URI")
+
+    s = command("rematch", cmd_rematch, "after a bank changed: name the output's indexed faces again and replace the "
+                "rows whose names changed, in one commit (under the output's lease)")  # fmt: skip
+    s.add_argument("output", help="output folder URI of caption runs")
+    s.add_argument("--bank", help="root URI of the concept banks (default: the config's bank)")
+    s.add_argument("--user", help="only this user's photos (default: every user of the output)")
 
     index = sub.add_parser("index", help="the face index").add_subparsers(dest="what", required=True)
     s = command("check", cmd_index_check, "read every part of a face index and list the damaged ones", index)

@@ -19,7 +19,7 @@ from test_resilience import write_manifest
 from operators.detect import DetectFaces
 from operators.embed import EmbedFaces
 from operators.prompt import ChooseConcepts
-from operators.write import read_output
+from operators.output_table import read_output
 from pipelines import cli
 from pipelines.caption import caption, caption_stages
 from pipelines.enroll import enroll
