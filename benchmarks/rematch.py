@@ -85,7 +85,7 @@ def main() -> None:
 
         first = config("out")
         for ref in refs[:-1]:
-            enroll(first, USER, ref.parent.name, [ref])
+            enroll(first, USER, ref.parent.name, [str(ref)])
         newcomer = refs[-1]
 
         print(header("An archive: full run, rematch, full run again, nightly run (`benchmarks/rematch.py`)"))
@@ -96,7 +96,7 @@ def main() -> None:
         init_ray(first.ray)  # started once, outside the timings, as a long-lived service would be
         results: list = []
         timed("full run", results, lambda: sent(caption(first)))
-        enroll(first, USER, newcomer.parent.name, [newcomer])
+        enroll(first, USER, newcomer.parent.name, [str(newcomer)])
         timed("rematch", results, lambda: rematch(first, first.output.uri).changed)
         timed("full run again", results, lambda: sent(caption(config("out-again"))))
         copy_photos(sources, work / "archive", args.n, args.nightly)

@@ -166,11 +166,14 @@ class OutputTable:
                 "pass --overwrite"
             )
 
-    def _add(self, name: str) -> AddAction:
+    def _add(self, name: str, rows: int | None = None) -> AddAction:
+        """The add action of the part ``name`` in the folder (its rows read from its footer unless given)."""
         path = posixpath.join(self.root, name)
-        info = self.fs.info(path)
-        rows = pq.read_metadata(io.BytesIO(self.fs.cat_file(path))).num_rows if info["size"] else 0
-        return AddAction(name, info["size"], {}, int(time.time() * 1000), True, json.dumps({"numRecords": rows}))
+        if rows is None:
+            with self.fs.open(path, "rb") as f:
+                rows = pq.read_metadata(f).num_rows
+        stats = json.dumps({"numRecords": rows})
+        return AddAction(name, self.fs.size(path), {}, int(time.time() * 1000), True, stats)
 
     def _publish(self, staged: Iterable[Staged], run_id: str) -> list[AddAction]:
         """Rename staged parts to their final names (checking the lease first); their add actions."""
@@ -179,7 +182,7 @@ class OutputTable:
             if not held_by(self.fs, self.root, run_id):  # taken over: commit nothing beside the new holder
                 raise LeaseLost(f"run {run_id} no longer holds the lease of {self.uri}; part {part.name} not committed")
             self.fs.mv(part.staged, posixpath.join(self.root, part.name))
-            adds.append(self._add(part.name))
+            adds.append(self._add(part.name, part.rows))
         return adds
 
     def commit(self, staged: list[Staged], run_id: str) -> list[str]:
