@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/rematch.py [PHOTOS_DIR] [--photos N] [--nightly M] [--config configs/local.yaml]
 
 In one invocation, on an archive of N photos (copies of the photos under PHOTOS_DIR, default
-the sample set, each copy's bytes made distinct by a trailer after the image data, so that
-the face index sees N photos; the pixels are the originals'), with all but the last person
-of PHOTOS_DIR enrolled:
+the sample set, the people in turn, each copy's bytes made distinct by a trailer after the
+image data, so that the face index sees N photos; the pixels are the originals'), with all
+but the last person of PHOTOS_DIR enrolled:
 
 1. **full run**: ``plvm caption`` over the N photos into a new output;
 2. the last person is enrolled, then **rematch**: ``plvm rematch`` of that output;
@@ -71,7 +71,9 @@ def main() -> None:
     args = parser.parse_args()
     files = sorted(p for p in Path(args.photos).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     refs = [f for f in files if f.stem == "ref_img"]
-    sources = [f for f in files if f.stem != "ref_img"]
+    # the people in turn (each one's first photo, then each one's second, ...), so that any N holds everyone
+    photos = [f for f in files if f.stem != "ref_img"]
+    sources = sorted(photos, key=lambda f: (sorted(p for p in photos if p.parent == f.parent).index(f), f.parent))
     if len(refs) < 2 or not sources:
         raise SystemExit(f"{args.photos} needs photos and the reference photos (ref_img.*) of at least two people")
 
