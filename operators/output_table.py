@@ -228,8 +228,14 @@ class OutputTable:
 
     def vacuum(self) -> list[str]:
         """Delete the files the log does not name (replaced parts, parts a killed run never committed); the
-        ``_`` folders (staging, run records, the face index) are left alone."""
-        return self._delta().vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False, full=True)
+        ``_`` folders (staging, run records, the face index) are left alone. The names of the files deleted
+        (delta-rs also lists the replaced parts that an earlier vacuum deleted: those are left out)."""
+        table = self._delta()
+        names = {posixpath.basename(f) for f in table.vacuum(retention_hours=0, enforce_retention_duration=False,
+                                                             full=True)}  # fmt: skip
+        present = sorted(n for n in names if self.fs.exists(posixpath.join(self.root, n)))
+        table.vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False, full=True)
+        return present
 
     def drop_retryable(self, run_id: str) -> int:
         """Remove the rows whose error is retryable (``--retry-errors``), in one commit. The photos are then

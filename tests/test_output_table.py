@@ -68,6 +68,7 @@ def test_a_replacement_is_one_commit_and_plain_readers_see_the_current_rows(tmp_
     plain = pq.read_table(tmp_path).to_pylist()
     assert sorted((r["path"], r["width"]) for r in plain) == [("/a.jpg", None), ("/b.jpg", 7), ("/c.jpg", None)]
     assert not (tmp_path / "_staging" / RUN).exists()
+    assert out.vacuum() == [], "the replaced part is gone already, and not reported again"
     assert out.replace({p: pa.array([False] * out.read_part(p).num_rows) for p in out.part_files()}, [], RUN,
                        "rematch") is None, "nothing to replace: no commit"  # fmt: skip
 
