@@ -111,3 +111,12 @@ def test_a_killed_rematch_leaves_the_previous_version_current_and_whole(tmp_path
     assert json.loads(done.stdout.strip().splitlines()[-1])["changed"] == 3
     assert_exactly_once(str(out), paths, "lee")
     assert not list(out.glob("_staging/*/*")), "the killed rematch's staged parts were removed"
+
+
+def test_a_rematch_of_an_output_without_rows_is_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for output in (tmp_path / "nowhere", tmp_path / "empty"):
+        assert run(["rematch", str(output)]) == 2
+        assert capsys.readouterr().err.strip() == (f"plvm rematch: error: {output} holds no rows: nothing to rematch "
+                                                   "(give a caption run's output folder)")  # fmt: skip
+    assert not (tmp_path / "nowhere").exists() and list((tmp_path / "empty").iterdir()) == []
