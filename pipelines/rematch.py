@@ -49,6 +49,8 @@ class RematchSummary:
     """Photos whose set of names changed: read again, sent to the LLM, and replaced."""
     rows: int = 0
     """Rows written (one per changed photo)."""
+    naming_s: float = 0.0
+    """Seconds spent naming the faces again (reading the index, the cohort scales, matching)."""
     wall_s: float = 0.0
     banks: BankVersions = field(default_factory=dict)
     version: int | None = None
@@ -60,7 +62,7 @@ class RematchSummary:
             f"other names -> {self.rows} rows replaced" + (f" (version {self.version})" if self.version else ""),
             *([f"{self.not_indexed} photos are not in the face index and keep their rows (plvm caption --overwrite "
                "indexes them)"] if self.not_indexed else []),  # fmt: skip
-            f"wall {self.wall_s:.1f} s",
+            f"wall {self.wall_s:.1f} s (naming the faces {self.naming_s:.1f} s)",
         ]
 
 
@@ -137,8 +139,10 @@ def rematch(config: Config, output_uri: str, user: str | None = None) -> Rematch
             current = current.filter(pc.equal(current.column("user_id"), user))
         users = sorted(set(current.column("user_id").to_pylist()))
         banks = check_banks(users, config)
+        naming = time.monotonic()
         todo, missing = rename(config, current, users, banks)
-        summary = RematchSummary(run_id, current.num_rows, missing, todo.num_rows, banks=banks)
+        summary = RematchSummary(run_id, current.num_rows, missing, todo.num_rows, banks=banks,
+                                 naming_s=time.monotonic() - naming)  # fmt: skip
         if todo.num_rows:
             changed = set(keys(todo))
             todo = todo.append_column("index", pa.array(range(todo.num_rows), pa.int64()))
