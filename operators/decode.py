@@ -89,22 +89,29 @@ def decode_image(data: bytes, max_side: int, max_pixels: int) -> tuple[np.ndarra
 
 
 class Decode:
-    """data -> pixels, pixels_width, pixels_height, width, height."""
+    """data -> pixels, pixels_width, pixels_height, width, height (for rows without pixels yet).
 
-    def __init__(self, config: DecodeConfig) -> None:
-        self.config = config
+    ``for_faces``: the decode before detection, which passes by the photos whose faces came from
+    the face index and keeps ``data`` for the decode before the LLM (the run reads each photo once).
+    """
+
+    def __init__(self, config: DecodeConfig, for_faces: bool = False) -> None:
+        self.config, self.for_faces = config, for_faces
 
     def _decode(self, row: dict) -> None:
+        if row.get("pixels") is not None or (self.for_faces and row.get("faces") is not None):
+            return
         pixels, row["width"], row["height"] = decode_image(row["data"], self.config.max_side, self.config.max_pixels)
         row["pixels_height"], row["pixels_width"] = pixels.shape[:2]
         row["pixels"] = pixels.tobytes()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows(batch, self._decode, add=DECODED, drop=["data"])
+        return map_rows(batch, self._decode, add=DECODED, drop=[] if self.for_faces else ["data"])
 
 
 DECODED = ("width", "height", "pixels", "pixels_width", "pixels_height")
 
 
-def stage(config: DecodeConfig, tasks: Resources) -> Stage:
-    return Stage("decode", Decode, (config,), tasks, needs=("data",), adds=DECODED, drops=("data",))
+def stage(config: DecodeConfig, tasks: Resources, for_faces: bool = False) -> Stage:
+    drops = () if for_faces else ("data",)
+    return Stage("decode", Decode, (config, for_faces), tasks, needs=("data",), adds=DECODED, drops=drops)

@@ -18,7 +18,8 @@ class DetectConfig(StageConfig):
 
 
 class DetectFaces:
-    """pixels -> faces (box, score, landmarks in the original photo's pixels), left to right."""
+    """pixels -> faces (box, score, landmarks in the original photo's pixels), left to right; a row whose faces
+    came from the face index is passed by."""
 
     def __init__(self, config: DetectConfig) -> None:
         import torch
@@ -29,6 +30,8 @@ class DetectFaces:
         )
 
     def _detect(self, row: dict) -> None:
+        if row.get("faces") is not None:  # from the face index
+            return
         scale = row["width"] / row["pixels_width"]
         row["faces"] = [face_record(f.scaled(scale)) for f in self.detector.detect(row_pixels(row))]
 

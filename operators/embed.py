@@ -30,7 +30,7 @@ class EmbedFaces:
         self.embedder = make_embedder(config.kind, **config.options)
 
     def _embed(self, row: dict) -> None:
-        if not row["faces"]:
+        if all(face.get("embedding") is not None for face in row["faces"] or []):  # none, or from the face index
             return
         vectors = self.embedder.embed(row_pixels(row), working_faces(row))
         for face, vector in zip(row["faces"], vectors):

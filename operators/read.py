@@ -28,6 +28,7 @@ from operators.rows import ErrorKind, RowError, fail, map_rows, to_table
 from plvm_model import storage
 from plvm_model.bank import validate_user_id
 from plvm_model.errors import InputError, InputNotFound
+from plvm_model.face_index import content_hash
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_EXTENSIONS = (".parquet", ".csv")
@@ -194,7 +195,7 @@ def _read_manifest(
 
 
 class ReadBytes:
-    """path -> data (the file's bytes)."""
+    """path -> data (the file's bytes), content_hash (their SHA-256: the photo's key in the face index)."""
 
     def __init__(self, config: ReadConfig, storage_options: storage.StorageOptions | None = None) -> None:
         self.config = config
@@ -211,10 +212,11 @@ class ReadBytes:
         row["data"] = fs.cat_file(path)
         if not row["data"]:
             raise RowError(ErrorKind.EMPTY_FILE, "file is empty (0 bytes)")
+        row["content_hash"] = content_hash(row["data"])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows(batch, self._read, add=["data"])
+        return map_rows(batch, self._read, add=["data", "content_hash"])
 
 
 def stage(config: ReadConfig, storage_options: storage.StorageOptions | None, tasks: Resources) -> Stage:
-    return Stage("read", ReadBytes, (config, storage_options), tasks, needs=("path",), adds=("data",))
+    return Stage("read", ReadBytes, (config, storage_options), tasks, needs=("path",), adds=("data", "content_hash"))

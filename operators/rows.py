@@ -51,6 +51,8 @@ COLUMNS: dict[str, pa.DataType] = {
     "path": pa.string(),
     "user_id": pa.string(),
     "data": pa.binary(),
+    "content_hash": pa.string(),
+    "indexed": pa.bool_(),
     "width": pa.int32(),
     "height": pa.int32(),
     "pixels": pa.binary(),

@@ -2,11 +2,15 @@
 
 The pipeline is the list in :func:`caption_stages`, applied by one loop
 (``pipelines.stages.apply``). The model-free stages run as tasks; detect, embed and
-generate run in actor pools, each actor loading its model once. With cohort-normalised
-matching (the default) the cohort barrier waits for every face of the run before any is
-matched, and the photos are decoded again for the LLM after matching. The evaluation, VQA
-and benchmark paths take named prefixes of the same list (:func:`face_stages`,
-:func:`naming_stages`).
+generate run in actor pools, each actor loading its model once. Each photo is read once;
+a photo whose bytes the user's face index holds takes its faces from there (no decode,
+detection or embedding), the others are decoded, detected and embedded, and their faces
+committed to the index. With cohort-normalised matching (the default) the cohort barrier
+waits for every face of the run before any is matched, and measures the scales over the
+user's whole index; the photos' bytes cross it and are decoded for the LLM after matching
+(a photo that was detected is decoded twice, see the README). The evaluation, VQA and
+benchmark paths take named prefixes of the same list (:func:`face_stages`,
+:func:`naming_stages`), without the index.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from operators import decode, detect, embed, generate, match, prompt, read, write
+from operators import decode, detect, embed, generate, index_lookup, indexing, match, prompt, read, write
 from operators.banks import BankSource, BankVersions
 from operators.read import list_inputs
-from operators.rows import RETRYABLE
-from operators.write import OutputFolder, keys, new_run_id
+from operators.output_table import OutputTable, Staged, keys, new_run_id
+from operators.rows import RETRYABLE, output_schema
 from pipelines import cohort, preflight
+from pipelines.archive import Archive, open_archive
 from pipelines.config import Config, ModelPaths, RayConfig
 from pipelines.runtime import init_ray
 from pipelines.stages import StageFailed, Step, apply, cause_of
@@ -65,17 +71,25 @@ def naming_stages(config: Config, banks: BankVersions | None = None) -> list[Ste
 
 
 def caption_stages(
-    config: Config, models: ModelPaths, run_id: str, parts: int, banks: BankVersions | None = None
+    config: Config, models: ModelPaths, run_id: str, parts: int, archive: Archive, banks: BankVersions | None = None
 ) -> list[Step]:
-    """The whole caption pipeline, in order; ``parts`` is how many output files the run writes, ``banks``
-    the versions of the users' banks it reads."""
+    """The whole caption pipeline, in order; ``parts`` is how many output files the run writes, ``archive`` the
+    face index it looks photos up in and adds to, ``banks`` the versions of the users' banks it reads."""
     tasks = config.tasks
+    space = embedder_class(config.embed.kind).space
     source = BankSource(config.bank, config.storage, banks or {})
-    decode_again = [read.stage(config.read, config.storage, tasks), decode.stage(config.decode, tasks)]
+    barrier = [cohort.barrier(config.match, source, space, archive.cohort)]
     return [
-        *naming_stages(config, banks),
+        read.stage(config.read, config.storage, tasks),
+        index_lookup.stage(archive.source, tasks),
+        decode.stage(config.decode, tasks, for_faces=True),
+        detect.stage(config.detect),
+        embed.stage(config.embed),
+        indexing.stage(archive.source, config.output.uri, run_id, tasks),
+        *(barrier if config.match.normalization == "cohort" else []),
+        match.stage(config.match, source, space, tasks),
         prompt.stage(config.prompt, source, models.aligner_identity, tasks),
-        *(decode_again if config.match.normalization == "cohort" else []),  # the barrier dropped the pixels
+        decode.stage(config.decode, tasks),  # the photos the barrier (or the index) left without pixels
         generate.stage(config.generate, models.llava),
         write.stage(config.output, run_id, config.storage, tasks, parts),
     ]
@@ -111,6 +125,14 @@ class RunSummary:
     """Rows of earlier runs removed to be written again (``--retry-errors``)."""
     missing: int = 0
     duplicates: int = 0
+    indexed: int = 0
+    """Photos this run added to the face index: detected and embedded (or known bytes seen under a new path)."""
+    deleted: int = 0
+    """Indexed photos deleted from the archive since (not listed, no longer there): not missing output."""
+    deleted_paths: list[str] = field(default_factory=list)
+    """The first of them."""
+    index_dropped: list[str] = field(default_factory=list)
+    """Damaged face index parts removed by ``--rebuild-index`` (their photos detected again)."""
     faces: int = 0
     matched: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -133,6 +155,10 @@ class RunSummary:
         return [
             f"run {self.run_id}: {self.photos} photos -> {self.rows} rows{skipped}{retried}",
             f"faces {self.faces}, named {self.matched}, errors {sum(self.errors.values())} ({errors})",
+            f"face index: {self.indexed} photos added, the others' faces reused; {self.deleted} indexed photos "
+            f"deleted from the archive"
+            + (f" ({', '.join(self.deleted_paths)}{', ...' if self.deleted > 5 else ''})" if self.deleted else ""),
+            *(f"face index: dropped damaged part {part}" for part in self.index_dropped),
             f"wall {self.wall_s:.1f} s, {self.photos_per_s:.2f} photos/s",
         ]
 
@@ -199,7 +225,7 @@ def check_banks(users: list[str], config: Config) -> BankVersions:
     return pinned
 
 
-def _run_failure(error: BaseException) -> RunFailed | None:
+def run_failure(error: BaseException) -> RunFailed | None:
     """The run's failure behind an exception that Ray raised in the driver, as a :class:`RunFailed`."""
     import ray.exceptions
 
@@ -237,6 +263,7 @@ def caption(
     overwrite: bool = False,
     retry_errors: bool = False,
     stages: Callable[..., list[Step]] = caption_stages,
+    rebuild_index: bool = False,
 ) -> RunSummary:
     """Run the caption pipeline of ``config``; the summary is also written beside the output.
 
@@ -245,7 +272,9 @@ def caption(
     again; with ``overwrite``, earlier runs' output is removed first. Without any, an output
     that already holds rows is refused, so that no photo is ever written twice. A failure of
     the system past ``run.max_failed_fraction`` raises :class:`RunFailed` (after recording
-    the run). ``stages`` builds the pipeline (the arguments of :func:`caption_stages`).
+    the run). ``stages`` builds the pipeline (the arguments of :func:`caption_stages`). A damaged part
+    of the face index stops the run before any work (:class:`IndexCorrupt`) unless ``rebuild_index``
+    drops it (its photos are detected again).
 
     The run holds the output's lease from before it looks at the output to its end, so a
     second run into the same output is refused (:class:`OutputLocked`) instead of writing
@@ -256,50 +285,53 @@ def caption(
         raise ConfigError("no output given: set output.uri in the config or pass --output")
     preflight.check_output(config.output.uri, config.storage)
     run_id = new_run_id()
-    output = OutputFolder(config.output.uri, config.storage)
+    output = OutputTable(config.output.uri, config.storage)
     with output.lease(run_id, "caption", config.output.lease_expiry_s) as lease:
-        return _caption(config, output, run_id, lease, resume, overwrite, retry_errors, stages)
+        return _caption(config, output, run_id, lease, resume, overwrite, retry_errors, stages, rebuild_index)
 
 
-def _caption(config: Config, output: OutputFolder, run_id: str, lease: Lease, resume: bool, overwrite: bool,
-             retry_errors: bool, stages: Callable[..., list[Step]]) -> RunSummary:  # fmt: skip
+def _caption(config: Config, output: OutputTable, run_id: str, lease: Lease, resume: bool, overwrite: bool,
+             retry_errors: bool, stages: Callable[..., list[Step]], rebuild_index: bool) -> RunSummary:  # fmt: skip
     """:func:`caption`, with the output's lease held."""
     started = time.monotonic()
     listing = list_inputs(config.input, config.storage, output=config.output.uri)
     listing = listing.append_column("index", pa.array(range(listing.num_rows), pa.int64()))
-    done = keys(output.read(["path", "user_id"]))
-    retried = 0
-    if overwrite:
-        output.clear()
-        done = Counter()
-    elif done and not (resume or retry_errors):
+    users = listing.filter(listing.column("error").is_null()).column("user_id").to_pylist()
+    archive = open_archive(config, listing, users, rebuild_index)  # a damaged part stops the run here, before all
+    written = output.read(["path", "user_id", "error_kind"])
+    done = Counter() if overwrite else keys(written)
+    if done and not (resume or retry_errors):
         raise OutputExists(
             f"{config.output.uri} already holds {sum(done.values())} rows from earlier runs: pass --resume to "
             "write only the photos not written yet, --retry-errors to also write again the rows that failed in "
             "the system, or --overwrite to start again"
         )
-    for stale in output.discard_staging():
-        log.warning("removed %s, left by a run that did not finish", stale)
-    if retry_errors and done:
-        retried = output.drop_retryable()
-        done = keys(output.read(["path", "user_id"]))
+    if retry_errors:
+        done -= keys(written.filter(pc.is_in(written.column("error_kind"), value_set=pa.array(RETRYABLE))))
     todo = remaining(listing, done)
     valid = todo.filter(todo.column("error").is_null())
     banks = check_banks(valid.column("user_id").to_pylist(), config)
+    # the output changes only from here, once the run is known to start
+    for stale in output.discard_staging():
+        log.warning("removed %s, left by a run that did not finish", stale)
+    output.open(output_schema(config.output.face_embeddings), overwrite=overwrite)
+    for stale in output.vacuum():
+        log.warning("removed %s, a part that a run which did not finish never committed", stale)
+    retried = output.drop_retryable(run_id) if retry_errors else 0
     models = config.model_paths()
-    parts: list[dict] = []
+    committed: list[str] = []
     failure: RunFailed | None = None
     if todo.num_rows:
         progress = Progress(todo.num_rows, config.ray)
         n_parts = max(1, -(-todo.num_rows // config.output.rows_per_file))
-        pipeline = partial(stages, models=models, run_id=run_id, parts=n_parts, banks=banks)
+        pipeline = partial(stages, models=models, run_id=run_id, parts=n_parts, archive=archive, banks=banks)
         try:
             for part in dataset(config, todo, pipeline).iter_rows():
                 lease.check()
-                parts.append(part)
+                committed.extend(output.commit([Staged(**part)], run_id))
                 progress.update(part["rows"])
         except Exception as error:
-            failure = _run_failure(error)
+            failure = run_failure(error)
             if failure is None:
                 raise
     table = output.read(["faces", "concepts", "error", "error_kind"], run_id=run_id)
@@ -315,13 +347,17 @@ def _caption(config: Config, output: OutputFolder, run_id: str, lease: Lease, re
         retried=retried,
         missing=sum((listed - written).values()),
         duplicates=sum(max(0, written[k] - n) for k, n in listed.items()),
+        indexed=sum(archive.source.open().rows_of_run(user, run_id) for user in archive.source.pinned),
+        deleted=len(archive.deleted),
+        deleted_paths=archive.deleted[:5],
+        index_dropped=archive.dropped,
         faces=counts["faces"],
         matched=counts["matched"],
         errors=errors,
         failed=sum(n for k, n in errors.items() if k in RETRYABLE),
         wall_s=wall,
         photos_per_s=todo.num_rows / wall if wall else 0.0,
-        output=sorted(p["file"] for p in parts),
+        output=sorted(committed),
         banks=banks,
     )
     lease.check()

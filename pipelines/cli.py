@@ -51,7 +51,18 @@ def cmd_caption(args: argparse.Namespace) -> int:
         output__uri=args.output,
         generate__engine=args.engine,
     )
-    summary = caption(config, resume=args.resume, overwrite=args.overwrite, retry_errors=args.retry_errors)
+    summary = caption(config, resume=args.resume, overwrite=args.overwrite, retry_errors=args.retry_errors,
+                      rebuild_index=args.rebuild_index)  # fmt: skip
+    for line in summary.lines():
+        print(line)
+    print(json.dumps(asdict(summary)))
+    return 0
+
+
+def cmd_rematch(args: argparse.Namespace) -> int:
+    from pipelines.rematch import rematch
+
+    summary = rematch(_config(args), args.output, user=args.user)
     for line in summary.lines():
         print(line)
     print(json.dumps(asdict(summary)))
@@ -59,19 +70,45 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from operators.write import OutputFolder, new_run_id
+    from operators.output_table import OutputTable, new_run_id
+    from operators.rows import output_schema
     from plvm_model.errors import InputNotFound
 
     config = _config(args)
-    output = OutputFolder(args.output, config.storage)
+    output = OutputTable(args.output, config.storage)
     if not output.fs.exists(output.root):
         raise InputNotFound(f"{args.output} does not exist: nothing to repair")
-    with output.lease(new_run_id(), "repair", config.output.lease_expiry_s):
-        removed = output.deduplicate()
+    run_id = new_run_id()
+    with output.lease(run_id, "repair", config.output.lease_expiry_s):
+        output.open(output_schema(config.output.face_embeddings))
+        removed = output.deduplicate(run_id)
     for row in removed:
         print(f"removed a second row of {row.path} (user {row.user_id}){' with an error' if row.error else ''}: "
               f"run {row.run_id}, {row.part}")  # fmt: skip
     print(f"{args.output}: removed {len(removed)} duplicate row(s); each photo now has one row")
+    return 0
+
+
+def cmd_index_check(args: argparse.Namespace) -> int:
+    from plvm_model.errors import IndexCorrupt, InputNotFound
+    from plvm_model.face_index import FaceIndex
+
+    config = _config(args)
+    root = args.index or config.index.uri or (config.index.root(args.output) if args.output else None)
+    if root is None:
+        raise InputNotFound("plvm index check needs an OUTPUT (whose index is OUTPUT/_faces) or --index URI")
+    index = FaceIndex(root, config.storage)
+    users = index.users()
+    if not users:
+        raise InputNotFound(f"{root} holds no face index")
+    bad = index.check()
+    for part in bad:
+        print(f"damaged: {part.reason}")
+    parts = sum(len(index.parts(user)) for user in users)
+    if bad:
+        raise IndexCorrupt(f"{root}: {len(bad)} of {parts} parts are damaged (listed above); plvm caption "
+                           "--rebuild-index drops them and detects their photos again")  # fmt: skip
+    print(f"{root}: {len(users)} user(s), {parts} part(s), none damaged")
     return 0
 
 
@@ -188,9 +225,22 @@ def parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true", help="remove earlier runs' output first")
     s.add_argument("--retry-errors", action="store_true",
                    help="write again the rows whose error is retryable (see the README); implies --resume")  # fmt: skip
+    s.add_argument("--rebuild-index", action="store_true",
+                   help="drop the face index's damaged parts first; their photos are detected again")  # fmt: skip
 
     s = command("repair", cmd_repair, "keep one row per photo in an output that runs wrote twice (under its lease)")
     s.add_argument("output", help="output folder URI")
+
+    s = command("rematch", cmd_rematch, "after a bank changed: name the output's indexed faces again and replace the "
+                "rows whose names changed, in one commit (under the output's lease)")  # fmt: skip
+    s.add_argument("output", help="output folder URI of caption runs")
+    s.add_argument("--bank", help="root URI of the concept banks (default: the config's bank)")
+    s.add_argument("--user", help="only this user's photos (default: every user of the output)")
+
+    index = sub.add_parser("index", help="the face index").add_subparsers(dest="what", required=True)
+    s = command("check", cmd_index_check, "read every part of a face index and list the damaged ones", index)
+    s.add_argument("output", nargs="?", help="output folder URI whose index (OUTPUT/_faces, or index.uri) to check")
+    s.add_argument("--index", help="the index's root URI (default: the config's index.uri, or OUTPUT/_faces)")
 
     evaluate = sub.add_parser("eval", help="evaluate recognition or VQA").add_subparsers(dest="what", required=True)
     s = command("recognition", cmd_eval_recognition, "is P in this photo? on a PLVM/YoLLaVA-layout folder", evaluate)

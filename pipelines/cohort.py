@@ -1,14 +1,20 @@
 """The cohort barrier: every face of a run embedded before any is matched, and the concepts' scales.
 
 With ``match.normalization: cohort`` a concept's scale is measured on its user's cohort (the
-bank's other concepts and the faces of the user's photos in the run; the rule is
+bank's other concepts and the faces of the user's photos; the rule is
 ``plvm_model.faces.matching.MatchRule``). The barrier drops the photos' pixels (the faces are
-kept, small; the photos are decoded again for the LLM), materializes the run, and computes
-every user's scales: in the driver when the run's faces fit in ``match.cohort_gather_mb``,
-else by a groupby on the cluster.
+kept, small; the caption run keeps the photos' bytes and decodes them once more for the LLM),
+materializes the run, and computes every user's scales: in the driver when the faces fit in
+``match.cohort_gather_mb``, else by a groupby on the cluster.
+
+In a caption run the user's faces are those of the user's whole face index (:class:`IndexCohort`:
+this run's photos are committed to it before the barrier), so a resumed or nightly run names
+a face as one run over the whole archive would; evaluation measures over the run's own faces.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -16,8 +22,9 @@ import pyarrow.compute as pc
 
 from operators.banks import BankCache, BankSource
 from operators.match import MatchConfig, Scales
-from operators.rows import RowError
+from operators.rows import RowError, to_table
 from pipelines.stages import Barrier
+from plvm_model.face_index import IndexSource
 
 SCALE_SCHEMA = pa.schema([("user_id", pa.string()), ("concept_id", pa.string()), ("scale", pa.float64())])
 
@@ -76,12 +83,42 @@ def cohort_scales(
     return {(r["user_id"], r["concept_id"]): r["scale"] for r in out}
 
 
-def barrier(config: MatchConfig, banks: BankSource, embedder_space: str) -> Barrier:
-    """The cohort barrier step: hands the scales on as ``scales`` (the match stage's :class:`FromRun` argument)."""
+@dataclass(frozen=True)
+class IndexCohort:
+    """The cohort of a caption run: the current faces of its users' face index, but those of the photos
+    ``exclude`` names (content hashes of photos deleted from the archive)."""
+
+    source: IndexSource
+    users: tuple[str, ...]
+    exclude: frozenset[str] = frozenset()
+
+    def faces(self) -> pa.Table:
+        """(user_id, faces with their ``embedding``) per current index row of the users."""
+        index, out = self.source.open(), {"user_id": [], "faces": []}
+        for user in self.users:
+            rows = index.read(user, self.source.embedder).select(["content_hash", "faces"]).to_pylist()
+            for row in rows:
+                if row["content_hash"] not in self.exclude:
+                    out["user_id"].append(user)
+                    out["faces"].append([{"embedding": face["descriptor"]} for face in row["faces"]])
+        return to_table([dict(zip(out, r)) for r in zip(*out.values())], ["user_id", "faces"])
+
+
+def barrier(config: MatchConfig, banks: BankSource, embedder_space: str, index: IndexCohort | None = None) -> Barrier:
+    """The cohort barrier step: hands the scales on as ``scales`` (the match stage's :class:`FromRun` argument),
+    measured over ``index``'s faces if given, else over the run's."""
 
     def run(ds, values: dict) -> object:
-        ds = ds.drop_columns(["pixels"]).materialize()
-        values["scales"] = cohort_scales(ds, config, banks, embedder_space)
+        ds = ds.drop_columns(["pixels"]).materialize()  # with every face of the run committed to the index
+        if index is None:
+            values["scales"] = cohort_scales(ds, config, banks, embedder_space)
+            return ds
+        faces = index.faces()
+        if faces.nbytes > config.cohort_gather_mb * 2**20:
+            import ray.data
+
+            faces = ray.data.from_arrow(faces).materialize()
+        values["scales"] = cohort_scales(faces, config, banks, embedder_space)
         return ds
 
     return Barrier("cohort", run, needs=("user_id", "faces"), drops=("pixels",))

@@ -23,6 +23,7 @@ from operators.decode import DecodeConfig
 from operators.detect import DetectConfig
 from operators.embed import EmbedConfig
 from operators.generate import GenerateConfig
+from operators.indexing import IndexConfig
 from operators.match import MatchConfig
 from operators.prompt import PromptConfig
 from operators.read import InputConfig, ReadConfig
@@ -101,6 +102,9 @@ class Config(StageConfig):
     input: InputConfig = Field(InputConfig(), description="The photos (`plvm caption --input`, `--user`).")
     bank: str = Field("banks", description="Root URI of the users' concept banks.")
     output: OutputConfig = Field(OutputConfig(), description="Where the rows go (`--output`).")
+    index: IndexConfig = Field(
+        IndexConfig(), description="The face index: the faces every run found, reused by later runs."
+    )
     storage: dict[str, dict[str, Any]] = Field(
         {}, description="fsspec options per URI scheme, e.g. `s3: {endpoint_url: ..., key: ..., secret: ...}`."
     )

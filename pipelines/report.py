@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from operators.decode import decode_image
-from operators.write import OutputFolder
+from operators.output_table import OutputTable
 from plvm_model import storage
 from plvm_model.errors import InputError, InputNotFound
 
@@ -139,7 +139,7 @@ def caption_rows(results: str, storage_options: storage.StorageOptions | None) -
             raise InputError(f"{results} is a file, not a caption run's output folder or Parquet part")
         table = pq.read_table(io.BytesIO(fs.cat_file(path)))
     else:
-        folder = OutputFolder(results, storage_options)
+        folder = OutputTable(results, storage_options)
         if not folder.part_files():
             raise InputError(f"{results} holds no rows: no part-*.parquet file (is it a caption run's output?)")
         table = folder.read()

@@ -37,7 +37,7 @@ from ray.data.exceptions import UserCodeException
 from ray.util.annotations import RayDeprecationWarning
 
 from operators.base import FromRun, Resources, Stage
-from operators.rows import ErrorKind, fail, to_table
+from operators.rows import ErrorKind, fail, output_columns, to_table
 from plvm_model.errors import RunFailed
 
 
@@ -111,8 +111,8 @@ class Guarded:
             except Exception as error:
                 failed = row.to_pylist()[0]
                 fail(failed, ErrorKind.STAGE_FAILED, f"{failed.get('path')}: {self.stage.name} failed: {_where(error)}")
-                columns = [c for c in row.column_names if c not in self.stage.drops]
-                parts.append(to_table([failed], columns))
+                # the stage's own columns too (null): a batch whose every row failed still has them
+                parts.append(to_table([failed], output_columns(row, self.stage.adds, self.stage.drops)))
         return pa.concat_tables(parts, promote_options="permissive")
 
 

@@ -31,6 +31,11 @@ class BankError(PlvmError, ValueError):
     schema or another model, or changed by other enrollments each time this one tried to commit."""
 
 
+class IndexCorrupt(PlvmError, ValueError):
+    """A part of the face index that cannot be read whole (damaged, cut short, of another schema): the message
+    names it; ``plvm index check`` lists every such part and ``plvm caption --rebuild-index`` drops them."""
+
+
 class OutputExists(PlvmError, ValueError):
     """The output already holds committed rows, and the run was not told to resume, retry or overwrite."""
 
@@ -74,9 +79,9 @@ INTERRUPTED = 130
 EXIT_CODES: dict[int, str] = {
     0: "success: every listed photo has exactly one row (input faults are rows with an error)",
     1: "a bug: an unexpected exception, printed with its traceback",
-    2: "bad usage, config, input, bank, an output that already holds rows, that another run is writing or that "
+    2: "bad usage, config, input, bank, a damaged face index part, an output that already holds rows, that another run is writing or that "
     "cannot be written, or resources no Ray node has (ConfigError, InputError, InputNotFound, BankError, "
-    "OutputExists, OutputLocked, OutputUnwritable, ResourcesUnavailable); found at the start, before any work",
+    "IndexCorrupt, OutputExists, OutputLocked, OutputUnwritable, ResourcesUnavailable); found at the start, before any work",
     3: "the run failed: system failures past `run.max_failed_fraction`, a stage that failed after its "
     "retries, a dead engine, or a lease taken over by another run (RunFailed, EngineDead, LeaseLost); the "
     "summary names the stage and the first error",

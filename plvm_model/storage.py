@@ -16,6 +16,8 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from plvm_model.errors import ConfigError
+
 StorageOptions = dict[str, dict[str, Any]]
 
 
@@ -26,6 +28,37 @@ def scheme(uri: str) -> str:
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for ``uri`` and the path within it."""
     return url_to_fs(uri, **(options or {}).get(scheme(uri), {}))
+
+
+_OBJECT_STORE_KEYS = {"endpoint_url": "AWS_ENDPOINT_URL", "key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY",
+                      "token": "AWS_SESSION_TOKEN"}  # fmt: skip
+
+
+def object_store_options(uri: str, options: StorageOptions | None = None) -> dict[str, str]:
+    """The config's fsspec options for ``uri`` as the ``deltalake`` package (Rust's object_store) takes them.
+
+    Only S3's are translated (``endpoint_url``, ``key``, ``secret``, ``token``, ``client_kwargs.region_name``); an
+    option it cannot take is a :class:`ConfigError` naming it, never dropped. Renames need no locking provider
+    (``AWS_S3_ALLOW_UNSAFE_RENAME``): one process at a time writes an output, the holder of its lease.
+    """
+    given = dict((options or {}).get(scheme(uri), {}))
+    if scheme(uri) == "file":
+        return {}
+    if scheme(uri) not in ("s3", "s3a"):
+        raise ConfigError(f"an output on {scheme(uri)} cannot be written as a Delta table here (local disks and S3 can)")
+    out = {"AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
+    client = dict(given.pop("client_kwargs", {}))
+    if "region_name" in client:
+        out["AWS_REGION"] = str(client.pop("region_name"))
+    given |= {f"client_kwargs.{k}": v for k, v in client.items()}
+    for key, value in given.items():
+        if key not in _OBJECT_STORE_KEYS:
+            raise ConfigError(f"storage.{scheme(uri)}.{key}: not an option the output's Delta log writer takes "
+                              f"(it takes {', '.join(_OBJECT_STORE_KEYS)} and client_kwargs.region_name)")  # fmt: skip
+        out[_OBJECT_STORE_KEYS[key]] = str(value)
+    if out.get("AWS_ENDPOINT_URL", "").startswith("http://"):
+        out["AWS_ALLOW_HTTP"] = "true"
+    return out
 
 
 def join(uri: str, *parts: str) -> str:

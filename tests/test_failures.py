@@ -19,7 +19,7 @@ from test_resilience import assert_exactly_once, photos, write_manifest
 from operators.detect import DetectFaces
 from operators.generate import Generate
 from operators.rows import ErrorKind
-from operators.write import keys, read_output
+from operators.output_table import keys, read_output
 from pipelines.caption import caption, caption_stages
 from pipelines.enroll import enroll
 from plvm_model.errors import EXIT_CODES, RunFailed

@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import REPO, make_config, photo
 from test_decode import _png_claiming as png_claiming
-from operators.write import read_output
+from operators.output_table import read_output
 from pipelines.caption import caption
 from pipelines.enroll import enroll
 from pipelines.runtime import ACTOR_RESTART_NOTICE

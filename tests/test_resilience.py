@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import REPO, make_config, photo
 
-from operators.write import OutputFolder, keys, read_output
+from operators.output_table import OutputTable, keys, read_output
 from pipelines.caption import caption
 from pipelines.enroll import enroll
 from plvm_model.errors import OutputExists
@@ -97,7 +97,8 @@ def test_an_interrupted_run_is_completed_by_resume_without_duplicates(tmp_path, 
     run = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 600
-    while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline and run.poll() is None:
+    # until the first part is committed: the table's log has its version 1 (0 made the table)
+    while not (out / "_delta_log" / f"{1:020d}.json").exists() and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.05)
     family = psutil.Process(run.pid).children(recursive=True) if run.poll() is None else []
     with contextlib.suppress(ProcessLookupError):
@@ -137,5 +138,5 @@ def test_overwrite_starts_again(tmp_path, yollava, tiny_models, ray_local):
     second = caption(config, overwrite=True)
     assert second.run_id != first.run_id
     assert_exactly_once(config.output.uri, paths, "max")
-    assert OutputFolder(config.output.uri).part_files(first.run_id) == []
+    assert OutputTable(config.output.uri).part_files(first.run_id) == []
 

@@ -6,7 +6,7 @@ import fsspec
 import pytest
 
 from conftest import make_config, photo
-from operators.write import read_output
+from operators.output_table import read_output
 from pipelines.caption import caption
 from pipelines.enroll import enroll
 from plvm_model.bank import ConceptBank

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import REPO, make_config, photo
 from test_concept_token import expected_rows, layout_cases, plvm_layout, winning
 from operators.generate import GenerateConfig
-from operators.write import read_output
+from operators.output_table import read_output
 from pipelines.caption import caption
 from pipelines.enroll import enroll
 from plvm_model.concepts import ConceptEncoder, aligner_shape

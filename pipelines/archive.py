@@ -1,0 +1,49 @@
+"""What a caption run takes from the face index before it starts: the parts it looks photos up in, the
+photos deleted from the archive since they were indexed, and (``--rebuild-index``) damaged parts dropped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from pipelines.cohort import IndexCohort
+from pipelines.config import Config
+from plvm_model import storage
+from plvm_model.face_index import FaceIndex, IndexSource
+from plvm_model.faces import embedder_class
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A run's view of its users' face index, pinned at its start."""
+
+    source: IndexSource
+    cohort: IndexCohort
+    deleted: list[str] = field(default_factory=list)
+    """Indexed photos that the listing does not name and that no longer exist (their faces leave the cohort)."""
+    dropped: list[str] = field(default_factory=list)
+    """Damaged parts that ``--rebuild-index`` removed."""
+
+
+def open_archive(config: Config, listing: pa.Table, users: list[str], rebuild: bool = False) -> Archive:
+    """Pin ``users``' face index for a run over ``listing``: every part is read once here, so a damaged one
+    stops the run before any work (:class:`IndexCorrupt` naming it) unless ``rebuild`` drops it first."""
+    index = FaceIndex(config.index.root(config.output.uri), config.storage)
+    dropped = index.check() if rebuild else []
+    index.drop(dropped)
+    space = embedder_class(config.embed.kind).space
+    listed = set(listing.column("path").to_pylist())
+    pinned: dict[str, tuple[str, ...]] = {}
+    deleted: dict[str, str] = {}  # path -> content hash
+    for user in sorted(set(users)):
+        pinned[user] = tuple(index.parts(user))
+        rows = index.read(user, space, parts=list(pinned[user]))
+        for path, digest in zip(rows.column("path").to_pylist(), rows.column("content_hash").to_pylist()):
+            if path not in listed:
+                fs, where = storage.filesystem(path, config.storage)
+                if not fs.exists(where):
+                    deleted[path] = digest
+    source = IndexSource(index.uri, config.storage, space, pinned)
+    cohort = IndexCohort(source, tuple(pinned), frozenset(deleted.values()))
+    return Archive(source, cohort, sorted(deleted), [part.uri for part in dropped])

@@ -1,0 +1,173 @@
+"""``plvm rematch``: name every indexed face of an output again after a bank changed, and replace only the rows
+whose names changed, in one commit.
+
+The faces come from the users' face index (``plvm_model.face_index``), never from the photos:
+each current row of the output is looked up by its path, its faces are matched against the
+user's newest bank with the cohort scales measured over the index's faces of the output's
+photos (as one caption run over the whole output would), and a photo is written again only
+when its *set* of names changed. Only those photos are read again, and only for the LLM
+(read -> decode -> prompt -> generate -> write). Their new parts are staged, and with the
+rewritten parts that held their old rows, swapped into the output's Delta table by one commit
+(:meth:`operators.output_table.OutputTable.replace`): a rematch that is killed leaves the
+previous version current and whole. The rematch holds the output's lease throughout.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from operators import decode, generate, prompt, read, write
+from operators.banks import BankSource, BankVersions
+from operators.match import MatchFaces
+from operators.output_table import OutputTable, Staged, keys, new_run_id
+from operators.rows import output_schema, to_table
+from pipelines.caption import run_failure, check_banks, dataset
+from pipelines.cohort import IndexCohort, cohort_scales
+from pipelines.config import Config, ModelPaths
+from pipelines.stages import Step
+from plvm_model.errors import InputNotFound, RowCountMismatch
+from plvm_model.face_index import FaceIndex, IndexSource
+from plvm_model.faces import embedder_class
+
+Photo = tuple[str, str]
+"""(path, user_id): a photo's identity in the output."""
+
+
+@dataclass
+class RematchSummary:
+    run_id: str
+    photos: int
+    """Current rows of the output's users that were looked at."""
+    not_indexed: int = 0
+    """Rows without an error whose path the face index does not hold: left as they are."""
+    changed: int = 0
+    """Photos whose set of names changed: read again, sent to the LLM, and replaced."""
+    rows: int = 0
+    """Rows written (one per changed photo)."""
+    naming_s: float = 0.0
+    """Seconds spent naming the faces again (reading the index, the cohort scales, matching)."""
+    wall_s: float = 0.0
+    banks: BankVersions = field(default_factory=dict)
+    version: int | None = None
+    """The output table's version that the rematch committed (None: nothing changed, no commit)."""
+
+    def lines(self) -> list[str]:
+        return [
+            f"rematch {self.run_id}: {self.photos} photos named again from the face index, {self.changed} with "
+            f"other names -> {self.rows} rows replaced" + (f" (version {self.version})" if self.version else ""),
+            *([f"{self.not_indexed} photos are not in the face index and keep their rows (plvm caption --overwrite "
+               "indexes them)"] if self.not_indexed else []),  # fmt: skip
+            f"wall {self.wall_s:.1f} s (naming the faces {self.naming_s:.1f} s)",
+        ]
+
+
+def llm_stages(config: Config, models: ModelPaths, run_id: str, parts: int, banks: BankVersions) -> list[Step]:
+    """The caption pipeline after matching, for photos whose faces are already named: read, decode, prompt,
+    generate, write."""
+    tasks = config.tasks
+    source = BankSource(config.bank, config.storage, banks)
+    return [
+        read.stage(config.read, config.storage, tasks),
+        decode.stage(config.decode, tasks),
+        prompt.stage(config.prompt, source, models.aligner_identity, tasks),
+        generate.stage(config.generate, models.llava),
+        write.stage(config.output, run_id, config.storage, tasks, parts),
+    ]
+
+
+def rename(config: Config, rows: pa.Table, users: list[str], banks: BankVersions) -> tuple[pa.Table, int]:
+    """``rows`` (current output rows without an error) named again from the face index: the rows whose set of
+    names changed, with their indexed faces matched and their size, and how many rows the index lacks."""
+    space = embedder_class(config.embed.kind).space
+    index = FaceIndex(config.index.root(config.output.uri), config.storage)
+    source = IndexSource(index.uri, config.storage, space, {u: tuple(index.parts(u)) for u in users})
+    bank_source = BankSource(config.bank, config.storage, banks)
+    listed: list[dict] = []
+    exclude: set[str] = set()
+    missing = 0
+    for user in users:
+        indexed = index.read(user, space, parts=list(source.pinned[user])).to_pylist()
+        by_path = {r["path"]: r for r in indexed}
+        mine = rows.filter(pc.equal(rows.column("user_id"), user)).to_pylist()
+        paths = {r["path"] for r in mine}
+        exclude |= {r["content_hash"] for r in indexed if r["path"] not in paths}  # not a photo of the output
+        for row in mine:
+            found = by_path.get(row["path"])
+            if found is None:
+                missing += 1
+                continue
+            faces = [{"box": f["box"], "score": f["score"], "landmarks": f["landmarks"], "embedding": f["descriptor"]}
+                     for f in found["faces"]]  # fmt: skip
+            listed.append({"path": row["path"], "user_id": user, "width": found["width"], "height": found["height"],
+                           "faces": faces, "concepts": row["concepts"], "error": None, "error_kind": None})  # fmt: skip
+    scales = None
+    if config.match.normalization == "cohort":
+        cohort = IndexCohort(source, tuple(users), frozenset(exclude))
+        scales = cohort_scales(cohort.faces(), config.match, bank_source, space)
+    before = [sorted(r.pop("concepts") or []) for r in listed]
+    columns = ["path", "user_id", "width", "height", "faces", "error", "error_kind"]
+    named = MatchFaces(config.match, bank_source, space, scales)(to_table(listed, columns))
+    changed = [
+        i for i, (old, new, error) in enumerate(zip(before, named.column("concepts").to_pylist(),
+                                                     named.column("error").to_pylist()))  # fmt: skip
+        if error is None and sorted(new) != old
+    ]
+    return named.take(pa.array(changed, pa.int64())), missing
+
+
+def rematch(config: Config, output_uri: str, user: str | None = None) -> RematchSummary:
+    """Name the faces of ``output_uri``'s photos (of ``user`` only, if given) again and replace the rows whose
+    names changed, in one commit, under the output's lease."""
+    config = config.model_copy(update={"output": config.output.model_copy(update={"uri": output_uri})})
+    output = OutputTable(output_uri, config.storage)
+    if not output.fs.exists(output.root) or not output.part_files():
+        raise InputNotFound(f"{output_uri} holds no rows: nothing to rematch (give a caption run's output folder)")
+    run_id = new_run_id()
+    with output.lease(run_id, "rematch", config.output.lease_expiry_s) as lease:
+        started = time.monotonic()
+        output.discard_staging()
+        output.open(output_schema(config.output.face_embeddings))
+        output.vacuum()
+        current = output.read(["path", "user_id", "concepts", "error"])
+        current = current.filter(pc.is_null(current.column("error")))
+        if user is not None:
+            current = current.filter(pc.equal(current.column("user_id"), user))
+        users = sorted(set(current.column("user_id").to_pylist()))
+        banks = check_banks(users, config)
+        naming = time.monotonic()
+        todo, missing = rename(config, current, users, banks)
+        summary = RematchSummary(run_id, current.num_rows, missing, todo.num_rows, banks=banks,
+                                 naming_s=time.monotonic() - naming)  # fmt: skip
+        if todo.num_rows:
+            changed = set(keys(todo))
+            todo = todo.append_column("index", pa.array(range(todo.num_rows), pa.int64()))
+            parts = max(1, -(-todo.num_rows // config.output.rows_per_file))
+            stages = partial(llm_stages, models=config.model_paths(), run_id=run_id, parts=parts, banks=banks)
+            staged: list[Staged] = []
+            try:
+                for part in dataset(config, todo, stages).iter_rows():
+                    lease.check()
+                    staged.append(Staged(**part))
+            except Exception as error:
+                failure = run_failure(error)
+                if failure is None:
+                    raise
+                raise failure from error
+            summary.rows = sum(p.rows for p in staged)
+            if summary.rows != todo.num_rows:
+                raise RowCountMismatch(f"rematch {run_id} wrote {summary.rows} rows for {todo.num_rows} photos; "
+                                       "nothing was committed")  # fmt: skip
+            drop = {}
+            for part in output.part_files():
+                photos = output.read_part(part, ["path", "user_id"])
+                drop[part] = pa.array([p in changed for p in zip(*(c.to_pylist() for c in photos.columns))])
+            lease.check()
+            summary.version = output.replace(drop, staged, run_id, "rematch")
+        summary.wall_s = time.monotonic() - started
+        output.record(run_id, asdict(summary))
+    return summary

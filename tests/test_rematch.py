@@ -1,0 +1,122 @@
+"""``plvm rematch``: after a bank changed, only the photos whose names changed get new rows, in one commit."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import yaml
+from conftest import make_config, photo
+from deltalake import DeltaTable
+from test_resilience import assert_exactly_once, caption_command, write_manifest
+
+from operators.output_table import read_output
+from pipelines.caption import caption
+from pipelines.cli import run
+from pipelines.enroll import enroll
+
+
+def archive(tmp_path: Path, user: str, **sections):
+    """A caption run over 3 photos of Thao and 3 of Viruss with only Thao enrolled; its config and paths."""
+    paths = [photo(p, f"{i}.jpg") for p in ("thao", "viruss") for i in range(3)]
+    config = make_config(tmp_path, input={"uri": write_manifest(tmp_path / "m.csv", paths, user)}, **sections)
+    enroll(config, user, "Thao", [photo("thao", "ref_img.jpg")])
+    caption(config)
+    return config, paths
+
+
+def data_commits(uri: str, since: int) -> list[str]:
+    """The ``plvm.operation`` of each commit after version ``since`` that changed rows (vacuums change none)."""
+    history = [c for c in DeltaTable(uri).history() if c["version"] > since]
+    return [c["plvm.operation"] for c in sorted(history, key=lambda c: c["version"]) if "VACUUM" not in c["operation"]]
+
+
+def by_path(uri: str) -> dict[str, dict]:
+    return {r["path"]: r for r in read_output(uri).to_pylist()}
+
+
+def test_rematch_after_enrolling_replaces_only_the_photos_that_now_name_the_person(tmp_path, yollava, tiny_models,
+                                                                                     ray_local, capsys):  # fmt: skip
+    config, paths = archive(tmp_path, "kim")
+    out = config.output.uri
+    before, version = by_path(out), DeltaTable(out).version()
+    assert {p for p, r in before.items() if r["concepts"] == ["Thao"]} == set(paths[:3])
+    enroll(config, "kim", "Viruss", [photo("viruss", "ref_img.jpg")])
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+
+    assert run(["rematch", "--config", str(config_file), out]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["photos"], summary["changed"], summary["rows"], summary["not_indexed"]) == (6, 3, 3, 0)
+    assert summary["version"] == version + 1 and data_commits(out, version) == ["rematch"], "one commit"
+    after = by_path(out)
+    assert_exactly_once(out, paths, "kim")
+    for path in paths[:3]:
+        assert after[path] == before[path], "a photo whose names did not change keeps its row as it was"
+    for path in paths[3:]:
+        assert after[path]["concepts"] == ["Viruss"] and before[path]["concepts"] == []
+        assert [f["concept"] for f in after[path]["faces"]] == ["Viruss"]
+        assert after[path]["caption"] and after[path]["error"] is None
+    plain = pq.read_table(out).to_pylist()  # a plain Parquet reader of the folder: the current rows only
+    assert sorted(r["path"] for r in plain) == sorted(paths)
+    assert {r["path"]: r["concepts"] for r in plain} == {p: r["concepts"] for p, r in after.items()}
+
+    assert run(["show", "--config", str(config_file), out]) == 0
+    shown = capsys.readouterr().out
+    assert all(f"{p}  [Viruss]" in shown for p in paths[3:]) and all(f"{p}  [Thao]" in shown for p in paths[:3])
+
+    assert run(["rematch", "--config", str(config_file), out]) == 0  # nothing changed since: nothing is written
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (again["changed"], again["version"]) == (0, None) and data_commits(out, version) == ["rematch"]
+
+
+def test_a_killed_rematch_leaves_the_previous_version_current_and_whole(tmp_path, yollava, tiny_models, ray_local):
+    # one photo per part and slow answers: the rematch stages its parts over seconds, the kill lands before its commit
+    small = {"concurrency": 1, "num_cpus": 0.25, "threads": 1, "batch_size": 1}
+    config, paths = archive(tmp_path, "lee", output={"rows_per_file": 1},
+                            generate={"max_new_tokens": 24, "resources": small})  # fmt: skip
+    out = Path(config.output.uri)
+    before, version = by_path(str(out)), DeltaTable(str(out)).version()
+    enroll(config, "lee", "Viruss", [photo("viruss", "ref_img.jpg")])
+    command, env = caption_command(tmp_path, config, paths, "lee")
+    command = [*command[:3], "rematch", *command[4:], str(out)]
+
+    rematch = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not list(out.glob("_staging/*/*.tmp")) and time.monotonic() < deadline and rematch.poll() is None:
+        time.sleep(0.05)
+    family = psutil.Process(rematch.pid).children(recursive=True) if rematch.poll() is None else []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(rematch.pid, signal.SIGKILL)
+    for proc in family:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    assert rematch.wait() == -signal.SIGKILL, "the rematch was killed while it ran"
+    assert list(out.glob("_staging/*/*.tmp")), "it had staged new rows"
+
+    assert DeltaTable(str(out)).version() == version, "nothing was committed"
+    assert by_path(str(out)) == before, "the previous version is current and whole"
+    assert sorted(r["path"] for r in pq.read_table(out).to_pylist()) == sorted(paths), "plain readers too"
+
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]  # the killed rematch's lease is taken over (its pid is gone)
+    assert json.loads(done.stdout.strip().splitlines()[-1])["changed"] == 3
+    assert_exactly_once(str(out), paths, "lee")
+    assert not list(out.glob("_staging/*/*")), "the killed rematch's staged parts were removed"
+
+
+def test_a_rematch_of_an_output_without_rows_is_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for output in (tmp_path / "nowhere", tmp_path / "empty"):
+        assert run(["rematch", str(output)]) == 2
+        assert capsys.readouterr().err.strip() == (f"plvm rematch: error: {output} holds no rows: nothing to rematch "
+                                                   "(give a caption run's output folder)")  # fmt: skip
+    assert not (tmp_path / "nowhere").exists() and list((tmp_path / "empty").iterdir()) == []
