@@ -10,6 +10,7 @@ from operators.output_table import read_output
 from pipelines.caption import caption
 from pipelines.enroll import enroll
 from plvm_model.bank import ConceptBank
+from plvm_model.face_index import FaceIndex
 from s3_endpoint import moto_endpoint, s3_options
 
 
@@ -42,6 +43,7 @@ def test_photos_bank_and_output_on_s3(s3, tmp_path, yollava, tiny_models, ray_lo
     assert summary.rows == summary.photos == 5
     assert all(f.startswith("s3://results/run1/part-") for f in summary.output)
     assert fs.exists(f"results/run1/_runs/{summary.run_id}.json")
+    assert summary.indexed == 4 and FaceIndex("s3://results/run1/_faces", options).read("nina").num_rows == 4
     assert not fs.exists(f"results/run1/_staging/{summary.run_id}") or not fs.ls(f"results/run1/_staging/{summary.run_id}")
     rows = {r["path"]: r for r in read_output("s3://results/run1", options).to_pylist()}
     assert set(rows) == {f"s3://photos/nina/{n}" for n in
