@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 
 from operators import decode, detect, embed, generate, index_lookup, indexing, match, prompt, read, write
 from operators.banks import BankSource, BankVersions
-from operators.read import list_inputs
 from operators.output_table import OutputTable, Staged, keys, new_run_id
+from operators.read import list_inputs
 from operators.rows import RETRYABLE, output_schema
 from pipelines import cohort, preflight
 from pipelines.archive import Archive, open_archive

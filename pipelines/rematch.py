@@ -26,7 +26,7 @@ from operators.banks import BankSource, BankVersions
 from operators.match import MatchFaces
 from operators.output_table import OutputTable, Staged, keys, new_run_id
 from operators.rows import output_schema, to_table
-from pipelines.caption import run_failure, check_banks, dataset
+from pipelines.caption import check_banks, dataset, run_failure
 from pipelines.cohort import IndexCohort, cohort_scales
 from pipelines.config import Config, ModelPaths
 from pipelines.stages import Step
@@ -57,13 +57,15 @@ class RematchSummary:
     """The output table's version that the rematch committed (None: nothing changed, no commit)."""
 
     def lines(self) -> list[str]:
-        return [
-            f"rematch {self.run_id}: {self.photos} photos named again from the face index, {self.changed} with "
-            f"other names -> {self.rows} rows replaced" + (f" (version {self.version})" if self.version else ""),
-            *([f"{self.not_indexed} photos are not in the face index and keep their rows (plvm caption --overwrite "
-               "indexes them)"] if self.not_indexed else []),  # fmt: skip
-            f"wall {self.wall_s:.1f} s (naming the faces {self.naming_s:.1f} s)",
-        ]
+        """The summary as printed at the end of a rematch."""
+        committed = f" (version {self.version})" if self.version else ""
+        first = (f"rematch {self.run_id}: {self.photos} photos named again from the face index, {self.changed} "
+                 f"with other names -> {self.rows} rows replaced{committed}")  # fmt: skip
+        lines = [first]
+        if self.not_indexed:
+            lines.append(f"{self.not_indexed} photos are not in the face index and keep their rows "
+                         "(plvm caption --overwrite indexes them)")  # fmt: skip
+        return [*lines, f"wall {self.wall_s:.1f} s (naming the faces {self.naming_s:.1f} s)"]
 
 
 def llm_stages(config: Config, models: ModelPaths, run_id: str, parts: int, banks: BankVersions) -> list[Step]:
@@ -112,11 +114,8 @@ def rename(config: Config, rows: pa.Table, users: list[str], banks: BankVersions
     before = [sorted(r.pop("concepts") or []) for r in listed]
     columns = ["path", "user_id", "width", "height", "faces", "error", "error_kind"]
     named = MatchFaces(config.match, bank_source, space, scales)(to_table(listed, columns))
-    changed = [
-        i for i, (old, new, error) in enumerate(zip(before, named.column("concepts").to_pylist(),
-                                                     named.column("error").to_pylist()))  # fmt: skip
-        if error is None and sorted(new) != old
-    ]
+    after = zip(before, named.column("concepts").to_pylist(), named.column("error").to_pylist())
+    changed = [i for i, (old, new, error) in enumerate(after) if error is None and sorted(new) != old]
     return named.take(pa.array(changed, pa.int64())), missing
 
 
