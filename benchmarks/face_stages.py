@@ -35,15 +35,15 @@ from operators.read import IMAGE_EXTENSIONS  # noqa: E402
 from operators.rows import to_table  # noqa: E402
 from pipelines.caption import dataset, naming_stages  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
-from pipelines.enroll import Enroller  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
 from plvm_model.bank import ConceptBank  # noqa: E402
-from plvm_model.faces import MTCNNDetector, make_embedder  # noqa: E402
 
 
 def loop(config, paths: list[str], refs: list[np.ndarray]) -> int:
     """The same work as the pipeline's face stages, one photo after the other, in this process."""
     import torch
+
+    from plvm_model.faces import MTCNNDetector, make_embedder
 
     torch.set_num_threads(os.cpu_count() or 1)
     detector = MTCNNDetector(config.detect.long_side, config.detect.min_face_size, config.detect.score_threshold)
@@ -114,6 +114,10 @@ def main() -> None:
     photos = [f for f in files if Path(f).stem != "ref_img"] * args.repeat
     if not photos:
         raise SystemExit(f"no photos under {args.photos}")
+
+    # imported here, not at the top: the pipeline's child process (whose driver is measured) imports this module,
+    # and enrollment imports torch, which `plvm caption`'s driver never does
+    from pipelines.enroll import Enroller
 
     with tempfile.TemporaryDirectory() as work:
         banks = str(Path(work) / "banks")
