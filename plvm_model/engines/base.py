@@ -53,8 +53,10 @@ class LlavaPrompter:
         self.placeholder_id = pad if pad is not None else self.tokenizer.unk_token_id
 
     def tokenize(self, request: GenerationRequest) -> TokenizedPrompt:
-        text = self.template.render(request.question, [c.name for c in request.concepts])
-        n_context = {len(c.context) for c in request.concepts}
+        """The prompt's ids: a sentence per PLVM concept, a placeholder after the image per MyVLM concept."""
+        plvm = [c for c in request.concepts if c.method == "plvm"]
+        text = self.template.render(request.question, [c.name for c in plvm])
+        n_context = {len(c.context) for c in plvm}
         if len(n_context) > 1:
             raise ValueError(f"concepts with different numbers of soft tokens in one prompt: {sorted(n_context)}")
         return tokenize(
@@ -64,6 +66,7 @@ class LlavaPrompter:
             n_image=self.n_image,
             image_token_id=self.image_token_id,
             placeholder_id=self.placeholder_id,
+            n_after_image=len(request.concepts) - len(plvm),
         )
 
     def pixel_values(self, images: list[np.ndarray]):
