@@ -99,6 +99,9 @@ class MyVLMConfig(StageConfig):
     seed: int = Field(42, description="Seed of the vector's initialisation and of the photos' order.")
     dtype: str = Field("float32", description="torch dtype of the frozen LLaVA while training (`bfloat16` on GPU).")
     device: str = Field("cpu", description="torch device of the training (`cuda` for the 7B).")
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads of the training (null: torch's default, one per core)."
+    )
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,11 @@ class Enroller:
 
         from plvm_model.myvlm import Example, MyVLMTrainer
 
+        import torch
+
         settings = self.config.myvlm
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
         if self._trainer is None:
             self._trainer = MyVLMTrainer(
                 self.models.llava,
@@ -247,7 +251,7 @@ class Enroller:
             return self._trainer.train(
                 [Example(image, caption) for image, caption in zip(images, captions)],
                 name,
-                **settings.model_dump(exclude={"dtype", "device"}),
+                **settings.model_dump(exclude={"dtype", "device", "threads"}),
                 on_step=report,
             )
         finally:

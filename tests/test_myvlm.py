@@ -18,7 +18,7 @@ from operators.banks import BankSource
 from operators.generate import GenerateConfig
 from operators.rows import injected_tokens, output_schema, to_table
 from operators.write import read_output
-from pipelines.caption import face_stages
+from pipelines.caption import caption, face_stages
 from pipelines.caption_eval import mentions, score_captions
 from pipelines.cli import run
 from pipelines.config import MyVLMConfig
@@ -40,7 +40,7 @@ CAPTION = "Thao is smiling."
 # at learning rate 1.0 moves a vector that is normalised where it is used by ever smaller angles as its norm grows:
 # 300 steps (about 8 s) take the loss from 6.9 to 2.7 and every training photo's greedy caption to "Thao is
 # smiling ...", while the untrained vector's captions are other words of the vocabulary (seeded: deterministic).
-TRAINING = MyVLMConfig(steps=300).model_dump(exclude={"dtype", "device"})  # MyVLM's values but the steps
+TRAINING = MyVLMConfig(steps=300).model_dump(exclude={"dtype", "device", "threads"})  # MyVLM's values but the steps
 PROMPT = TRAINING["prompt"]
 
 
@@ -64,7 +64,12 @@ def trainer(tiny_models):
 @pytest.fixture(scope="module")
 def trained(trainer, yollava):
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    result = trainer.train([Example(rgb(p), CAPTION) for p in THAO], "Thao", **TRAINING)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 threads on a busy 2-core machine: ~300 s instead of ~8 s
+    try:
+        result = trainer.train([Example(rgb(p), CAPTION) for p in THAO], "Thao", **TRAINING)
+    finally:
+        torch.set_num_threads(threads)
     return result, before
 
 
@@ -178,22 +183,35 @@ def test_training_captions_must_cover_the_photos_and_name_the_person():
         training_captions(images, {"a.jpg": "Thao.", "b.jpg": "Thao.", "c.jpg": "Thao."}, "Thao")
 
 
-def test_myvlm_enrollment_and_a_mixed_bank_in_one_run_gated_by_the_face_matcher(tmp_path, yollava, ray_local, capsys):
-    """``plvm enroll --method myvlm`` trains Thao's vector; Viruss is a PLVM concept of the same bank; one caption run
-    serves both. Thao's vector reaches only the prompts of photos where the face matcher found Thao."""
+@pytest.fixture(scope="module")
+def mixed_bank(tmp_path_factory, yollava):
+    """User una's bank: Thao enrolled by ``plvm enroll --method myvlm`` (20 steps), Viruss a PLVM concept; the config
+    (with a caption prompt the tiny model was trained on) and a manifest of a photo of each and of a stranger."""
+    tmp_path = tmp_path_factory.mktemp("mixed")
     manifest = tmp_path / "m.csv"
     photos = [photo("thao", "5.jpg"), photo("viruss", "1.jpg"), photo("phuc-map", "1.jpg")]
     manifest.write_text("path,user_id\n" + "".join(f"{p},una\n" for p in photos))
-    config = make_config(tmp_path, input={"uri": str(manifest)}, myvlm={"steps": 20},
+    config = make_config(tmp_path, input={"uri": str(manifest)}, myvlm={"steps": 20, "threads": 1},
                          match={"normalization": "none"}, generate={"caption": PROMPT.format(name="Thao")})  # fmt: skip
     config_file = tmp_path / "config.json"
     config_file.write_text(config.model_dump_json())
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps({f"{i}.jpg": CAPTION for i in range(3)}))
-    assert run(["enroll", "--config", str(config_file), "--user", "una", "--name", "Thao", "--method", "myvlm",
-                "--captions", str(captions), *THAO]) == 0  # fmt: skip
-    assert "enrolled 'Thao' (myvlm" in capsys.readouterr().out
+    threads = torch.get_num_threads()  # the enrollment sets myvlm.threads for its process, which is pytest's here
+    try:
+        code = run(["enroll", "--config", str(config_file), "--user", "una", "--name", "Thao", "--method", "myvlm",
+                    "--captions", str(captions), *THAO])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
     enroll(config, "una", "Viruss", [photo("viruss", "ref_img.jpg")])
+    return config, config_file, photos
+
+
+def test_myvlm_enrollment_and_a_mixed_bank_in_one_run_gated_by_the_face_matcher(mixed_bank, ray_local, capsys):
+    """``plvm enroll --method myvlm`` trained Thao's vector; Viruss is a PLVM concept of the same bank; one caption run
+    serves both. Thao's vector reaches only the prompts of photos where the face matcher found Thao."""
+    config, config_file, photos = mixed_bank
     bank = ConceptBank(config.bank).load("una")
     thao, viruss = bank.concepts
     assert (thao.method, viruss.method) == ("myvlm", "plvm") and thao.face_descriptors.shape == (3, 128)
@@ -217,14 +235,30 @@ def test_myvlm_enrollment_and_a_mixed_bank_in_one_run_gated_by_the_face_matcher(
 
     elsewhere = Concept.myvlm("Thao", thao.face_descriptors, thao.vector, "llava:0123456789abcdef:128", THAO)
     ConceptBank(config.bank).save(UserBank("ivy", bank.embedder, bank.aligner, [elsewhere]))
-    manifest.write_text(f"path,user_id\n{photos[0]},ivy\n")
+    ivy = config_file.with_name("ivy.csv")
+    ivy.write_text(f"path,user_id\n{photos[0]},ivy\n")
     capsys.readouterr()
-    assert run(["caption", "--config", str(config_file), "--output", str(tmp_path / "ivy")]) == 2
+    assert run(["caption", "--config", str(config_file), "--input", str(ivy), "--output", str(ivy.with_suffix(""))]) == 2
     error = capsys.readouterr().err
     assert (
         "MyVLM concept 'Thao' of user 'ivy'" in error and "trained for the LLaVA 'llava:0123456789abcdef:128'" in error
     )
     assert len(error.strip().splitlines()) == 1
+
+
+@pytest.mark.vllm
+def test_the_vllm_engine_serves_a_mixed_bank_as_the_transformers_engine_does(mixed_bank, vllm_env, tmp_path, ray_local):
+    config, _, photos = mixed_bank
+    outputs = {}
+    for engine in ("transformers", "vllm"):
+        generate = GenerateConfig.model_validate(config.generate.model_dump() | test_vllm.LOCAL_VLLM | {"engine": engine})
+        output = config.output.model_copy(update={"uri": str(tmp_path / engine)})
+        run_config = config.model_copy(update={"generate": generate, "output": output})
+        assert caption(run_config).rows == len(photos)
+        outputs[engine] = read_output(run_config.output.uri).sort_by("path")
+    for column in ("concepts", "caption", "answers"):
+        assert outputs["vllm"].column(column).to_pylist() == outputs["transformers"].column(column).to_pylist()
+    assert outputs["vllm"].column("engine").to_pylist() == ["vllm"] * len(photos)
 
 
 def test_eval_captions_scores_recall_and_false_mentions_per_person(tmp_path, capsys):
