@@ -152,5 +152,5 @@ def place_after_image(embeds: torch.Tensor, prompt: TokenizedPrompt, vectors: to
     start, length = prompt.after_image
     if len(vectors) != length:
         raise ValueError(f"{len(vectors)} MyVLM vectors for a prompt with {length} places after the image")
-    unit = torch.nn.functional.normalize(vectors.to(embeds.dtype), dim=-1)
+    unit = torch.nn.functional.normalize(vectors.float(), dim=-1).to(embeds.dtype)
     embeds[offset + start : offset + start + length] = unit
