@@ -4,9 +4,12 @@
 
 Both run in one invocation on the same photos (every image file under PHOTOS_DIR, default
 the sample set, repeated N times) with the same models and settings; both times include
-loading the models (the pipeline's actors start within the run). It prints, for each,
-photos/s (wall), CPU seconds per photo (all processes involved, sampled with psutil) and
-peak memory (sum of the resident sets), then the ratios pipeline/loop. Ray's own cost (its
+loading the models (the pipeline's actors start within the run). Each side runs in a fresh
+child process, measured from this one with all its descendants (the embedded Ray's every
+process), so neither carries the other's leftovers and the sampling costs neither. It
+prints, for each, photos/s (wall), CPU seconds per photo (all processes involved, sampled
+with psutil) and peak memory (the sums of the resident and of the proportional sets), then
+the ratios pipeline/loop. Ray's own cost (its
 scheduler, system actors, worker start-up) goes with wall time and start-up rather than with
 photos, so short runs show a higher ratio: the default, 200 photos, is the README's figure.
 """
@@ -15,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -32,6 +37,7 @@ from pipelines.caption import dataset, naming_stages  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.enroll import Enroller  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
+from plvm_model.bank import ConceptBank  # noqa: E402
 from plvm_model.faces import MTCNNDetector, make_embedder  # noqa: E402
 
 
@@ -58,44 +64,83 @@ def pipeline(config, paths: list[str]) -> int:
     return sum(len(c or []) for batch in ds.iter_batches(batch_format="pyarrow") for c in batch["concepts"].to_pylist())
 
 
+def run_side(side: str, photos_file: str, config_path: str, banks: str) -> None:
+    """One side of the comparison, in this (fresh) process; prints the named faces as its last line."""
+    config = load_config(config_path, bank=banks)
+    photos = Path(photos_file).read_text().splitlines()
+    if side == "loop":
+        descriptors = [c.face_descriptors for c in ConceptBank(banks).load("bench").concepts]
+        named = loop(config, photos, descriptors)
+    else:
+        init_ray(config.ray)
+        named = pipeline(config, photos)
+    print(named, flush=True)
+
+
+def measure(side: str, photos_file: str, config_path: str, banks: str) -> tuple[Meter, int]:
+    """Run ``side`` in a child process, measured (with all its descendants: the embedded Ray) from here."""
+    command = [sys.executable, __file__, "--side", side, "--photos-file", photos_file, "--config", config_path,
+               "--banks", banks]  # fmt: skip
+    with tempfile.TemporaryFile("w+") as out:
+        child = subprocess.Popen(command, stdout=out, env={**os.environ, "PYTHONPATH": str(REPO)})
+        tree = psutil.Process(child.pid)
+
+        def processes() -> list[psutil.Process]:
+            try:
+                return [tree, *tree.children(recursive=True)]
+            except psutil.Error:
+                return []
+
+        with Meter(processes, proportional=True) as meter:
+            if child.wait() != 0:
+                raise SystemExit(f"the {side} side failed (exit {child.returncode})")
+        out.seek(0)
+        return meter, int(out.read().split()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("photos", nargs="?", default=str(REPO.parent / "shared" / "data" / "yollava-humans"))
     parser.add_argument("--repeat", type=int, default=4, help="times the photos are repeated (default 4: 200 sample photos)")
     parser.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
+    parser.add_argument("--side", choices=("loop", "pipeline"), help=argparse.SUPPRESS)
+    parser.add_argument("--photos-file", help=argparse.SUPPRESS)
+    parser.add_argument("--banks", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side:
+        return run_side(args.side, args.photos_file, args.config, args.banks)
     files = sorted(str(p) for p in Path(args.photos).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     refs = [f for f in files if Path(f).stem == "ref_img"]
     photos = [f for f in files if Path(f).stem != "ref_img"] * args.repeat
     if not photos:
         raise SystemExit(f"no photos under {args.photos}")
 
-    with tempfile.TemporaryDirectory() as banks:
-        config = load_config(args.config, bank=banks)
-        enroller = Enroller(config)
+    with tempfile.TemporaryDirectory() as work:
+        banks = str(Path(work) / "banks")
+        enroller = Enroller(load_config(args.config, bank=banks))
         for ref in refs:
             enroller.enroll("bench", Path(ref).parent.name, [ref])
-        bank = enroller.store.load("bench")
-        descriptors = [c.face_descriptors for c in bank.concepts]
         del enroller
+        photos_file = Path(work) / "photos.txt"
+        photos_file.write_text("\n".join(photos))
 
         print(header("Face stages: the Ray pipeline against a single-process loop (`benchmarks/face_stages.py`)"))
         print(f"- command: `{' '.join(['benchmarks/face_stages.py', *sys.argv[1:]])}`")
         print(f"- {len(photos)} photos ({len(photos) // args.repeat} repeated {args.repeat} times), {len(refs)} people "
-              f"enrolled; CPU: every process of the run, Ray's own included; memory: the sum of their resident sets\n",
-              flush=True)  # fmt: skip
-        with Meter() as single:
-            named_loop = loop(config, photos, descriptors)
-        init_ray(config.ray)
-        with Meter() as ray_run:  # this process and its descendants: the embedded Ray's every process
-            named_ray = pipeline(config, photos)
+              "enrolled; each side in a fresh process, measured from outside; CPU: every process of the side, Ray's "
+              "own included; memory: the peak of the sum of their resident sets (RSS) and of their proportional "
+              "sets (PSS, shared pages split between the processes that map them)\n", flush=True)  # fmt: skip
+        single, named_loop = measure("loop", str(photos_file), args.config, banks)
+        ray_run, named_ray = measure("pipeline", str(photos_file), args.config, banks)
 
     n = len(photos)
     print("| photos | loop photos/s | pipeline photos/s | CPU s per photo (loop, pipeline) | CPU per photo, pipeline / loop "
-          "| peak memory, pipeline / loop | other processes' CPUs (loop, pipeline) | named faces (loop, pipeline) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| peak PSS, pipeline / loop | peak RSS, pipeline / loop | other processes' CPUs (loop, pipeline) "
+          "| named faces (loop, pipeline) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {n} | {n / single.wall:.2f} | {n / ray_run.wall:.2f} | {single.cpu / n:.3f}, {ray_run.cpu / n:.3f} "
-          f"| **{ray_run.cpu / single.cpu:.2f}x** | {ray_run.peak / single.peak:.1f}x "
+          f"| **{ray_run.cpu / single.cpu:.2f}x** | **{ray_run.peak_pss / single.peak_pss:.1f}x** "
+          f"({ray_run.peak_pss / 2**20:.0f} / {single.peak_pss / 2**20:.0f} MiB) | {ray_run.peak / single.peak:.1f}x "
           f"({ray_run.peak / 2**20:.0f} / {single.peak / 2**20:.0f} MiB) | {single.others:.1f}, {ray_run.others:.1f} "
           f"| {named_loop}, {named_ray} |")  # fmt: skip
 

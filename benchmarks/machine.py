@@ -72,27 +72,44 @@ def _busy_seconds() -> float:
 
 
 class Meter:
-    """Wall time, CPU seconds and peak resident memory of a set of processes, sampled every 0.2 s,
-    and the CPU that every other process on the machine used over the same time."""
+    """Wall time, CPU seconds and peak memory of a set of processes, sampled every 0.2 s, and the CPU
+    that every other process on the machine used over the same time.
 
-    def __init__(self, processes: Callable[[], Iterable[psutil.Process]] = process_tree) -> None:
+    Memory is the peak of the sum of the processes' resident sets (:attr:`peak`), and with
+    ``proportional`` also of their proportional sets (:attr:`peak_pss`, read from smaps every
+    second, which costs the sampling process some CPU: measure other processes then). A page
+    that several processes map (a shared library, Ray's object store in /dev/shm) counts once
+    in each resident set, and is split between them in the proportional sets, so for a set of
+    processes the sum of PSS is the memory they take from the machine.
+    """
+
+    def __init__(
+        self, processes: Callable[[], Iterable[psutil.Process]] = process_tree, proportional: bool = False
+    ) -> None:
         self.processes = processes
+        self.proportional = proportional
         self.peak = 0
+        self.peak_pss = 0
+        self._samples = 0
         self._cpu0: dict[int, float] = {}
         self._cpu: dict[int, float] = {}
         self._stop = threading.Event()
 
     def _sample(self) -> None:
-        rss = 0
+        rss = pss = 0
+        proportional = self.proportional and self._samples % 5 == 0
+        self._samples += 1
         for p in self.processes():
             try:
                 times, mem = p.cpu_times(), p.memory_info().rss
+                pss += p.memory_full_info().pss if proportional else 0
             except psutil.Error:
                 continue
             self._cpu0.setdefault(p.pid, times.user + times.system)
             self._cpu[p.pid] = times.user + times.system
             rss += mem
         self.peak = max(self.peak, rss)
+        self.peak_pss = max(self.peak_pss, pss)
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):

@@ -44,7 +44,8 @@ class TemplateConfig(StageConfig):
     )
     concept: str = Field(
         "{name} is <concept>.",
-        description="The sentence of each injected person: `<concept>` is where the person's soft tokens go.",
+        description="The sentence of each injected person in `concept_style: sentence`: `<concept>` is where the "
+        "person's context vectors go (`plvm` style writes PLVM's own `<sks> is <concept>.`).",
     )
     turn: str = Field(
         "USER: <image>\n{question} ASSISTANT:",
@@ -111,6 +112,19 @@ class GenerateConfig(StageConfig):
         "square with the image processor's mean colour first, as LLaVA-1.5 was trained and PLVM runs it "
         "(`image_aspect_ratio: pad`); `crop` is the llava-hf processor's centre crop, which cuts off the sides.",
     )
+    concept_style: Literal["plvm", "sentence"] = Field(
+        "plvm",
+        description="How a concept reaches the LLM. `plvm` (PLVM's published inference): a concept token `<sks>` of "
+        "its own per person, whose input row is the Aligner's row 0 and whose output-head row is the Aligner's head "
+        "vector, in `<sks> is <16 vectors>.`; the model can emit the token, and the text shows the person's name. "
+        "`sentence`: `NAME is <16 vectors>.` (template.concept), the name as plain words, row 0 and the head unused.",
+    )
+    concept_slots: int = Field(
+        8, ge=1,
+        description="`plvm` style: concept tokens the engine holds at once (extra rows of the embedding table and the "
+        "output head, written per batch); a batch whose photos have more distinct people is served in parts. At "
+        "least `prompt.max_concepts`.",
+    )  # fmt: skip
     timeout_s: float | None = Field(
         900.0, gt=0, description="Longest wait for the engine's answers to one batch; null waits for ever."
     )
@@ -135,6 +149,8 @@ class GenerateConfig(StageConfig):
             dtype=self.dtype,
             quantization=self.quantization,
             device=self.device,
+            concept_style=self.concept_style,
+            concept_slots=self.concept_slots,
         )
         if self.engine == "vllm":
             options["engine_args"] = self.vllm.llm_args()

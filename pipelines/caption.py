@@ -32,7 +32,8 @@ from pipelines.config import Config, ModelPaths, RayConfig
 from pipelines.runtime import init_ray
 from pipelines.stages import StageFailed, Step, apply, cause_of
 from plvm_model.bank import ConceptBank
-from plvm_model.errors import ConfigError, OutputExists, RowCountMismatch, RunFailed
+from plvm_model.concept_token import check_servable
+from plvm_model.errors import BankError, ConfigError, OutputExists, RowCountMismatch, RunFailed
 from plvm_model.faces import embedder_class
 from plvm_model.lease import Lease
 
@@ -181,8 +182,8 @@ def remaining(listing: pa.Table, done: Counter) -> pa.Table:
 def check_banks(users: list[str], config: Config) -> BankVersions:
     """The newest version of each of ``users``' banks, pinned for the run (0: no bank); refuse to start
     (:class:`BankError` naming the file, and the concept) if one cannot be read, has descriptors of another
-    length than the run's face embedder makes, or holds a MyVLM concept trained for another LLaVA than the
-    run's engine serves."""
+    length than the run's face embedder makes, holds a PLVM concept the configured concept style cannot serve, or
+    a MyVLM concept trained for another LLaVA than the run's engine serves."""
     store, embedder = ConceptBank(config.bank, config.storage), embedder_class(config.embed.kind)
     pinned = {}
     llava: str | None = None
@@ -196,6 +197,12 @@ def check_banks(users: list[str], config: Config) -> BankVersions:
 
                 llava = llava_identity(config.model_paths().llava)
             bank.check_servable(llava)
+        if bank is not None and config.generate.concept_style == "plvm":
+            for concept in (c for c in bank.concepts if c.method == "plvm"):  # MyVLM's is served in either style
+                try:
+                    check_servable(concept.tokens(), concept.soft_tokens.shape[-1])
+                except ValueError as error:
+                    raise BankError(f"user {user!r}, {bank.location}: {error}") from None
         pinned[user] = bank.version if bank is not None else 0
     return pinned
 

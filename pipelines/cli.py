@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
-from plvm_model.errors import INTERRUPTED, PlvmError
+from plvm_model.errors import INTERRUPTED, ConfigError, PlvmError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
 
@@ -81,16 +81,18 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_recognition(args: argparse.Namespace) -> int:
-    from pipelines.evaluate import recognition
+    from pipelines.evaluate import JUDGE_QUESTION, recognition
 
     config = _config(args)
     if args.threshold is not None:
         key = "relative_threshold" if config.match.normalization == "cohort" else "threshold"
         config = config.model_copy(update={"match": config.match.model_copy(update={key: args.threshold})})
-    result = recognition(config, args.directory, protocol=args.protocol, face_policy=args.face_policy)
+    if args.judge == "model" and (args.cv or args.threshold is not None):
+        raise ConfigError("--cv and --threshold set the face matcher's threshold; they need --judge face")
+    result = recognition(config, args.directory, args.protocol, args.face_policy, args.judge)
     kind = "distance / cohort scale" if config.match.normalization == "cohort" else "distance"
-    print(f"recognition, {result.protocol} protocol, reference face: {result.face_policy}, "
-          f"{kind} <= {result.threshold}:")  # fmt: skip
+    judged = f"{kind} <= {result.threshold}" if args.judge == "face" else f"the model's yes or no ({JUDGE_QUESTION})"
+    print(f"recognition, {result.protocol} protocol, reference face: {result.face_policy}, {judged}:")
     for skip in result.skipped:
         print(f"  skipped {skip.person}: {skip.reason}")
     print(f"  positive accuracy {result.positive_accuracy:.4f} ({result.n_positive} photos)")
@@ -227,6 +229,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, help="match threshold (relative with cohort normalization; default: the config's)")
     s.add_argument("--cv", action="store_true", help="also choose the threshold by leave-one-person-out cross-validation")
     s.add_argument("--report", help="folder for an HTML report of the errors")
+    s.add_argument("--judge", choices=["face", "model"], default="face",
+                   help="who answers: the face matcher, or the model asked 'Is <sks> in this photo?' about every "
+                   "(person, photo) pair with the person's concept injected (PLVM's protocol)")  # fmt: skip
     add_face_policy(s)
 
     s = command("captions", cmd_eval_captions, "MyVLM's metric: do the captions name the people in the photos?", evaluate)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from operators.base import Resources, StageConfig
 from operators.decode import DecodeConfig
@@ -144,6 +144,15 @@ class Config(StageConfig):
         description="Resources of the model-free stages (read, decode, match, prompt, write); `concurrency` is the "
         "most tasks of each stage at once.",
     )
+
+    @model_validator(mode="after")
+    def _slots_hold_a_prompt(self) -> Config:
+        if self.generate.concept_style == "plvm" and self.generate.concept_slots < self.prompt.max_concepts:
+            raise ValueError(
+                f"generate.concept_slots ({self.generate.concept_slots}) must be at least prompt.max_concepts "
+                f"({self.prompt.max_concepts}): every concept of a prompt needs its own concept token"
+            )
+        return self
 
     def model_paths(self) -> ModelPaths:
         """The models' local paths, building the tiny ones first where ``tiny`` is named."""

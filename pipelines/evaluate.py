@@ -9,6 +9,11 @@ the match operator names their faces.
 every other person's photos negatives. ``bank``: everyone in one bank, each face
 identified among them; the same positives and negatives.
 
+The judge of "is P in this photo?" is the face matcher (``face``, the default), or the
+model (``model``, PLVM's own protocol): for every (person, photo) pair P's concept is
+injected whatever the faces say, the engine is asked "Is <sks> in this photo?" and its
+yes or no is the answer.
+
 A person whose reference photo cannot be enrolled (unreadable, no face, or several faces and
 none chosen by the face policy) is skipped: nobody is enrolled in their place, their photos
 stay negatives for the enrolled people, and the result lists them with the reason.
@@ -16,6 +21,7 @@ stay negatives for the enrolled people, and the result lists them with the reaso
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,17 +32,25 @@ import pyarrow as pa
 from scipy.stats import mannwhitneyu
 
 from operators.banks import BankSource
+from operators.decode import decode_image
+from operators.generate import Generate
 from operators.match import MatchFaces
 from operators.read import IMAGE_EXTENSIONS
-from operators.rows import to_table
+from operators.rows import RowError, to_table
 from pipelines.caption import dataset, face_stages
 from pipelines.cohort import cohort_scales
 from pipelines.config import Config
 from pipelines.enroll import Enroller, EnrollError, FacePolicy
-from plvm_model.errors import InputError, InputNotFound
+from plvm_model.concept_token import CONCEPT_TOKEN
+from plvm_model.engines import GenerationRequest
+from plvm_model.errors import ConfigError, InputError, InputNotFound
 from plvm_model.faces.matching import MatchRule, distance_matrix
+from plvm_model.injection import ConceptTokens
 
 Protocol = Literal["single", "bank"]
+Judge = Literal["face", "model"]
+JUDGE_QUESTION = f"Is {CONCEPT_TOKEN} in this photo?"
+_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
 @dataclass
@@ -68,6 +82,8 @@ class Decision:
     """The photo's faces: box, the concept the match stage gave it, the distance to this person."""
     width: int = 0
     height: int = 0
+    answer: str | None = None
+    """The model's answer (``judge: model``)."""
 
 
 @dataclass
@@ -81,6 +97,7 @@ class RecognitionResult:
     roc_auc: float
     threshold: float
     face_policy: str = "largest"
+    judge: str = "face"
     no_face: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
@@ -140,10 +157,67 @@ def match_as(config: Config, faces: pa.Table, user: str, space: str) -> tuple[li
     return MatchFaces(config.match, banks, embedder_space=space, scales=scales)(batch).to_pylist(), scales
 
 
+def ask(config: Config, requests: list[GenerationRequest]) -> list[str]:
+    """The configured engine's answers to ``requests``, from one generate actor (as the caption run builds it),
+    in batches of the stage's ``batch_size``."""
+    import ray
+
+    generate = config.generate
+    runtime_env = generate.runtime_env()
+    actor = (
+        ray.remote(Generate)
+        .options(num_cpus=generate.resources.num_cpus, num_gpus=generate.resources.num_gpus,
+                 **({"runtime_env": runtime_env} if runtime_env else {}))
+        .remote(generate, config.model_paths().llava)
+    )  # fmt: skip
+    size = generate.resources.batch_size
+    texts: list[str] = []
+    try:
+        for start in range(0, len(requests), size):
+            texts += ray.get(actor.generate.remote(requests[start : start + size]))
+    finally:  # an engine error must not leave the engine's actor (and its memory) behind
+        ray.kill(actor)
+    return texts
+
+
+def says_yes(answer: str) -> bool:
+    """Whether the model's answer is yes: its first "yes" or "no" is "yes" (neither: no)."""
+    found = _YES_NO.search(answer)
+    return found is not None and found.group(1).lower() == "yes"
+
+
+def model_decisions(config: Config, people: dict[str, ConceptTokens], photos: dict[str, str]) -> list[Decision]:
+    """PLVM's protocol: each person's concept injected into every photo, the model asked whether they are in it."""
+    style = config.generate.concept_style
+    pairs, requests = [], []
+    for path in photos:
+        try:
+            image, width, height = decode_image(Path(path).read_bytes(), config.decode.max_side, config.decode.max_pixels)
+        except RowError as error:
+            raise InputError(f"{path}: {error}") from None
+        for name, concept in people.items():
+            question = JUDGE_QUESTION if style == "plvm" else JUDGE_QUESTION.replace(CONCEPT_TOKEN, name)
+            requests.append(GenerationRequest(image, question, [concept]))
+            pairs.append((name, path, width, height))
+    answers = ask(config, requests)
+    return [
+        Decision(person=name, photo=path, positive=photos[path] == name, predicted=says_yes(answer), distance=None,
+                 score=0.0 if says_yes(answer) else 1.0, width=width, height=height, answer=answer)
+        for (name, path, width, height), answer in zip(pairs, answers)
+    ]  # fmt: skip
+
+
 def recognition(
-    config: Config, directory: str | Path, protocol: Protocol = "single", face_policy: FacePolicy = "largest"
+    config: Config,
+    directory: str | Path,
+    protocol: Protocol = "single",
+    face_policy: FacePolicy = "largest",
+    judge: Judge = "face",
 ) -> RecognitionResult:
-    """Recognition figures on ``directory``; ``face_policy`` chooses each reference's face (see :data:`FacePolicy`)."""
+    """Recognition figures on ``directory``; ``face_policy`` chooses each reference's face (see :data:`FacePolicy`),
+    ``judge`` who answers (the face matcher, or the model as PLVM asks it)."""
+    if judge == "model" and protocol != "single":
+        raise ConfigError("--judge model asks about one person at a time: it takes --protocol single")
     people = people_of(directory)
     with tempfile.TemporaryDirectory(prefix="plvm-eval-") as banks:
         config = config.model_copy(update={"bank": banks})
@@ -162,6 +236,10 @@ def recognition(
             reasons = "; ".join(f"{s.person}: {s.reason}" for s in skipped)
             raise InputError(f"no person of {directory} could be enrolled ({reasons})")
         photos = {photo: person.name for person in people for photo in person.photos}
+        if judge == "model":
+            concepts = {name: enroller.store.load(user).concepts[0].tokens() for name, user in users.items()}
+            decisions = model_decisions(config, concepts, photos)
+            return _score(protocol, 0.5, decisions, [], face_policy, skipped, judge)
         faces = face_table(config, list(photos))
         decisions, rule = [], config.match.rule()
         for user in dict.fromkeys(users.values()):
@@ -262,6 +340,7 @@ def _score(
     no_face: list[str],
     face_policy: FacePolicy,
     skipped: list[Skipped],
+    judge: Judge = "face",
 ) -> RecognitionResult:
     pos = [d for d in decisions if d.positive]
     neg = [d for d in decisions if not d.positive]
@@ -281,6 +360,7 @@ def _score(
         roc_auc=roc_auc([score(d) for d in pos], [score(d) for d in neg]),
         threshold=threshold,
         face_policy=face_policy,
+        judge=judge,
         no_face=sorted(no_face),
         skipped=skipped,
         decisions=decisions,

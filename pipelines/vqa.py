@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from operators.decode import decode_image
-from operators.generate import Generate
 from pipelines.config import Config
 from pipelines.enroll import Enroller
-from pipelines.evaluate import face_table, match_as
+from pipelines.evaluate import ask, face_table, match_as
+from plvm_model.concept_token import CONCEPT_TOKEN
 from plvm_model.engines import GenerationRequest
 from plvm_model.errors import InputError, InputNotFound
 
@@ -98,9 +98,10 @@ def load_items(questions: str | Path, root: str | Path | None = None) -> list[It
     return items
 
 
-def prompt_for(item: Item, name: str) -> str:
+def prompt_for(item: Item, name: str, concept_style: str) -> str:
+    """The question with its options; ``<sks>`` stays the concept token in ``plvm`` style, else becomes ``name``."""
     options = " ".join(f"{letter}. {text}" for letter, text in sorted(item.choices.items()))
-    question = item.question.replace("<sks>", name)
+    question = item.question if concept_style == "plvm" else item.question.replace(CONCEPT_TOKEN, name)
     return f"{question}\nOptions: {options}\nAnswer with the option's letter."
 
 
@@ -128,8 +129,6 @@ def position_choice(box: list[float], width: int, height: int, choices: dict[str
 
 def vqa(config: Config, questions: str | Path, root: str | Path | None = None) -> VQAResult:
     """Answer and score every question of a PLVM question file (see the module's docstring)."""
-    import ray
-
     items = load_items(questions, root)
     references = sorted({i.reference for i in items})
     names = {ref: Path(ref).parent.name or "sks" for ref in references}
@@ -161,24 +160,11 @@ def vqa(config: Config, questions: str | Path, root: str | Path | None = None) -
                 answers[n] = {"choice": choice, "source": "face box", "text": None}
                 continue
         image, _, _ = decode_image(Path(item.photo).read_bytes(), config.decode.max_side, config.decode.max_pixels)
-        requests.append(GenerationRequest(image, prompt_for(item, names[item.reference]), [concepts[item.reference]]))
+        question = prompt_for(item, names[item.reference], config.generate.concept_style)
+        requests.append(GenerationRequest(image, question, [concepts[item.reference]]))
         asked.append(n)
     if requests:
-        generate = config.generate
-        runtime_env = generate.runtime_env()
-        actor = (
-            ray.remote(Generate)
-            .options(num_cpus=generate.resources.num_cpus, num_gpus=generate.resources.num_gpus,
-                     **({"runtime_env": runtime_env} if runtime_env else {}))
-            .remote(generate, config.model_paths().llava)
-        )  # fmt: skip
-        size = generate.resources.batch_size
-        texts = []
-        try:
-            for start in range(0, len(requests), size):
-                texts += ray.get(actor.generate.remote(requests[start : start + size]))
-        finally:  # an engine error must not leave the engine's actor (and its memory) behind
-            ray.kill(actor)
+        texts = ask(config, requests)
         for n, text in zip(asked, texts):
             answers[n] = {"choice": model_choice(text, items[n].choices), "source": "model", "text": text}
     tally = Counter()

@@ -48,6 +48,12 @@ class ConceptTokens:
         return self.soft_tokens[1:]
 
 
+def plvm_concepts(concepts: list[ConceptTokens]) -> list[ConceptTokens]:
+    """The PLVM concepts of ``concepts``, in order: those with concept sentences (and, in ``concept_style: plvm``,
+    concept tokens); the MyVLM ones are a vector each after the image."""
+    return [c for c in concepts if c.method == "plvm"]
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     """A conversation format: the system text, one concept sentence per name, the turn (the config's
@@ -68,11 +74,20 @@ class PromptTemplate:
 class TokenizedPrompt:
     input_ids: list[int]
     concept_spans: list[tuple[int, int]] = field(default_factory=list)
-    """(start, concept index) of each run of context vectors, in order."""
+    """(start, PLVM concept index) of each run of context vectors, in order."""
     image_span: tuple[int, int] | None = None
     """(start, length) of the image placeholder run."""
     after_image: tuple[int, int] = (0, 0)
     """(start, length) of the MyVLM vectors' placeholders, right after the image run."""
+    token_positions: list[tuple[int, int]] = field(default_factory=list)
+    """(position, PLVM concept index) of each concept token (``concept_style: plvm``): it gets the concept's row 0."""
+
+    def append_image(self, n_image: int, image_token_id: int, n_after_image: int, placeholder_id: int) -> None:
+        """The image's run of ``n_image`` ids, then ``n_after_image`` placeholders (one per MyVLM concept)."""
+        self.image_span = (len(self.input_ids), n_image)
+        self.input_ids += [image_token_id] * n_image
+        self.after_image = (len(self.input_ids), n_after_image)
+        self.input_ids += [placeholder_id] * n_after_image
 
 
 def tokenize(
@@ -100,10 +115,7 @@ def tokenize(
         elif piece == IMAGE_MARK:
             if out.image_span is not None:
                 raise ValueError("a prompt holds one <image>")
-            out.image_span = (len(out.input_ids), n_image)
-            out.input_ids += [image_token_id] * n_image
-            out.after_image = (len(out.input_ids), n_after_image)
-            out.input_ids += [placeholder_id] * n_after_image
+            out.append_image(n_image, image_token_id, n_after_image, placeholder_id)
         else:
             out.input_ids += tokenizer(piece, add_special_tokens=(i == 0)).input_ids
     if out.image_span is None:
@@ -118,14 +130,14 @@ def splice(
     image_features: torch.Tensor | None = None,
     offset: int = 0,
 ) -> torch.Tensor:
-    """Write each PLVM concept's context vectors, each MyVLM concept's vector (in ``concepts``' order) and the
-    image features, if given, into ``embeds`` (L, H).
+    """Write each PLVM concept's context vectors and concept-token rows, each MyVLM concept's vector (in
+    ``concepts``' order) and the image features, if given, into ``embeds`` (L, H).
 
     ``offset`` shifts every span, for sequences padded on the left. Returns ``embeds``.
     """
     import torch
 
-    plvm = [c for c in concepts if c.method == "plvm"]
+    plvm = plvm_concepts(concepts)
     for concept in concepts:
         if concept.soft_tokens.shape[-1] != embeds.shape[-1]:
             raise ValueError(
@@ -135,6 +147,8 @@ def splice(
     for start, index in prompt.concept_spans:
         vectors = torch.as_tensor(plvm[index].context, dtype=embeds.dtype, device=embeds.device)
         embeds[offset + start : offset + start + len(vectors)] = vectors
+    for position, index in prompt.token_positions:
+        embeds[offset + position] = torch.as_tensor(plvm[index].soft_tokens[0], dtype=embeds.dtype)
     myvlm = [c.soft_tokens[0] for c in concepts if c.method == "myvlm"]
     if myvlm:
         place_after_image(embeds, prompt, torch.as_tensor(np.stack(myvlm), device=embeds.device), offset)

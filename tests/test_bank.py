@@ -228,7 +228,8 @@ def test_a_bank_of_another_user_or_model_is_refused(tmp_path):
 
 
 def test_plvm_caption_refuses_a_damaged_bank_at_start_in_one_line(tmp_path, tiny_models, capsys):
-    """Each damaged bank, and a bank of descriptors of a length the run's embedder does not make, through
+    """Each damaged bank, a bank of descriptors of a length the run's embedder does not make, and one whose concept
+    plvm style cannot serve, through
     the command line (its ``run``, the ``plvm`` program without its process exit): exit code 2, one line naming the user, the concept and the file."""
     banks = tmp_path / "banks"
     banks.mkdir()
@@ -236,6 +237,10 @@ def test_plvm_caption_refuses_a_damaged_bank_at_start_in_one_line(tmp_path, tiny
     ConceptBank(str(banks)).save(UserBank("short", "dlib-resnet-v1", "a", [concept("Mike", dim=127)]))
     cases["short"] = (r"concept 'Mike' of user 'short' in \S+ has face descriptors of length 127; this run's face "
                       "embedder 'dlib-resnet-v1' makes 128", f"short/{version_file(1)}")  # fmt: skip
+    lone = replace(concept("Sue"), soft_tokens=concept("Sue").soft_tokens[:1])  # no context vectors: no PLVM token
+    ConceptBank(str(banks)).save(UserBank("lone", "dlib-resnet-v1", "a", [lone]))
+    cases["lone"] = (r"user 'lone', \S+: concept 'Sue' cannot be served in concept_style plvm",
+                     f"lone/{version_file(1)}")  # fmt: skip
     for user, (error, file) in cases.items():
         (tmp_path / user).mkdir()
         config = make_config(tmp_path / user, bank=str(banks))

@@ -14,7 +14,15 @@ import pytest
 
 from conftest import REPO, make_config, photo
 from pipelines.cli import run
-from pipelines.evaluate import Decision, RecognitionResult, best_threshold, cross_validate, recognition, roc_auc
+from pipelines.evaluate import (
+    Decision,
+    RecognitionResult,
+    best_threshold,
+    cross_validate,
+    recognition,
+    roc_auc,
+    says_yes,
+)
 from test_enroll import side_by_side
 
 
@@ -115,3 +123,38 @@ def test_people_whose_reference_cannot_be_enrolled_are_skipped(
     assert figures["positive_accuracy"] == 1.0 and figures["negative_accuracy"] == 1.0, printed
     for person in [s["person"] for s in figures["skipped"]]:
         assert f"  skipped {person}: " in printed
+
+
+def test_the_models_yes_or_no_is_its_first_yes_or_no():
+    assert says_yes("Yes, Thao is on the left.") and says_yes("yes")
+    assert not says_yes("No. yes") and not says_yes("a man and a woman") and not says_yes("yesterday")
+
+
+def test_the_model_judges_every_pair_with_the_concept_injected(tmp_path, yollava, tiny_models, ray_local, capsys):
+    folder = tmp_path / "set"
+    for person in ("thao", "willinvietnam"):
+        (folder / person).mkdir(parents=True)
+        for name in ("ref_img.jpg", "0.jpg", "1.jpg"):
+            shutil.copy(photo(person, name), folder / person / name)
+    config = make_config(tmp_path, generate={"max_new_tokens": 4, "questions": []})
+    result = recognition(config, folder, judge="model")
+    assert result.judge == "model" and (result.n_positive, result.n_negative) == (4, 4)
+    pairs = {(d.person, Path(d.photo).parent.name, Path(d.photo).name) for d in result.decisions}
+    assert pairs == {(p, o, n) for p in ("thao", "willinvietnam") for o in ("thao", "willinvietnam")
+                     for n in ("0.jpg", "1.jpg")}  # fmt: skip
+    for d in result.decisions:
+        assert d.answer and d.predicted == says_yes(d.answer) and d.distance is None
+    by_photo = {}
+    for d in result.decisions:
+        by_photo.setdefault(d.photo, set()).add(d.answer)
+    assert any(len(answers) == 2 for answers in by_photo.values()), "the injected concept changes the answer"
+
+    file = tmp_path / "config.yaml"
+    file.write_text(json.dumps(config.model_dump(mode="json")))
+    assert run(["eval", "recognition", str(folder), "--judge", "model", "--config", str(file)]) == 0
+    printed = capsys.readouterr().out
+    figures = json.loads(printed.strip().splitlines()[-1])
+    assert figures["judge"] == "model" and figures["errors"] == len(result.errors())
+    assert "the model's yes or no (Is <sks> in this photo?)" in printed
+    assert run(["eval", "recognition", str(folder), "--judge", "model", "--cv", "--config", str(file)]) == 2
+    assert "need --judge face" in capsys.readouterr().err

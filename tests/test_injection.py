@@ -94,7 +94,7 @@ def test_the_embeddings_reaching_the_llm_are_the_aligners_output(engine, concept
     finally:
         hook.remove()
     prefill = seen[0]
-    batch = engine.prepare(requests)
+    batch = engine.prepare(engine.one_batch(requests))
     assert prefill.shape == batch.inputs_embeds.shape
     for row, request in enumerate(requests):
         prompt, offset = batch.prompts[row], batch.offsets[row]
@@ -114,8 +114,10 @@ def test_another_concept_changes_the_logits(engine, concepts, yollava):
     image = rgb(photo("thao", "1.jpg"))
 
     def logits(soft_tokens: np.ndarray) -> torch.Tensor:
-        request = GenerationRequest(image, "Who is this?", [ConceptTokens("Thao", soft_tokens)])
-        batch = engine.prepare([request])
+        request = GenerationRequest(
+            image, "Who is this?", [ConceptTokens("Thao", soft_tokens, concepts["Thao"].head_weight)]
+        )
+        batch = engine.prepare(engine.one_batch([request]))
         with torch.no_grad():
             out = engine.model(
                 inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO, make_config, photo
+from test_concept_token import expected_rows, layout_cases, plvm_layout, winning
 from operators.generate import GenerateConfig
 from operators.write import read_output
 from pipelines.caption import caption
@@ -43,9 +45,10 @@ def vllm_env():
 
 @pytest.fixture(scope="module")
 def vllm_engine(vllm_env, tiny_models, ray_local):
-    """The engine as the generate stage builds it, with one vLLM option (max_logprobs) from ``engine_args``."""
-    vllm = LOCAL_VLLM["vllm"] | {"engine_args": {"max_logprobs": 3}}
-    config = GenerateConfig.model_validate(LOCAL_VLLM | {"max_new_tokens": 12, "vllm": vllm})
+    """The engine as the generate stage builds it, with vLLM options (max_logprobs, logprobs_mode) from
+    ``engine_args``, and two concept slots (a batch of three people is served in two parts)."""
+    vllm = LOCAL_VLLM["vllm"] | {"engine_args": {"max_logprobs": 3, "logprobs_mode": "raw_logits"}}
+    config = GenerateConfig.model_validate(LOCAL_VLLM | {"max_new_tokens": 12, "vllm": vllm, "concept_slots": 2})
     remote = ray_local.remote(VLLMEngine).options(num_cpus=0.5, runtime_env=config.runtime_env())
     actor = remote.remote(**config.engine_options(str(tiny_models.llava)))
     yield actor
@@ -56,29 +59,114 @@ def vllm_engine(vllm_env, tiny_models, ray_local):
 def concepts(tiny_models, yollava):
     encoder = ConceptEncoder(str(tiny_models.dinov2), str(tiny_models.aligner), aligner_shape(tiny_models.aligner))
     out = {}
-    for name, person in (("Thao", "thao"), ("Viruss", "viruss")):
+    for name, person in (("Thao", "thao"), ("Viruss", "viruss"), ("Tien", "thuytien")):
         soft, head = encoder.encode(np.asarray(Image.open(photo(person, "ref_img.jpg")).convert("RGB")), None)
         out[name] = ConceptTokens(name, soft, head)
     return out
 
 
-def test_vllm_and_transformers_give_identical_tokens(vllm_engine, concepts, tiny_models, ray_local):
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    return TransformersEngine(**GenerateConfig(max_new_tokens=12).engine_options(str(tiny_models.llava)))
+
+
+@pytest.mark.parametrize("style", ["plvm", "sentence"])
+def test_vllm_and_transformers_give_identical_tokens(style, vllm_engine, concepts, tiny_models, ray_local):
     image = np.asarray(Image.open(photo("thao", "2.jpg")).convert("RGB"))
-    thao, viruss = concepts["Thao"], concepts["Viruss"]
+    thao, viruss, tien = concepts["Thao"], concepts["Viruss"], concepts["Tien"]
     requests = [
         GenerationRequest(image, "Describe this photo.", [thao]),
         GenerationRequest(image, "Who is in this photo?", [viruss, thao]),
         GenerationRequest(image, "Who is in this photo?", [viruss]),
         GenerationRequest(image, "Who is in this photo?", []),
+        GenerationRequest(image, "Who is in this photo?", [tien]),
     ]
-    reference = TransformersEngine(**GenerateConfig(max_new_tokens=12).engine_options(str(tiny_models.llava)))
-    expected = [reference.generate_ids([r])[0] for r in requests]
-    got = ray_local.get(vllm_engine.generate_ids.remote(requests))
+    options = GenerateConfig(max_new_tokens=12, concept_style=style).engine_options(str(tiny_models.llava))
+    expected = [TransformersEngine(**options).generate_ids([r])[0] for r in requests]
+    if style == "plvm":
+        got = ray_local.get(vllm_engine.generate_ids.remote(requests))
+    else:
+        config = GenerateConfig.model_validate(LOCAL_VLLM | {"max_new_tokens": 12, "concept_style": style})
+        remote = ray_local.remote(VLLMEngine).options(num_cpus=0.5, runtime_env=config.runtime_env())
+        sentence = remote.remote(**config.engine_options(str(tiny_models.llava)))
+        got = ray_local.get(sentence.generate_ids.remote(requests))
+        ray_local.kill(sentence)
     assert got == expected
     assert all(len(ids) > 0 for ids in got)
     two, one, none = got[1], got[2], got[3]
     assert two != one, "removing a concept changes the tokens"
     assert one != none
+
+
+def test_vllm_builds_plvms_token_layout(vllm_engine, reference, concepts, ray_local):
+    requests = layout_cases(concepts)
+
+    def prepared(engine):
+        batch = engine.one_batch(requests)
+        return batch.concept_ids, engine.prepare(batch)
+
+    concept_ids, embeds = ray_local.get(vllm_engine.__ray_call__.remote(prepared))
+    table = reference.model.get_input_embeddings().weight
+    for row, request in enumerate(requests):
+        layout = plvm_layout(reference.prompter.tokenizer, GenerateConfig().template.system, request.question,
+                             len(request.concepts), reference.prompter.n_image)  # fmt: skip
+        _, rows = expected_rows(layout, request, concept_ids[row], table)
+        assert len(embeds[row]) == len(rows)
+        for position, want in enumerate(rows):
+            if want is not None:
+                assert torch.equal(embeds[row][position], want.to(embeds[row].dtype)), (row, position)
+
+
+def test_vllms_logit_of_a_concept_token_is_the_hidden_state_times_its_head_weight(
+    vllm_engine, reference, concepts, ray_local
+):
+    requests = layout_cases(concepts)[:2]
+    batch = reference.one_batch(requests)
+    inputs = reference.prepare(batch)
+    with torch.no_grad():
+        hidden = reference.model.model(
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, pixel_values=inputs.pixel_values
+        ).last_hidden_state[:, -1]
+
+    def concept_logits(engine):
+        """The raw logit of each concept token at the first step (the token forced, its logit returned)."""
+        from vllm import SamplingParams
+
+        out = []
+        for indices, group in engine.slot_batches(requests):
+            engine.write_slots(group.rows)
+            embeds = engine.prepare(group)
+            for row, token_ids in enumerate(group.concept_ids):
+                for token in token_ids:
+                    params = SamplingParams(max_tokens=1, logprobs=0, detokenize=False, allowed_token_ids=[token])
+                    result = engine.llm.generate([{"prompt_embeds": embeds[row]}], params, use_tqdm=False)[0]
+                    out.append((indices[row], token, result.outputs[0].logprobs[0][token].logprob))
+        return out
+
+    logits = ray_local.get(vllm_engine.__ray_call__.remote(concept_logits))
+    assert len(logits) == 3
+    for row, token, logit in logits:
+        concept = requests[row].concepts[batch.concept_ids[row].index(token)]
+        expected = float(hidden[row] @ torch.from_numpy(concept.head_weight))
+        assert logit == pytest.approx(expected, rel=1e-4, abs=1e-4), (row, concept.name)
+
+
+def test_vllm_emits_a_winning_concept_token_as_the_name(vllm_engine, reference, concepts, ray_local):
+    image = np.asarray(Image.open(photo("thao", "1.jpg")).convert("RGB"))
+    question = "Describe this photo in one sentence."
+    thao = winning(reference, GenerationRequest(image, question, [concepts["Thao"]]))
+    requests = [
+        GenerationRequest(image, question, [thao]),
+        GenerationRequest(image, question, [concepts["Viruss"], thao]),
+        GenerationRequest(image, question, [concepts["Viruss"]]),
+    ]
+    got = ray_local.get(vllm_engine.generate_ids.remote(requests))
+    assert got == [reference.generate_ids([r])[0] for r in requests]
+    assert got[0][0] >= reference.prompter.vocab, "the concept token wins the first step"
+    texts = ray_local.get(vllm_engine.generate.remote(requests))
+    assert texts == reference.generate(requests)
+    assert texts[0].startswith("Thao "), texts[0]
+    assert "Thao" not in texts[2], "a prompt never emits a concept it does not inject"
 
 
 def test_a_prompt_too_long_for_the_engine_is_refused_clearly(vllm_engine, concepts, ray_local):

@@ -8,7 +8,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from plvm_model.injection import ConceptTokens, PromptTemplate, TokenizedPrompt, tokenize
+from plvm_model.concept_token import check_servable, concept_key, decode_with_names, plan_slots, tokenize_plvm
+from plvm_model.injection import ConceptTokens, PromptTemplate, TokenizedPrompt, plvm_concepts, tokenize
 
 
 @dataclass
@@ -17,7 +18,7 @@ class GenerationRequest:
     """RGB uint8 (H, W, 3)."""
     question: str
     concepts: list[ConceptTokens] = field(default_factory=list)
-    """Injected in this order, one ``NAME is <concept>.`` sentence each."""
+    """Injected in this order, one concept sentence each (``NAME is <concept>.``, or PLVM's ``<sks> is ...``)."""
 
 
 class Engine(Protocol):
@@ -32,10 +33,11 @@ class Engine(Protocol):
 class LlavaPrompter:
     """Tokenizer, image processor and template of one LLaVA checkpoint (a local folder)."""
 
-    def __init__(self, model_path: str, template: PromptTemplate, image_aspect: str) -> None:
+    def __init__(self, model_path: str, template: PromptTemplate, image_aspect: str, concept_style: str) -> None:
         from transformers import AutoConfig, AutoProcessor, LlavaImageProcessorPil
 
         self.template = template
+        self.concept_style = concept_style
         # The PIL backends: the same pixels in every environment (the vLLM one has no torchvision).
         self.processor = AutoProcessor.from_pretrained(model_path, backend="pil")
         # LLaVA's own image processor with the checkpoint's settings (the same pixels as its CLIP processor),
@@ -51,23 +53,32 @@ class LlavaPrompter:
         self.image_token_id = self.config.image_token_id
         pad = self.tokenizer.pad_token_id
         self.placeholder_id = pad if pad is not None else self.tokenizer.unk_token_id
+        self.vocab = self.config.text_config.vocab_size
+        """Rows of the LLM's own vocabulary; concept slots follow them (``concept_style: plvm``)."""
 
-    def tokenize(self, request: GenerationRequest) -> TokenizedPrompt:
-        """The prompt's ids: a sentence per PLVM concept, a placeholder after the image per MyVLM concept."""
-        plvm = [c for c in request.concepts if c.method == "plvm"]
-        text = self.template.render(request.question, [c.name for c in plvm])
+    def tokenize(self, request: GenerationRequest, concept_ids: list[int] | None = None) -> TokenizedPrompt:
+        """The request's prompt: a placeholder after the image per MyVLM concept, and per PLVM concept a sentence
+        (``sentence`` style) or its concept token, whose id is in ``concept_ids`` (its slot; ``plvm`` style)."""
+        plvm = plvm_concepts(request.concepts)
         n_context = {len(c.context) for c in plvm}
         if len(n_context) > 1:
             raise ValueError(f"concepts with different numbers of soft tokens in one prompt: {sorted(n_context)}")
-        return tokenize(
-            self.tokenizer,
-            text,
+        runs = dict(
             n_context=n_context.pop() if n_context else 0,
             n_image=self.n_image,
             image_token_id=self.image_token_id,
             placeholder_id=self.placeholder_id,
             n_after_image=len(request.concepts) - len(plvm),
         )
+        if self.concept_style == "plvm":
+            concept_ids = concept_ids or []
+            if len(concept_ids) != len(plvm):
+                raise ValueError(f"{len(plvm)} PLVM concepts need as many concept token ids, not {concept_ids}")
+            for concept in plvm:
+                check_servable(concept, self.config.text_config.hidden_size)
+            return tokenize_plvm(self.tokenizer, self.template, request.question, concept_ids, **runs)
+        text = self.template.render(request.question, [c.name for c in plvm])
+        return tokenize(self.tokenizer, text, **runs)
 
     def pixel_values(self, images: list[np.ndarray]):
         """The vision tower's input: each photo padded to a square (``image_aspect: pad``) or centre-cropped."""
@@ -83,18 +94,79 @@ class LlavaPrompter:
         return token_ids[: token_ids.index(eos)] if eos in token_ids else token_ids
 
 
+@dataclass
+class SlotBatch:
+    """Requests served together in ``plvm`` style: each one's concept token ids, and the rows of the slots."""
+
+    requests: list[GenerationRequest]
+    concept_ids: list[list[int]]
+    """Per request, the token id of each of its PLVM concepts, in its order (a MyVLM concept has none)."""
+    rows: dict[int, ConceptTokens]
+    """Token id -> the concept whose rows (input row 0, head weight) that slot holds."""
+
+    def allowed_slots(self, row: int) -> list[int]:
+        """The concept token ids request ``row`` may emit: its own concepts'."""
+        return sorted(set(self.concept_ids[row]))
+
+
 class LlavaEngine:
-    """What both engines share: greedy token ids per request, decoded to text."""
+    """What both engines share: greedy token ids per request, decoded to text.
+
+    In ``plvm`` style a batch is served in groups whose distinct concepts fit in the engine's
+    ``concept_slots``: the engine writes each group's slot rows (:meth:`write_slots`) and generates
+    with every request limited to its own concepts' slots (:meth:`generate_batch`).
+    """
 
     name: str
     model_name: str
     prompter: LlavaPrompter
+    concept_slots: int
 
-    def generate_ids(self, requests: list[GenerationRequest]) -> list[list[int]]:
+    def generate_batch(self, batch: SlotBatch) -> list[list[int]]:
+        """Greedy new token ids for each request of ``batch`` (up to the first end-of-sequence token)."""
         raise NotImplementedError
 
+    def write_slots(self, rows: dict[int, ConceptTokens]) -> None:
+        """Writes each concept's row 0 into the embedding table and its head weight into the output head."""
+        raise NotImplementedError
+
+    def slot_batches(self, requests: list[GenerationRequest]) -> list[tuple[list[int], SlotBatch]]:
+        """(indices into ``requests``, batch) groups that serve ``requests``: one group in ``sentence`` style."""
+        if self.prompter.concept_style != "plvm":
+            return [(list(range(len(requests))), SlotBatch(requests, [[] for _ in requests], {}))]
+        out = []
+        concepts = [plvm_concepts(r.concepts) for r in requests]
+        for group in plan_slots(concepts, self.concept_slots):
+            members = [requests[i] for i in group.requests]
+            ids = [[self.prompter.vocab + group.slots[concept_key(c)] for c in concepts[i]] for i in group.requests]
+            rows = {i: c for j, own in zip(group.requests, ids) for i, c in zip(own, concepts[j])}
+            out.append((group.requests, SlotBatch(members, ids, rows)))
+        return out
+
+    def one_batch(self, requests: list[GenerationRequest]) -> SlotBatch:
+        """``requests`` as one batch (a ValueError if their concepts need more slots than the engine has)."""
+        groups = self.slot_batches(requests)
+        if len(groups) > 1:
+            raise ValueError(f"these requests need {len(groups)} batches of {self.concept_slots} concept slots")
+        return groups[0][1]
+
+    def _generate(self, requests: list[GenerationRequest]) -> list[tuple[list[int], dict[int, str]]]:
+        """Per request: the new token ids and the names of the concept tokens among them."""
+        out: list = [None] * len(requests)
+        for indices, batch in self.slot_batches(requests):
+            if batch.rows:
+                self.write_slots(batch.rows)
+            for index, ids, own in zip(indices, self.generate_batch(batch), batch.concept_ids):
+                out[index] = (ids, {i: c.name for i, c in zip(own, plvm_concepts(requests[index].concepts))})
+        return out
+
+    def generate_ids(self, requests: list[GenerationRequest]) -> list[list[int]]:
+        """Greedy new token ids for each request; in ``plvm`` style a concept token is its slot's id."""
+        return [ids for ids, _ in self._generate(requests)]
+
     def generate(self, requests: list[GenerationRequest]) -> list[str]:
-        return [self.prompter.decode(ids) for ids in self.generate_ids(requests)]
+        """The answers' text, each emitted concept token written as its person's name."""
+        return [decode_with_names(ids, names, self.prompter.decode) for ids, names in self._generate(requests)]
 
 
 def make_engine(kind: str, **options: Any) -> Engine:

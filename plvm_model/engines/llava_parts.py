@@ -101,13 +101,29 @@ def _fingerprint(model_path: Path) -> str:
     return hashlib.sha256(json.dumps([str(model_path.resolve()), stats]).encode()).hexdigest()[:16]
 
 
-def text_only_checkpoint(model_path: str) -> Path:
-    """A ``LlamaForCausalLM``-style folder of the LLaVA's language model and tokenizer, built once in the cache."""
+def _with_rows(tensor: torch.Tensor, extra_rows: int) -> torch.Tensor:
+    return torch.cat([tensor, tensor.new_zeros((extra_rows, *tensor.shape[1:]))]) if extra_rows else tensor
+
+
+def text_only_checkpoint(model_path: str, extra_rows: int = 0) -> Path:
+    """A ``LlamaForCausalLM``-style folder of the LLaVA's language model and tokenizer, built once in the cache.
+
+    ``extra_rows`` zero rows are added after the vocabulary, to the embedding table and the output head
+    (the concept slots of ``concept_style: plvm``, written per batch by the engine).
+    """
     source = Path(model_path)
 
     def build(out: Path) -> None:
         config = json.loads((source / "config.json").read_text())
         text = dict(config["text_config"])
+        if extra_rows and text.get("tie_word_embeddings"):
+            raise ValueError(
+                f"{source.name} ties its output head to its embedding table: PLVM's concept token needs its own row "
+                "in each (use concept_style sentence)"
+            )
+        from transformers import AutoConfig
+
+        text["vocab_size"] = AutoConfig.from_pretrained(source).text_config.vocab_size + extra_rows
         text.setdefault("model_type", "llama")
         text["architectures"] = [text.get("architectures", ["LlamaForCausalLM"])[0]]
         text.setdefault("torch_dtype", config.get("torch_dtype") or config.get("dtype") or "float32")
@@ -122,7 +138,10 @@ def text_only_checkpoint(model_path: str) -> Path:
                     prefix = next((p for p in _LANGUAGE + _LM_HEAD if key.startswith(p)), None)
                     if prefix is not None:
                         head = "lm_head." if prefix in _LM_HEAD else "model."
-                        shard[head + key[len(prefix) :]] = f.get_tensor(key)
+                        tensor = f.get_tensor(key)
+                        if key.endswith(("embed_tokens.weight", "lm_head.weight")):
+                            tensor = _with_rows(tensor, extra_rows)
+                        shard[head + key[len(prefix) :]] = tensor
             if shard:
                 save_file(shard, out / name, metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(shard, name))
@@ -132,4 +151,5 @@ def text_only_checkpoint(model_path: str) -> Path:
             if (source / name).exists():
                 shutil.copy(source / name, out / name)
 
-    return build_once(cache_root() / "text-only" / f"{source.name}-{_fingerprint(source)}", build)
+    slots = f"-slots{extra_rows}" if extra_rows else ""
+    return build_once(cache_root() / "text-only" / f"{source.name}-{_fingerprint(source)}{slots}", build)

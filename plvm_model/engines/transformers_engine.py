@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from plvm_model.engines.base import GenerationRequest, LlavaEngine, LlavaPrompter
-from plvm_model.injection import PromptTemplate, TokenizedPrompt, splice
+from plvm_model.engines.base import LlavaEngine, LlavaPrompter, SlotBatch
+from plvm_model.injection import ConceptTokens, PromptTemplate, TokenizedPrompt, splice
 
 QUANTIZATIONS = ("8bit", "4bit")
 
@@ -49,6 +49,19 @@ def _quantization_config(quantization: str | None):
     )
 
 
+class SlotMask:
+    """A logits processor: each row of the batch may emit only its own concept slots (``concept_style: plvm``)."""
+
+    def __init__(self, batch: SlotBatch, vocab: int, slots: int, device: torch.device) -> None:
+        self.blocked = torch.ones((len(batch.requests), vocab + slots), dtype=torch.bool, device=device)
+        self.blocked[:, :vocab] = False
+        for row in range(len(batch.requests)):
+            self.blocked[row, batch.allowed_slots(row)] = False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.masked_fill(self.blocked, float("-inf"))
+
+
 class TransformersEngine(LlavaEngine):
     name = "transformers"
 
@@ -62,13 +75,16 @@ class TransformersEngine(LlavaEngine):
         dtype: str,
         quantization: str | None,
         device: str,
+        concept_style: str,
+        concept_slots: int,
     ) -> None:
         from transformers import LlavaForConditionalGeneration
         from transformers.utils import logging
 
         logging.set_verbosity_error()
         logging.disable_progress_bar()
-        self.prompter = LlavaPrompter(model_path, template, image_aspect)
+        self.prompter = LlavaPrompter(model_path, template, image_aspect, concept_style)
+        self.concept_slots = concept_slots
         self.max_new_tokens = max_new_tokens
         self.dtype = getattr(torch, dtype)
         quantization_config = _quantization_config(quantization)
@@ -82,11 +98,34 @@ class TransformersEngine(LlavaEngine):
             self.model.to(device)
         self.device = torch.device(device)
         self.model_name = Path(model_path).name
+        if concept_style == "plvm":
+            self._add_slots()
 
     @torch.inference_mode()
-    def prepare(self, requests: list[GenerationRequest]) -> PreparedBatch:
-        """The model inputs for ``requests``: spliced embeddings, mask and pixel values."""
-        prompts = [self.prompter.tokenize(r) for r in requests]
+    def _add_slots(self) -> None:
+        """``concept_slots`` zero rows after the vocabulary, in the embedding table and the output head."""
+        if self.model.config.get_text_config().tie_word_embeddings:
+            raise ValueError(
+                f"{self.model_name} ties its output head to its embedding table: PLVM's concept token needs its own "
+                "row in each (use concept_style sentence)"
+            )
+        vocab = self.prompter.vocab
+        self.model.resize_token_embeddings(vocab + self.concept_slots, mean_resizing=False)
+        self.model.get_input_embeddings().weight[vocab:] = 0
+        self.model.get_output_embeddings().weight[vocab:] = 0
+
+    @torch.inference_mode()
+    def write_slots(self, rows: dict[int, ConceptTokens]) -> None:
+        embeddings, head = self.model.get_input_embeddings().weight, self.model.get_output_embeddings().weight
+        for token_id, concept in rows.items():
+            embeddings[token_id] = torch.as_tensor(concept.soft_tokens[0], dtype=embeddings.dtype)
+            head[token_id] = torch.as_tensor(concept.head_weight, dtype=head.dtype)
+
+    @torch.inference_mode()
+    def prepare(self, batch: SlotBatch) -> PreparedBatch:
+        """The model inputs for ``batch``: spliced embeddings, mask and pixel values."""
+        requests = batch.requests
+        prompts = [self.prompter.tokenize(r, ids) for r, ids in zip(requests, batch.concept_ids)]
         longest = max(len(p.input_ids) for p in prompts)
         ids = torch.full((len(prompts), longest), self.prompter.placeholder_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), longest), dtype=torch.long)
@@ -103,13 +142,18 @@ class TransformersEngine(LlavaEngine):
         return PreparedBatch(embeds, mask.to(self.device), pixel_values, prompts, offsets)
 
     @torch.inference_mode()
-    def generate_ids(self, requests: list[GenerationRequest]) -> list[list[int]]:
-        """Greedy new token ids for each request (up to the first end-of-sequence token)."""
-        batch = self.prepare(requests)
+    def generate_batch(self, batch: SlotBatch) -> list[list[int]]:
+        from transformers import LogitsProcessorList
+
+        inputs = self.prepare(batch)
+        masks = []
+        if self.prompter.concept_style == "plvm":
+            masks.append(SlotMask(batch, self.prompter.vocab, self.concept_slots, self.device))
         out = self.model.generate(
-            inputs_embeds=batch.inputs_embeds,
-            attention_mask=batch.attention_mask,
-            pixel_values=batch.pixel_values,
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            pixel_values=inputs.pixel_values,
+            logits_processor=LogitsProcessorList(masks),
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             pad_token_id=self.prompter.tokenizer.pad_token_id,

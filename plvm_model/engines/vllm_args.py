@@ -15,6 +15,7 @@ ENGINE_SET = {
     "quantization": "the engine's quantization option, generate.quantization, mapped to vLLM's method",
     "dtype": "the engine's dtype option, generate.dtype",
     "seed": "fixed, for reproducible runs",
+    "worker_extension_cls": "the concept slots' writer in concept_style plvm",
 }
 
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from plvm_model.engines.base import GenerationRequest, LlavaEngine, LlavaPrompter
+from plvm_model.engines.base import LlavaEngine, LlavaPrompter, SlotBatch
 from plvm_model.engines.llava_parts import LlavaEncoders, text_only_checkpoint
 from plvm_model.engines.vllm_args import refuse_engine_set
-from plvm_model.injection import PromptTemplate, splice
+from plvm_model.engines.vllm_slots import SLOT_WRITER
+from plvm_model.injection import ConceptTokens, PromptTemplate, splice
 
 # Our name -> vLLM's quantization method, per platform.
 GPU_QUANTIZATIONS = {"fp8": "fp8", "4bit": "bitsandbytes", "bitsandbytes": "bitsandbytes"}
@@ -56,6 +57,8 @@ class VLLMEngine(LlavaEngine):
         dtype: str,
         quantization: str | None,
         device: str,
+        concept_style: str,
+        concept_slots: int,
         engine_args: dict[str, Any],
     ) -> None:
         """``engine_args`` go to ``vllm.LLM`` as they are, except those the engine sets itself (refused)."""
@@ -66,25 +69,39 @@ class VLLMEngine(LlavaEngine):
         from vllm import LLM, SamplingParams
         from vllm.platforms import current_platform
 
-        self.prompter = LlavaPrompter(model_path, template, image_aspect)
+        self.prompter = LlavaPrompter(model_path, template, image_aspect, concept_style)
+        self.concept_slots = concept_slots
+        slots = concept_slots if concept_style == "plvm" else 0
         self.encoders = LlavaEncoders(model_path, dtype=getattr(torch, dtype), device=device)
         self.llm = LLM(
-            model=str(text_only_checkpoint(model_path)),
+            model=str(text_only_checkpoint(model_path, extra_rows=slots)),
             tokenizer=model_path,
             enable_prompt_embeds=True,
             dtype=dtype,
             quantization=vllm_quantization(quantization, current_platform.is_cpu(), dtype),
             seed=0,
+            worker_extension_cls=SLOT_WRITER if slots else "",
             **engine_args,
         )
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
-        self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        # Concept tokens lie beyond the tokenizer: our code turns them into names (LlavaEngine.generate)
+        self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=slots == 0)
+        self.vocabulary = list(range(self.prompter.vocab))
         self.model_name = Path(model_path).name
 
+    def write_slots(self, rows: dict[int, ConceptTokens]) -> None:
+        """Through vLLM's own worker RPC, into every worker (our worker extension's method; ids and rows of float32
+        values as plain lists, exact through vLLM's serialization, in process or across processes)."""
+        ids = list(rows)
+        embeddings = [rows[i].soft_tokens[0].tolist() for i in ids]
+        heads = [rows[i].head_weight.tolist() for i in ids]
+        self.llm.collective_rpc("write_concept_rows", args=(ids, embeddings, heads))
+
     @torch.inference_mode()
-    def prepare(self, requests: list[GenerationRequest]) -> list[torch.Tensor]:
+    def prepare(self, batch: SlotBatch) -> list[torch.Tensor]:
         """Each request's whole prompt as one (length, hidden) embedding sequence."""
-        prompts = [self.prompter.tokenize(r) for r in requests]
+        requests = batch.requests
+        prompts = [self.prompter.tokenize(r, ids) for r, ids in zip(requests, batch.concept_ids)]
         for prompt, request in zip(prompts, requests):
             if len(prompt.input_ids) + self.sampling.max_tokens > self.max_model_len:
                 raise ValueError(
@@ -95,11 +112,31 @@ class VLLMEngine(LlavaEngine):
         features = self.encoders.image_features(pixels.to(self.encoders.embed_tokens.weight))
         out = []
         for prompt, request, image in zip(prompts, requests, features):
-            embeds = self.encoders.embed_tokens(torch.tensor(prompt.input_ids, device=image.device))
+            ids = torch.tensor(prompt.input_ids, device=image.device)
+            # a concept token's row is not in the encoders' table: splice writes it
+            ids[ids >= self.prompter.vocab] = self.prompter.placeholder_id
+            embeds = self.encoders.embed_tokens(ids)
             out.append(splice(embeds, prompt, request.concepts, image_features=image).cpu())
         return out
 
-    def generate_ids(self, requests: list[GenerationRequest]) -> list[list[int]]:
-        embeds = self.prepare(requests)
-        outputs = self.llm.generate([{"prompt_embeds": e} for e in embeds], self.sampling, use_tqdm=False)
+    def sampling_params(self, batch: SlotBatch) -> list:
+        """Greedy sampling per request; in ``plvm`` style each request may emit only its own concept tokens."""
+        from vllm import SamplingParams
+
+        if self.prompter.concept_style != "plvm":
+            return [self.sampling] * len(batch.requests)
+        return [
+            SamplingParams(
+                temperature=0.0,
+                max_tokens=self.sampling.max_tokens,
+                detokenize=False,
+                allowed_token_ids=self.vocabulary + batch.allowed_slots(row),
+            )
+            for row in range(len(batch.requests))
+        ]
+
+    def generate_batch(self, batch: SlotBatch) -> list[list[int]]:
+        embeds = self.prepare(batch)
+        prompts = [{"prompt_embeds": e} for e in embeds]
+        outputs = self.llm.generate(prompts, self.sampling_params(batch), use_tqdm=False)
         return [self.prompter.until_eos(list(output.outputs[0].token_ids)) for output in outputs]
