@@ -232,6 +232,7 @@ class Enroller:
                 self.models.llava,
                 template=PromptTemplate(**self.config.generate.template.model_dump()),
                 image_aspect=self.config.generate.image_aspect,
+                concept_style=self.config.generate.concept_style,
                 dtype=settings.dtype,
                 device=settings.device,
             )

@@ -69,17 +69,18 @@ class TrainingRun:
 
 class MyVLMTrainer:
     """A frozen LlavaForConditionalGeneration (eager attention, whose probabilities the regulariser reads) and the
-    prompt layout of the engines."""
+    prompt layout of the engines in ``concept_style`` (a prompt with no PLVM concept, the vector after the image)."""
 
     def __init__(
-        self, model_path: str, *, template: PromptTemplate, image_aspect: str, dtype: str, device: str
-    ) -> None:
+        self, model_path: str, *, template: PromptTemplate, image_aspect: str, concept_style: str, dtype: str,
+        device: str,
+    ) -> None:  # fmt: skip
         from transformers import LlavaForConditionalGeneration
         from transformers.utils import logging
 
         logging.set_verbosity_error()
         logging.disable_progress_bar()
-        self.prompter = LlavaPrompter(model_path, template, image_aspect)
+        self.prompter = LlavaPrompter(model_path, template, image_aspect, concept_style)
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
         self.model = LlavaForConditionalGeneration.from_pretrained(
