@@ -103,7 +103,8 @@ def test_training_halves_the_loss_and_the_captions_name_the_person(trained, tiny
 @pytest.mark.vllm
 def test_vllm_and_transformers_give_identical_tokens_with_myvlm_concepts(vllm_engine, concepts, trained, tiny_models,
                                                                         ray_local):  # fmt: skip
-    """A MyVLM vector alone, beside PLVM concepts, and two of them: the same greedy tokens from both engines."""
+    """A MyVLM vector alone, beside a PLVM concept, and two of them: the same greedy tokens from both engines, in
+    ``concept_style: plvm`` (the default; test_vllm.py mixes one in both styles)."""
     result, _ = trained
     thao = ConceptTokens("Thao", result.vector[None, :], method="myvlm")
     other = ConceptTokens("Sue", untrained_vector(len(result.vector), seed=7)[None, :], method="myvlm")
@@ -210,7 +211,8 @@ def mixed_bank(tmp_path_factory, yollava):
 
 def test_myvlm_enrollment_and_a_mixed_bank_in_one_run_gated_by_the_face_matcher(mixed_bank, ray_local, capsys):
     """``plvm enroll --method myvlm`` trained Thao's vector; Viruss is a PLVM concept of the same bank; one caption run
-    serves both. Thao's vector reaches only the prompts of photos where the face matcher found Thao."""
+    (``concept_style: plvm``, the default: the MyVLM concept needs no concept token) serves both. Thao's vector
+    reaches only the prompts of photos where the face matcher found Thao."""
     config, config_file, photos = mixed_bank
     bank = ConceptBank(config.bank).load("una")
     thao, viruss = bank.concepts
