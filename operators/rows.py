@@ -41,9 +41,11 @@ INJECTED = pa.struct(
         pa.field("soft_tokens", pa.binary()),
         pa.field("head_weight", pa.binary()),
         pa.field("hidden", pa.int32()),
+        pa.field("method", pa.string()),
     ]
 )
-"""A concept chosen for a photo's prompt, with its float32 vectors as read from the bank."""
+"""A concept chosen for a photo's prompt, with its float32 vectors as read from the bank (a MyVLM concept's
+``soft_tokens`` is its one vector, without a head weight)."""
 ANSWER = pa.struct([pa.field("question", pa.string()), pa.field("answer", pa.string())])
 
 COLUMNS: dict[str, pa.DataType] = {
@@ -205,16 +207,19 @@ def injected_tokens(row: dict) -> list[ConceptTokens]:
     for item in row["injected"] or []:
         soft = np.frombuffer(item["soft_tokens"], np.float32).reshape(-1, item["hidden"])
         head = np.frombuffer(item["head_weight"], np.float32) if item["head_weight"] else None
-        out.append(ConceptTokens(item["name"], soft, head))
+        out.append(ConceptTokens(item["name"], soft, head, item["method"]))
     return out
 
 
 def injected_record(concept) -> dict[str, Any]:
     """A bank concept as a row's ``injected`` item (see :data:`INJECTED`)."""
+    tokens = concept.tokens()
+    head = tokens.head_weight if tokens.head_weight is not None else np.zeros(0, np.float32)
     return {
         "concept_id": concept.concept_id,
         "name": concept.name,
-        "soft_tokens": np.ascontiguousarray(concept.soft_tokens, np.float32).tobytes(),
-        "head_weight": np.ascontiguousarray(concept.head_weight, np.float32).tobytes(),
-        "hidden": concept.soft_tokens.shape[1],
+        "soft_tokens": np.ascontiguousarray(tokens.soft_tokens, np.float32).tobytes(),
+        "head_weight": np.ascontiguousarray(head, np.float32).tobytes(),
+        "hidden": concept.hidden,
+        "method": tokens.method,
     }

@@ -208,15 +208,23 @@ def remaining(listing: pa.Table, done: Counter) -> pa.Table:
 def check_banks(users: list[str], config: Config) -> BankVersions:
     """The newest version of each of ``users``' banks, pinned for the run (0: no bank); refuse to start
     (:class:`BankError` naming the file, and the concept) if one cannot be read, has descriptors of another
-    length than the run's face embedder makes, or holds a concept the configured concept style cannot serve."""
+    length than the run's face embedder makes, holds a PLVM concept the configured concept style cannot serve, or
+    a MyVLM concept trained for another LLaVA than the run's engine serves."""
     store, embedder = ConceptBank(config.bank, config.storage), embedder_class(config.embed.kind)
     pinned = {}
+    llava: str | None = None
     for user in sorted(set(users)):
         bank = store.load(user)
         if bank is not None and bank.embedder == embedder.space:  # a bank of another space is each row's error
             bank.check_descriptor_size(embedder.dim, embedder.space)
+        if bank is not None and any(c.method == "myvlm" for c in bank.concepts):
+            if llava is None:
+                from plvm_model.myvlm import llava_identity
+
+                llava = llava_identity(config.model_paths().llava)
+            bank.check_servable(llava)
         if bank is not None and config.generate.concept_style == "plvm":
-            for concept in bank.concepts:
+            for concept in (c for c in bank.concepts if c.method == "plvm"):  # MyVLM's is served in either style
                 try:
                     check_servable(concept.tokens(), concept.soft_tokens.shape[-1])
                 except ValueError as error:

@@ -29,13 +29,18 @@ def _config(args: argparse.Namespace, **overrides):
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from pipelines.enroll import enroll
+    from pipelines.enroll import EnrollError, enroll, enroll_myvlm, read_captions
 
-    result = enroll(
-        _config(args), args.user, args.name, args.images, face_index=args.face, face_policy=args.face_policy
-    )
+    if (args.method == "myvlm") != (args.captions is not None):
+        raise EnrollError("--captions CAPTIONS.json goes with --method myvlm, and only with it")
+    faces = {"face_index": args.face, "face_policy": args.face_policy}
+    if args.method == "myvlm":
+        captions = read_captions(args.captions)
+        result = enroll_myvlm(_config(args), args.user, args.name, args.images, captions, **faces)
+    else:
+        result = enroll(_config(args), args.user, args.name, args.images, **faces)
     verb = "enrolled" if result.created else "extended" if result.added else "already enrolled from these photos:"
-    print(f"{verb} {result.name!r} ({result.concept_id}) for user {result.user_id!r}: "
+    print(f"{verb} {result.name!r} ({result.method}, {result.concept_id}) for user {result.user_id!r}: "
           f"{result.references} reference photo(s), bank version {result.version} ({result.bank})")  # fmt: skip
     return 0
 
@@ -151,6 +156,26 @@ def cmd_eval_recognition(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_captions(args: argparse.Namespace) -> int:
+    from pipelines.caption_eval import evaluate_captions
+
+    result = evaluate_captions(args.output, args.truth, _config(args).storage)
+
+    def share(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    print(f"captions of {args.output}, {result.photos} photos; who is there: {result.truth}")
+    print(f"  recall {share(result.recall)} (photos where a person is that name them), "
+          f"false mentions {share(result.false_mention_rate)} (captions naming someone who is not there)")  # fmt: skip
+    for name, score in result.people.items():
+        print(f"  {name}: recall {share(score.recall)} ({score.named}/{score.present}), "
+              f"false mentions {share(score.false_mentions)} ({score.falsely_named}/{score.absent})")  # fmt: skip
+    if result.without_caption or result.not_in_truth:
+        print(f"  not scored: {result.without_caption} rows without a caption, {result.not_in_truth} not in the truth")
+    print(json.dumps(result.summary()))
+    return 0
+
+
 def cmd_eval_vqa(args: argparse.Namespace) -> int:
     from pipelines.vqa import vqa
 
@@ -209,8 +234,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--user", required=True, help="the user whose bank gets the concept")
     s.add_argument("--name", required=True, help="the person's name, as captions will say it")
     s.add_argument("--face", type=int, help="which face of a reference photo with several (0 = leftmost)")
+    s.add_argument("--method", choices=["plvm", "myvlm"], default="plvm",
+                   help="plvm: the Aligner's soft tokens of the first photo, no training (the default); myvlm: a "
+                        "concept vector trained on the photos and their --captions (config section myvlm)")  # fmt: skip
+    s.add_argument("--captions", help="MyVLM: JSON object, each photo's file name -> its caption naming the person")
     add_face_policy(s)
-    s.add_argument("images", nargs="+", help="reference photos (paths or URIs)")
+    s.add_argument("images", nargs="+", help="reference photos (paths or URIs); MyVLM: its 3-5 training photos")
 
     s = command("caption", cmd_caption, "caption photos with the people of their owner's concept bank")
     s.add_argument("--input", help="folder, glob or Parquet/CSV manifest (path, user_id)")
@@ -242,7 +271,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("output", nargs="?", help="output folder URI whose index (OUTPUT/_faces, or index.uri) to check")
     s.add_argument("--index", help="the index's root URI (default: the config's index.uri, or OUTPUT/_faces)")
 
-    evaluate = sub.add_parser("eval", help="evaluate recognition or VQA").add_subparsers(dest="what", required=True)
+    evaluate = sub.add_parser("eval", help="evaluate recognition, captions or VQA").add_subparsers(dest="what", required=True)
     s = command("recognition", cmd_eval_recognition, "is P in this photo? on a PLVM/YoLLaVA-layout folder", evaluate)
     s.add_argument("directory", help="one folder per person: ref_img.* and that person's photos")
     s.add_argument("--protocol", choices=["single", "bank"], default="single",
@@ -254,6 +283,10 @@ def parser() -> argparse.ArgumentParser:
                    help="who answers: the face matcher, or the model asked 'Is <sks> in this photo?' about every "
                    "(person, photo) pair with the person's concept injected (PLVM's protocol)")  # fmt: skip
     add_face_policy(s)
+
+    s = command("captions", cmd_eval_captions, "MyVLM's metric: do the captions name the people in the photos?", evaluate)
+    s.add_argument("output", help="a caption run's output folder URI, or one Parquet file")
+    s.add_argument("--truth", help="JSON object, photo path -> names of the people in it (default: the recognised ones)")
 
     s = command("vqa", cmd_eval_vqa, "multiple-choice questions about enrolled people, PLVM's JSON format", evaluate)
     s.add_argument("questions", help="JSON list of {ref_img, query_img?, question with <sks>, multiple_choice, correct_answer}")

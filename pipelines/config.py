@@ -83,6 +83,28 @@ class ModelsConfig(StageConfig):
     device: str = Field("cpu", description="torch device of DINOv2 and the Aligner at enrollment.")
 
 
+class MyVLMConfig(StageConfig):
+    """Training of a MyVLM concept vector at enrollment (``plvm enroll --method myvlm``); MyVLM's values for LLaVA."""
+
+    prompt: str = Field(
+        "Please caption this image of {name}.", description="The instruction each training caption answers."
+    )
+    steps: int = Field(100, ge=1, description="Optimizer steps, each on `batch_size` of the training photos.")
+    batch_size: int = Field(4, ge=1, description="Training photos per step.")
+    learning_rate: float = Field(1.0, gt=0, description="AdamW's learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW's weight decay.")
+    max_grad_norm: float = Field(0.05, gt=0, description="The vector's gradient is clipped to this norm.")
+    reg_lambda: float = Field(
+        0.0075, ge=0, description="Weight of the attention regulariser (the concept token's attention probabilities)."
+    )
+    seed: int = Field(42, description="Seed of the vector's initialisation and of the photos' order.")
+    dtype: str = Field("float32", description="torch dtype of the frozen LLaVA while training (`bfloat16` on GPU).")
+    device: str = Field("cpu", description="torch device of the training (`cuda` for the 7B).")
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads of the training (null: torch's default, one per core)."
+    )
+
+
 @dataclass(frozen=True)
 class ModelPaths:
     llava: str
@@ -120,6 +142,7 @@ class Config(StageConfig):
     match: MatchConfig = Field(MatchConfig(), description="Stage 5: faces against the photo owner's concept bank.")
     prompt: PromptConfig = Field(PromptConfig(), description="Stage 6: the concepts each prompt injects.")
     generate: GenerateConfig = Field(GenerateConfig(), description="Stage 7: captions and answers from LLaVA.")
+    myvlm: MyVLMConfig = Field(MyVLMConfig(), description="Training of MyVLM concepts (`plvm enroll --method myvlm`).")
     tasks: Resources = Field(
         Resources(concurrency=2, num_cpus=0.25, batch_size=8),
         description="Resources of the model-free stages (read, decode, match, prompt, write); `concurrency` is the "

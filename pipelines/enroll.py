@@ -1,6 +1,11 @@
-"""Enrollment: a named person added to (or extended in) a user's concept bank, no training.
+"""Enrollment: a named person added to (or extended in) a user's concept bank.
 
-Each reference photo goes through the caption pipeline's own read, decode, detect and
+PLVM (the default) needs no training; MyVLM (``--method myvlm``, :meth:`Enroller.enroll_myvlm`)
+trains the person's concept vector from a few captioned photos, with LLaVA frozen
+(``plvm_model.myvlm``), and stores it with the photos' face descriptors, the keys its
+recognition head (the face matcher) compares faces with.
+
+For PLVM, each reference photo goes through the caption pipeline's own read, decode, detect and
 embed operators (in this process: a few photos need no cluster). The reference face gives
 the concept a face descriptor; the first reference photo also gives its soft tokens
 (DINOv2 + Aligner), which captioning reads from the bank and never recomputes. The bank
@@ -14,21 +19,28 @@ and commits N+2, up to :data:`COMMIT_ATTEMPTS` times, then refuses with :class:`
 
 from __future__ import annotations
 
+import json
 import logging
+import posixpath
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
 
 from operators.rows import row_pixels, to_table, working_faces
 from pipelines.caption import face_stages
+from pipelines.caption_eval import mentions
 from pipelines.config import Config
 from pipelines.stages import InProcess
 from plvm_model.bank import Concept, ConceptBank, UserBank, validate_user_id
 from plvm_model.concepts import ConceptEncoder
-from plvm_model.errors import BankError, InputError
+from plvm_model.errors import BankError, InputError, InputNotFound
 from plvm_model.faces import Face, embedder_class
+from plvm_model.injection import PromptTemplate
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +54,10 @@ FacePolicy = Literal["largest", "centre"]
 """How the reference face of a photo with several is chosen when no index is given:
 ``largest``, a face at least :data:`DOMINANCE` times larger than every other one, else the
 photo is refused; ``centre``, the face whose box centre is nearest the photo's centre."""
+
+
+Change = tuple[Concept, int, bool]
+"""What a change made of a bank: the concept, the photos it gained, whether it is new."""
 
 
 class EnrollError(InputError):
@@ -62,6 +78,7 @@ class EnrollResult:
     """The bank's file of this version."""
     version: int
     """The version of the bank holding the concept now."""
+    method: str = "plvm"
 
 
 def validate_name(name: str) -> str:
@@ -121,6 +138,8 @@ class Enroller:
         """The face descriptors' space, recorded in the bank."""
         self.faces = InProcess(face_stages(config))
         self._encoder: ConceptEncoder | None = None
+        self._trainer = None
+        """The MyVLM trainer (a frozen LLaVA), loaded on first use."""
 
     @property
     def encoder(self) -> ConceptEncoder:
@@ -160,14 +179,91 @@ class Enroller:
         name = validate_name(name)
         if not images:
             raise EnrollError("give at least one reference photo")
-        if face_policy not in get_args(FacePolicy):
-            raise EnrollError(f"unknown face policy {face_policy!r}: one of {', '.join(get_args(FacePolicy))}")
+        _check_policy(face_policy)
         bank = self._load(user_id)  # a damaged bank raises here, before any work
         concept = bank.find(name)
         images = [p for p in images if concept is None or p not in concept.references]
         faces = _ReferenceFaces(self, self.reference_faces(images), face_index, face_policy) if images else None
+        if faces is None:
+            return self._commit(bank, name, lambda bank: (concept, 0, False))
+        return self._commit(bank, name, lambda bank: faces.add_to(bank, name))
+
+    def enroll_myvlm(
+        self,
+        user_id: str,
+        name: str,
+        images: list[str],
+        captions: dict[str, str],
+        face_index: int | None = None,
+        face_policy: FacePolicy = "largest",
+    ) -> EnrollResult:
+        """Add ``name`` to ``user_id``'s bank as a MyVLM concept: its vector trained on ``images``, each with its
+        caption (``captions``: file name -> caption naming the person), and their faces as its recognition keys."""
+        validate_user_id(user_id)
+        name = validate_name(name)
+        texts = training_captions(images, captions, name)
+        _check_policy(face_policy)
+        bank = self._load(user_id)
+        _refuse_existing(bank, name)
+        faces = _ReferenceFaces(self, self.reference_faces(images), face_index, face_policy)
+        run = self.train_myvlm(name, [row_pixels(row) for row in faces.rows], texts)
+        concept = Concept.myvlm(name, faces.descriptors, run.vector, self._trainer.identity, list(faces.paths))
+
+        def add(bank: UserBank) -> Change:
+            _refuse_existing(bank, name)
+            bank.concepts.append(concept)
+            return concept, len(faces.paths), True
+
+        return self._commit(bank, name, add)
+
+    def train_myvlm(self, name: str, images: list[np.ndarray], captions: list[str]):
+        """MyVLM's training of ``name``'s vector on the photos and captions, with a progress bar of the loss."""
+        from tqdm import tqdm
+
+        from plvm_model.myvlm import Example, MyVLMTrainer
+
+        import torch
+
+        settings = self.config.myvlm
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        if self._trainer is None:
+            self._trainer = MyVLMTrainer(
+                self.models.llava,
+                template=PromptTemplate(**self.config.generate.template.model_dump()),
+                image_aspect=self.config.generate.image_aspect,
+                concept_style=self.config.generate.concept_style,
+                dtype=settings.dtype,
+                device=settings.device,
+            )
+        unknown = self._trainer.unknown_words(name)
+        if unknown:
+            raise EnrollError(
+                f"the LLaVA's tokenizer cannot write {' '.join(unknown)!r} of the name {name!r} (only as its unknown "
+                "token): a MyVLM concept must be named in words the model can say"
+            )
+        bar = tqdm(total=settings.steps, desc=f"training {name!r}", unit="step", file=sys.stderr, disable=None)
+
+        def report(step: int, loss: float, regulariser: float) -> None:
+            bar.set_postfix(loss=f"{loss:.3f}", reg=f"{regulariser:.4f}", refresh=False)
+            bar.update()
+
+        try:
+            return self._trainer.train(
+                [Example(image, caption) for image, caption in zip(images, captions)],
+                name,
+                **settings.model_dump(exclude={"dtype", "device", "threads"}),
+                on_step=report,
+            )
+        finally:
+            bar.close()
+
+    def _commit(self, bank: UserBank, name: str, change: Callable[[UserBank], Change]) -> EnrollResult:
+        """Apply ``change`` (-> the concept, photos added, whether it is new) to ``bank`` and commit it as the next
+        version; if another enrollment committed that version first, to the new version (see the module)."""
+        user_id = bank.user_id
         for _ in range(COMMIT_ATTEMPTS):
-            concept, added, created = faces.add_to(bank, name) if faces else (concept, 0, False)
+            concept, added, created = change(bank)
             if not added or self.store.commit(bank):
                 return EnrollResult(
                     user_id=user_id,
@@ -178,6 +274,7 @@ class Enroller:
                     created=created,
                     bank=bank.location,
                     version=bank.version,
+                    method=concept.method,
                 )
             log.warning("version %d of %s's bank was committed by another writer; applying %r to it",
                         bank.version + 1, user_id, name)  # fmt: skip
@@ -219,6 +316,8 @@ class _ReferenceFaces:
         """``bank``'s concept ``name`` (new if it has none) with these faces as references, how many it gained
         (a photo that is a reference already is not added again), and whether it is new."""
         concept = bank.find(name)
+        if concept is not None and concept.method != "plvm":
+            raise EnrollError(f"{name!r} is a {concept.method} concept of user {bank.user_id!r}: choose another name")
         if concept is None:
             soft_tokens, head_weight = self.tokens()
             concept = Concept(name, self.descriptors, soft_tokens, head_weight, list(self.paths))
@@ -230,6 +329,55 @@ class _ReferenceFaces:
             concept.references = [*concept.references, *(self.paths[i] for i in new)]
             concept.updated_at = datetime.now(UTC)
         return concept, len(new), False
+
+
+def _check_policy(face_policy: str) -> None:
+    if face_policy not in get_args(FacePolicy):
+        raise EnrollError(f"unknown face policy {face_policy!r}: one of {', '.join(get_args(FacePolicy))}")
+
+
+def _refuse_existing(bank: UserBank, name: str) -> None:
+    """A MyVLM concept is trained once, from all its photos: a name the bank holds is refused."""
+    found = bank.find(name)
+    if found is not None:
+        raise EnrollError(
+            f"{name!r} is already a {found.method} concept of user {bank.user_id!r}: a MyVLM concept is trained once "
+            "from all its photos; choose another name"
+        )
+
+
+def read_captions(path: str) -> dict[str, str]:
+    """The JSON object of ``path``: each training photo's file name -> its caption."""
+    try:
+        captions = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputNotFound(f"captions file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise EnrollError(f"captions file {path} is not valid JSON: {error}") from None
+    if not isinstance(captions, dict) or not all(isinstance(v, str) for v in captions.values()):
+        raise EnrollError(f"captions file {path} must hold one JSON object: photo file name -> caption")
+    return captions
+
+
+def training_captions(images: list[str], captions: dict[str, str], name: str) -> list[str]:
+    """Each image's caption (by file name), refused unless every image has one that names ``name`` and every
+    caption has its image."""
+    if not images:
+        raise EnrollError("give at least one training photo")
+    files = [posixpath.basename(p.rstrip("/")) for p in images]
+    twice = sorted({f for f in files if files.count(f) > 1})
+    if twice:
+        raise EnrollError(f"training photos with the same file name: {', '.join(twice)} (captions are keyed by it)")
+    missing = [f for f in files if f not in captions]
+    if missing:
+        raise EnrollError(f"the captions file has no caption for {', '.join(missing)}")
+    unused = sorted(set(captions) - set(files))
+    if unused:
+        raise EnrollError(f"the captions file has captions for photos not given: {', '.join(unused)}")
+    unnamed = [f for f in files if not mentions(captions[f], name)]
+    if unnamed:
+        raise EnrollError(f"the captions of {', '.join(unnamed)} do not name {name!r}: each caption names the person")
+    return [captions[f] for f in files]
 
 
 def enroll(
@@ -244,3 +392,16 @@ def enroll(
     validate_user_id(user_id)
     validate_name(name)
     return Enroller(config).enroll(user_id, name, images, face_index, face_policy)
+
+
+def enroll_myvlm(
+    config: Config,
+    user_id: str,
+    name: str,
+    images: list[str],
+    captions: dict[str, str],
+    face_index: int | None = None,
+    face_policy: FacePolicy = "largest",
+) -> EnrollResult:
+    """Add ``name`` to ``user_id``'s bank as a MyVLM concept trained on ``images`` and their ``captions``."""
+    return Enroller(config).enroll_myvlm(user_id, name, images, captions, face_index, face_policy)

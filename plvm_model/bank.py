@@ -4,9 +4,12 @@
 
     name              string       as the captions will say it
     concept_id        string       stable id (12 hex digits)
+    method            string       ``plvm`` (Aligner soft tokens) or ``myvlm`` (a learned vector)
     face_descriptors  list<list<float32>>   one descriptor per reference face
-    soft_tokens       list<list<float32>>   (num_queries, hidden) Aligner output, computed at enrollment
-    head_weight       list<float32>         (hidden,) the name token's output-head row
+    soft_tokens       list<list<float32>>   PLVM: (num_queries, hidden) Aligner output, computed at enrollment
+    head_weight       list<float32>         PLVM: (hidden,) the name token's output-head row
+    vector            list<float32>         MyVLM: (hidden,) the concept vector trained at enrollment
+    vector_model      string       MyVLM: the LLaVA the vector was trained for (``myvlm.llava_identity``)
     references        list<string>          URIs of the reference photos
     created_at, updated_at  timestamp[us, UTC]
     checksum          string       SHA-256 of the concept (see :meth:`Concept.checksum`)
@@ -14,11 +17,13 @@
 and, in the file's schema metadata, ``plvm.schema_version``, ``plvm.user_id``,
 ``plvm.version`` (the file's version), ``plvm.embedder`` (the descriptor space),
 ``plvm.aligner`` (the soft-token space) and ``plvm.checksum`` (of the metadata and the
-concepts' checksums). A version is never rewritten: a change is committed as the next
+concepts' checksums). A PLVM concept leaves ``vector`` empty, a MyVLM one ``soft_tokens`` and
+``head_weight``; one bank may hold both. A version is never rewritten: a change is committed as the next
 version (see :class:`ConceptBank`), which appears whole or not at all. A file is verified
-when read: checksums, finite vectors, shapes that agree. The single file of schema version
-1, ``BANK/<user_id>/concepts.parquet``, is still read (without checksums) until the
-user's first new version.
+when read: checksums, finite vectors, shapes that agree. Files of schema version 2 (before
+MyVLM) are read as banks of PLVM concepts. The single file of schema version 1,
+``BANK/<user_id>/concepts.parquet``, is still read (without checksums) until the user's
+first new version.
 """
 
 from __future__ import annotations
@@ -39,8 +44,13 @@ from plvm_model import storage
 from plvm_model.errors import BankError
 from plvm_model.injection import ConceptTokens
 
-SCHEMA_VERSION = 2
-"""Versioned files with checksums; version 1 was the single file :data:`LEGACY_FILE`, still read."""
+SCHEMA_VERSION = 3
+"""Versioned files with checksums and PLVM or MyVLM concepts; version 2 (PLVM only) and version 1 (the single
+file :data:`LEGACY_FILE`) are still read."""
+PLVM_ONLY_SCHEMAS = ("1", "2")
+"""Schema versions written before MyVLM: every concept in them is a PLVM one."""
+METHODS = ("plvm", "myvlm")
+"""How a concept reaches the LLM: PLVM's soft tokens after ``NAME is``, or MyVLM's vector after the image."""
 LEGACY_FILE = "concepts.parquet"
 _VERSION_FILE = re.compile(r"concepts\.v(.*)\.parquet")
 _USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")
@@ -49,9 +59,12 @@ SCHEMA = pa.schema(
     [
         pa.field("name", pa.string(), nullable=False),
         pa.field("concept_id", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
         pa.field("face_descriptors", pa.list_(pa.list_(pa.float32())), nullable=False),
         pa.field("soft_tokens", pa.list_(pa.list_(pa.float32())), nullable=False),
         pa.field("head_weight", pa.list_(pa.float32()), nullable=False),
+        pa.field("vector", pa.list_(pa.float32()), nullable=False),
+        pa.field("vector_model", pa.string(), nullable=False),
         pa.field("references", pa.list_(pa.string()), nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("updated_at", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -81,21 +94,48 @@ class Concept:
     face_descriptors: np.ndarray
     """(references, dim) float32."""
     soft_tokens: np.ndarray
+    """PLVM: (num_queries, hidden); MyVLM: (0, hidden)."""
     head_weight: np.ndarray
+    """PLVM: (hidden,); MyVLM: (0,)."""
     references: list[str]
     concept_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     updated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    method: str = "plvm"
+    vector: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    """MyVLM: (hidden,) the trained concept vector (stored as trained; L2-normalised where it is used)."""
+    vector_model: str = ""
+    """MyVLM: the identity of the LLaVA the vector was trained for (:func:`plvm_model.myvlm.llava_identity`)."""
+
+    @classmethod
+    def myvlm(cls, name: str, face_descriptors: np.ndarray, vector: np.ndarray, vector_model: str,
+              references: list[str]) -> Concept:  # fmt: skip
+        """A MyVLM concept: its training photos' face descriptors (the recognition head's keys) and its vector."""
+        hidden = len(vector)
+        empty = np.zeros((0, hidden), np.float32), np.zeros(0, np.float32)
+        return cls(name, face_descriptors, *empty, references, method="myvlm", vector=vector, vector_model=vector_model)
+
+    @property
+    def hidden(self) -> int:
+        """The width of the LLM input space its vectors live in."""
+        return self.vector.shape[0] if self.method == "myvlm" else self.soft_tokens.shape[-1]
 
     def tokens(self) -> ConceptTokens:
+        if self.method == "myvlm":
+            return ConceptTokens(self.name, self.vector[None, :], None, method="myvlm")
         return ConceptTokens(self.name, self.soft_tokens, self.head_weight)
 
     def checksum(self) -> str:
-        """SHA-256 of the concept's name, id, references and vectors (as float32, with their shapes)."""
+        """SHA-256 of the concept's name, id, references and vectors (as float32, with their shapes); for a MyVLM
+        concept also of its method, vector and the vector's model (a PLVM concept's is as schema 2 made it)."""
         digest = hashlib.sha256()
-        for text in (self.name, self.concept_id, *self.references):
+        texts = (self.name, self.concept_id, *self.references)
+        arrays = [self.face_descriptors, self.soft_tokens, self.head_weight]
+        if self.method != "plvm":
+            texts, arrays = (*texts, self.method, self.vector_model), [*arrays, self.vector]
+        for text in texts:
             digest.update(text.encode() + b"\0")
-        for array in (self.face_descriptors, self.soft_tokens, self.head_weight):
+        for array in arrays:
             array = np.ascontiguousarray(array, "<f4")
             digest.update(repr(array.shape).encode() + array.tobytes())
         return digest.hexdigest()
@@ -136,29 +176,61 @@ class UserBank:
     def validate(self) -> None:
         """Raise :class:`BankError` naming the concept if a vector is not finite or the shapes disagree.
 
-        Every concept has at least one descriptor, all of one length; soft tokens of one shape
-        (queries, hidden) for all; a head weight of ``hidden`` values; names are unique.
+        Every concept has a known method and at least one descriptor, all of one length; PLVM
+        concepts soft tokens of one shape (queries, hidden) and a head weight of ``hidden``
+        values; MyVLM concepts a vector of ``hidden`` values and the model it was trained for;
+        one ``hidden`` for all; names are unique.
         """
         first = self.concepts[0] if self.concepts else None
+        plvm = next((c for c in self.concepts if c.method == "plvm"), None)
         names: set[str] = set()
         for c in self.concepts:
             where = f"concept {c.name!r} of user {self.user_id!r} in {self.location or 'a new bank'}"
-            arrays = {"face descriptors": c.face_descriptors, "soft tokens": c.soft_tokens, "head weight": c.head_weight}
+            if c.method not in METHODS:
+                raise BankError(f"{where} has method {c.method!r}, not one of {', '.join(METHODS)}")
+            arrays = {"face descriptors": c.face_descriptors, "soft tokens": c.soft_tokens,
+                      "head weight": c.head_weight, "vector": c.vector}  # fmt: skip
             for what, array in arrays.items():
                 if not np.isfinite(array).all():
                     raise BankError(f"{where} has {what} that are not finite numbers (NaN or infinite)")
             if c.face_descriptors.ndim != 2 or not len(c.face_descriptors) or c.soft_tokens.ndim != 2:
                 raise BankError(f"{where} has malformed descriptors or soft tokens")
-            shapes = (c.face_descriptors.shape[1], c.soft_tokens.shape, c.head_weight.shape)
-            expected = (first.face_descriptors.shape[1], first.soft_tokens.shape, first.soft_tokens.shape[1:])
-            if shapes != expected:
+            if c.method == "plvm":
+                shapes = (c.face_descriptors.shape[1], c.soft_tokens.shape, c.head_weight.shape)
+                expected = (first.face_descriptors.shape[1], plvm.soft_tokens.shape, plvm.soft_tokens.shape[1:])
+                if shapes != expected or c.vector.size:
+                    raise BankError(
+                        f"{where} has descriptors of length {shapes[0]}, soft tokens {shapes[1]} and a head weight "
+                        f"{shapes[2]}; the bank's first concepts make them {expected}"
+                    )
+            elif c.vector.ndim != 1 or not c.vector.size or c.soft_tokens.size or c.head_weight.size:
+                raise BankError(f"{where} is a MyVLM concept without one vector, or with soft tokens")
+            elif not c.vector_model:
+                raise BankError(f"{where} is a MyVLM concept without the model its vector was trained for")
+            elif c.face_descriptors.shape[1] != first.face_descriptors.shape[1]:
                 raise BankError(
-                    f"{where} has descriptors of length {shapes[0]}, soft tokens {shapes[1]} and a head weight "
-                    f"{shapes[2]}; the bank's first concept {first.name!r} makes them {expected}"
+                    f"{where} has descriptors of length {c.face_descriptors.shape[1]}; the bank's first concept "
+                    f"{first.name!r} makes them {first.face_descriptors.shape[1]}"
+                )
+            if c.hidden != first.hidden:
+                raise BankError(
+                    f"{where} is for an LLM of hidden size {c.hidden}, the bank's first concept {first.name!r} for "
+                    f"{first.hidden}"
                 )
             if c.name in names:
                 raise BankError(f"{where} is in the bank twice")
             names.add(c.name)
+
+    def check_servable(self, llava: str) -> None:
+        """Raise :class:`BankError` naming the first MyVLM concept trained for another LLaVA than ``llava``
+        (its identity): its vector means nothing to another model."""
+        for c in self.concepts:
+            if c.method == "myvlm" and c.vector_model != llava:
+                raise BankError(
+                    f"MyVLM concept {c.name!r} of user {self.user_id!r} in {self.location} was trained for the LLaVA "
+                    f"{c.vector_model!r}; this run's engine serves {llava!r}: enroll it again with --method myvlm "
+                    "for this model"
+                )
 
 
 class ConceptBank:
@@ -265,9 +337,12 @@ def encode(bank: UserBank) -> bytes:
     rows = {
         "name": [c.name for c in bank.concepts],
         "concept_id": [c.concept_id for c in bank.concepts],
+        "method": [c.method for c in bank.concepts],
         "face_descriptors": [np.asarray(c.face_descriptors, np.float32).tolist() for c in bank.concepts],
         "soft_tokens": [np.asarray(c.soft_tokens, np.float32).tolist() for c in bank.concepts],
         "head_weight": [np.asarray(c.head_weight, np.float32).tolist() for c in bank.concepts],
+        "vector": [np.asarray(c.vector, np.float32).tolist() for c in bank.concepts],
+        "vector_model": [c.vector_model for c in bank.concepts],
         "references": [list(c.references) for c in bank.concepts],
         "created_at": [c.created_at for c in bank.concepts],
         "updated_at": [c.updated_at for c in bank.concepts],
@@ -299,9 +374,11 @@ def decode(data: bytes, user_id: str, where: str, version: int | None = None) ->
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     schema = meta.get("plvm.schema_version")
     legacy = version is None
-    if schema != str(1 if legacy else SCHEMA_VERSION):
+    if schema not in (("1",) if legacy else (*PLVM_ONLY_SCHEMAS[1:], str(SCHEMA_VERSION))):
         raise BankError(f"concept bank {where} has schema version {schema!r}; this program reads {SCHEMA_VERSION}")
-    names = [f.name for f in SCHEMA if not (legacy and f.name == "checksum")]
+    plvm_only = schema in PLVM_ONLY_SCHEMAS
+    added = ("method", "vector", "vector_model")
+    names = [f.name for f in SCHEMA if not (legacy and f.name == "checksum") and not (plvm_only and f.name in added)]
     missing = [n for n in names if n not in table.column_names]
     if missing:
         raise BankError(f"concept bank {where} lacks the columns {missing}")
@@ -313,12 +390,17 @@ def decode(data: bytes, user_id: str, where: str, version: int | None = None) ->
     bank = UserBank(user_id, meta.get("plvm.embedder", ""), meta.get("plvm.aligner", ""), [], int(written), where)
     for row in table.select(names).to_pylist():
         try:
+            vector = np.asarray(row.get("vector") or [], np.float32)
+            soft_tokens = np.asarray(row["soft_tokens"], np.float32)
             concept = Concept(
                 name=row["name"],
                 concept_id=row["concept_id"],
+                method=row.get("method", "plvm"),
                 face_descriptors=np.asarray(row["face_descriptors"], np.float32),
-                soft_tokens=np.asarray(row["soft_tokens"], np.float32),
+                soft_tokens=soft_tokens if soft_tokens.size else soft_tokens.reshape(0, len(vector)),
                 head_weight=np.asarray(row["head_weight"], np.float32),
+                vector=vector,
+                vector_model=row.get("vector_model", ""),
                 references=row["references"],
                 created_at=row["created_at"],
                 updated_at=row["updated_at"],

@@ -82,10 +82,12 @@ def tokenize_plvm(
     n_image: int,
     image_token_id: int,
     placeholder_id: int,
+    n_after_image: int = 0,
 ) -> TokenizedPrompt:
-    """PLVM's token layout: BOS, the system text, ``<sks> is <n_context vectors>.`` for each concept (its token
-    id from ``concept_ids``), the turn up to ``<image>``, the image, then the rest of the turn split at ``<sks>``
-    (each piece without its surrounding spaces), the concept token put back between the pieces."""
+    """PLVM's token layout: BOS, the system text, ``<sks> is <n_context vectors>.`` for each PLVM concept (its
+    token id from ``concept_ids``), the turn up to ``<image>``, the image and ``n_after_image`` placeholders (one
+    per MyVLM concept), then the rest of the turn split at ``<sks>`` (each piece without its surrounding spaces),
+    the concept token put back between the pieces."""
     period = tokenizer.convert_tokens_to_ids(".")
     if period is None or period == tokenizer.unk_token_id:
         raise ValueError("the tokenizer has no '.' token, which PLVM's concept sentence ends with")
@@ -100,11 +102,12 @@ def tokenize_plvm(
         out.concept_spans.append((len(out.input_ids), index))
         out.input_ids += [placeholder_id] * n_context + [period]
     out.input_ids += _ids(tokenizer, before)
-    out.image_span = (len(out.input_ids), n_image)
-    out.input_ids += [image_token_id] * n_image
+    out.append_image(n_image, image_token_id, n_after_image, placeholder_id)
     pieces = after.split(CONCEPT_TOKEN)
     if len(pieces) > 1 and len(concept_ids) != 1:
-        raise ValueError(f"a question with {CONCEPT_TOKEN} needs exactly one concept, this one has {len(concept_ids)}")
+        raise ValueError(
+            f"a question with {CONCEPT_TOKEN} needs exactly one PLVM concept, this one has {len(concept_ids)}"
+        )
     for i, piece in enumerate(pieces):
         if piece.strip(" "):
             out.input_ids += _ids(tokenizer, piece.strip(" "))

@@ -17,7 +17,7 @@ from pathlib import Path
 from plvm_model.aligner import Aligner, AlignerShape
 from plvm_model.cache import build_once, cache_root
 
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 
@@ -32,6 +32,7 @@ black hair stands in front of a building. a boy wearing a red shirt holds a cup 
 the photo shows a group of friends at a beach at sunset. she is sitting on a chair near the
 window. he is walking on a street in the city with trees and cars. left right top bottom
 middle center yes no man woman people person face hair dress shirt glasses hat smiling.
+Please caption this image of Mike Susan Thao Viruss Phuc Thuytien Will.
 """
 
 

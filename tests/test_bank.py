@@ -60,7 +60,7 @@ def test_round_trip_keeps_every_field_and_each_commit_is_a_new_version(tmp_path)
     np.testing.assert_array_equal(b.soft_tokens, a.soft_tokens)
     np.testing.assert_array_equal(b.head_weight, a.head_weight)
     meta = pq.read_schema(tmp_path / "alice" / "concepts.v000002.parquet").metadata
-    assert meta[b"plvm.schema_version"] == b"2" and meta[b"plvm.user_id"] == b"alice" and meta[b"plvm.version"] == b"2"
+    assert meta[b"plvm.schema_version"] == b"3" and meta[b"plvm.user_id"] == b"alice" and meta[b"plvm.version"] == b"2"
     assert store.load("bob") is None
 
 

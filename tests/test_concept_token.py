@@ -44,55 +44,75 @@ def concepts(tiny_models, yollava):
     return out
 
 
-def plvm_layout(tokenizer, system: str, question: str, n_concepts: int, n_image: int) -> list[tuple]:
-    """PLVM's token layout, from its description: BOS, the system text, then per concept ``<sks>``, the ids of
-    "is" without BOS, 16 soft tokens, the id of "."; then "USER: ", the image, and the question split at
-    ``<sks>`` (pieces without surrounding spaces) with the token put back, then " ASSISTANT:" ends it.
-    Items: ("id", id), ("sks", concept), ("soft", concept, row), ("image",)."""
+def plvm_layout(tokenizer, system: str, question: str, concepts: list[ConceptTokens], n_image: int) -> list[tuple]:
+    """PLVM's token layout, from its description: BOS, the system text, then per PLVM concept ``<sks>``, the ids of
+    "is" without BOS, 16 soft tokens, the id of "."; then "USER: ", the image, MyVLM's vector per MyVLM concept
+    (MyVLM's description: right after the image's features), and the question split at ``<sks>`` (pieces without
+    surrounding spaces) with the first PLVM concept's token put back, then " ASSISTANT:" ends it.
+    Items: ("id", id), ("sks", concept), ("soft", concept, row), ("image",), ("vector", concept); a concept is its
+    index in ``concepts``."""
 
     def ids(text: str) -> list[tuple]:
         return [("id", i) for i in tokenizer(text).input_ids[1:]]  # the ids without the BOS
 
+    plvm = [i for i, c in enumerate(concepts) if c.method == "plvm"]
     out = [("id", tokenizer.bos_token_id), *ids(system)]
-    for concept in range(n_concepts):
+    for concept in plvm:
         out += [("sks", concept), *ids("is"), *[("soft", concept, row) for row in range(1, 17)]]
         out.append(("id", tokenizer.convert_tokens_to_ids(".")))
     out += ids("USER: ") + [("image",)] * n_image
+    out += [("vector", i) for i, c in enumerate(concepts) if c.method == "myvlm"]
     pieces = ("\n" + question + " ASSISTANT:").split("<sks>")
     for i, piece in enumerate(pieces):
         out += ids(piece.strip(" "))
         if i < len(pieces) - 1:
-            out.append(("sks", 0))
+            out.append(("sks", plvm[0]))
     return out
 
 
 def expected_rows(layout: list[tuple], request: GenerationRequest, concept_ids: list[int], table: torch.Tensor):
-    """The ids and input embedding rows the layout asks for (None where the photo's features go)."""
+    """The ids and input embedding rows the layout asks for (None where the photo's features go, or where a
+    placeholder's id is the engine's choice); ``concept_ids`` are the PLVM concepts' token ids, in order."""
+    plvm = [i for i, c in enumerate(request.concepts) if c.method == "plvm"]
     ids, rows = [], []
     for item in layout:
         if item[0] == "id":
             ids.append(item[1])
             rows.append(table[item[1]])
         elif item[0] == "sks":
-            ids.append(concept_ids[item[1]])
+            ids.append(concept_ids[plvm.index(item[1])])
             rows.append(torch.from_numpy(request.concepts[item[1]].soft_tokens[0]))
         elif item[0] == "soft":
             ids.append(None)
             rows.append(torch.from_numpy(request.concepts[item[1]].soft_tokens[item[2]]))
+        elif item[0] == "vector":
+            ids.append(None)
+            vector = torch.from_numpy(request.concepts[item[1]].soft_tokens[0])
+            rows.append(torch.nn.functional.normalize(vector, dim=0))
         else:
             ids.append("image")
             rows.append(None)
     return ids, rows
 
 
+def myvlm_concept(name: str, hidden: int, seed: int) -> ConceptTokens:
+    """A MyVLM concept with a random (untrained) vector of the LLM's width, not of unit norm."""
+    vector = np.random.default_rng(seed).normal(size=(1, hidden)).astype(np.float32)
+    return ConceptTokens(name, vector, method="myvlm")
+
+
 def layout_cases(concepts) -> list[GenerationRequest]:
+    """Prompts with 0-2 PLVM concepts; the last two mix in MyVLM concepts (a vector after the image each)."""
     image = rgb(photo("thao", "0.jpg"))
     thao, viruss = concepts["Thao"], concepts["Viruss"]
+    sue, ann = (myvlm_concept(name, thao.soft_tokens.shape[-1], seed) for seed, name in enumerate(("Sue", "Ann")))
     return [
         GenerationRequest(image, "Is <sks> in this photo?", [thao]),
         GenerationRequest(image, "Describe this photo in one sentence.", [viruss, thao]),
         GenerationRequest(image, "Where is <sks>? Is <sks> smiling?", [viruss]),
         GenerationRequest(image, "Who is in this photo?", []),
+        GenerationRequest(image, "Is <sks> in this photo?", [sue, thao]),
+        GenerationRequest(image, "Describe this photo in one sentence.", [viruss, sue, thao, ann]),
     ]
 
 
@@ -104,9 +124,10 @@ def test_the_engine_builds_plvms_token_layout(engine, concepts):
     table = engine.model.get_input_embeddings().weight
     assert batch.concept_ids[0] == [prompter.vocab], "concept tokens follow the vocabulary"
     assert batch.concept_ids[1] == [prompter.vocab + 1, prompter.vocab], "one token per concept, kept across the batch"
+    assert batch.concept_ids[5] == [prompter.vocab + 1, prompter.vocab], "a MyVLM concept takes no token"
     for row, request in enumerate(requests):
         layout = plvm_layout(prompter.tokenizer, GenerateConfig().template.system, request.question,
-                             len(request.concepts), prompter.n_image)  # fmt: skip
+                             request.concepts, prompter.n_image)  # fmt: skip
         ids, rows = expected_rows(layout, request, batch.concept_ids[row], table)
         prompt, offset = prepared.prompts[row], prepared.offsets[row]
         assert len(prompt.input_ids) == len(ids), f"request {row}"
@@ -124,7 +145,7 @@ def test_the_engine_builds_plvms_token_layout(engine, concepts):
 def test_a_question_with_the_concept_token_needs_exactly_one_concept(engine, concepts):
     image = rgb(photo("thao", "0.jpg"))
     two = GenerationRequest(image, "Is <sks> here?", [concepts["Thao"], concepts["Viruss"]])
-    with pytest.raises(ValueError, match="needs exactly one concept, this one has 2"):
+    with pytest.raises(ValueError, match="needs exactly one PLVM concept, this one has 2"):
         engine.generate([two])
 
 

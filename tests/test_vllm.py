@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, make_config, photo
-from test_concept_token import expected_rows, layout_cases, plvm_layout, winning
+from test_concept_token import expected_rows, layout_cases, myvlm_concept, plvm_layout, winning
 from operators.generate import GenerateConfig
 from operators.output_table import read_output
 from pipelines.caption import caption
@@ -74,12 +74,15 @@ def reference(tiny_models):
 def test_vllm_and_transformers_give_identical_tokens(style, vllm_engine, concepts, tiny_models, ray_local):
     image = np.asarray(Image.open(photo("thao", "2.jpg")).convert("RGB"))
     thao, viruss, tien = concepts["Thao"], concepts["Viruss"], concepts["Tien"]
+    sue = myvlm_concept("Sue", thao.soft_tokens.shape[-1], seed=3)
     requests = [
         GenerationRequest(image, "Describe this photo.", [thao]),
         GenerationRequest(image, "Who is in this photo?", [viruss, thao]),
         GenerationRequest(image, "Who is in this photo?", [viruss]),
         GenerationRequest(image, "Who is in this photo?", []),
         GenerationRequest(image, "Who is in this photo?", [tien]),
+        GenerationRequest(image, "Who is in this photo?", [viruss, sue]),  # a bank mixing PLVM and MyVLM
+        GenerationRequest(image, "Who is in this photo?", [sue]),
     ]
     options = GenerateConfig(max_new_tokens=12, concept_style=style).engine_options(str(tiny_models.llava))
     expected = [TransformersEngine(**options).generate_ids([r])[0] for r in requests]
@@ -96,6 +99,7 @@ def test_vllm_and_transformers_give_identical_tokens(style, vllm_engine, concept
     two, one, none = got[1], got[2], got[3]
     assert two != one, "removing a concept changes the tokens"
     assert one != none
+    assert got[5] != one and got[6] != none, "a MyVLM vector changes the tokens"
 
 
 def test_vllm_builds_plvms_token_layout(vllm_engine, reference, concepts, ray_local):
@@ -109,7 +113,7 @@ def test_vllm_builds_plvms_token_layout(vllm_engine, reference, concepts, ray_lo
     table = reference.model.get_input_embeddings().weight
     for row, request in enumerate(requests):
         layout = plvm_layout(reference.prompter.tokenizer, GenerateConfig().template.system, request.question,
-                             len(request.concepts), reference.prompter.n_image)  # fmt: skip
+                             request.concepts, reference.prompter.n_image)  # fmt: skip
         _, rows = expected_rows(layout, request, concept_ids[row], table)
         assert len(embeds[row]) == len(rows)
         for position, want in enumerate(rows):
@@ -161,7 +165,17 @@ def test_vllm_emits_a_winning_concept_token_as_the_name(vllm_engine, reference, 
         GenerationRequest(image, question, [concepts["Viruss"]]),
     ]
     got = ray_local.get(vllm_engine.generate_ids.remote(requests))
-    assert got == [reference.generate_ids([r])[0] for r in requests]
+    slots = ray_local.get(vllm_engine.__ray_call__.remote(lambda engine: engine.one_batch(requests).concept_ids))
+
+    def named(ids: list[int], request: GenerationRequest, concept_ids: list[int]) -> list:
+        """``ids`` with each concept token as its person's name: a concept's slot depends on the batch it is in."""
+        names = dict(zip(concept_ids, (c.name for c in request.concepts)))
+        return [names.get(i, i) for i in ids]
+
+    alone = [(reference.generate_ids([r])[0], reference.one_batch([r]).concept_ids[0]) for r in requests]
+    assert [named(ids, r, own) for ids, r, own in zip(got, requests, slots)] == [
+        named(ids, r, own) for (ids, own), r in zip(alone, requests)
+    ]
     assert got[0][0] >= reference.prompter.vocab, "the concept token wins the first step"
     texts = ray_local.get(vllm_engine.generate.remote(requests))
     assert texts == reference.generate(requests)

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from plvm_model.concept_token import check_servable, concept_key, decode_with_names, plan_slots, tokenize_plvm
-from plvm_model.injection import ConceptTokens, PromptTemplate, TokenizedPrompt, tokenize
+from plvm_model.injection import ConceptTokens, PromptTemplate, TokenizedPrompt, plvm_concepts, tokenize
 
 
 @dataclass
@@ -57,8 +57,10 @@ class LlavaPrompter:
         """Rows of the LLM's own vocabulary; concept slots follow them (``concept_style: plvm``)."""
 
     def tokenize(self, request: GenerationRequest, concept_ids: list[int] | None = None) -> TokenizedPrompt:
-        """The request's prompt; in ``plvm`` style ``concept_ids`` are its concepts' token ids (their slots)."""
-        n_context = {len(c.context) for c in request.concepts}
+        """The request's prompt: a placeholder after the image per MyVLM concept, and per PLVM concept a sentence
+        (``sentence`` style) or its concept token, whose id is in ``concept_ids`` (its slot; ``plvm`` style)."""
+        plvm = plvm_concepts(request.concepts)
+        n_context = {len(c.context) for c in plvm}
         if len(n_context) > 1:
             raise ValueError(f"concepts with different numbers of soft tokens in one prompt: {sorted(n_context)}")
         runs = dict(
@@ -66,15 +68,16 @@ class LlavaPrompter:
             n_image=self.n_image,
             image_token_id=self.image_token_id,
             placeholder_id=self.placeholder_id,
+            n_after_image=len(request.concepts) - len(plvm),
         )
         if self.concept_style == "plvm":
             concept_ids = concept_ids or []
-            if len(concept_ids) != len(request.concepts):
-                raise ValueError(f"{len(request.concepts)} concepts need as many concept token ids, not {concept_ids}")
-            for concept in request.concepts:
+            if len(concept_ids) != len(plvm):
+                raise ValueError(f"{len(plvm)} PLVM concepts need as many concept token ids, not {concept_ids}")
+            for concept in plvm:
                 check_servable(concept, self.config.text_config.hidden_size)
             return tokenize_plvm(self.tokenizer, self.template, request.question, concept_ids, **runs)
-        text = self.template.render(request.question, [c.name for c in request.concepts])
+        text = self.template.render(request.question, [c.name for c in plvm])
         return tokenize(self.tokenizer, text, **runs)
 
     def pixel_values(self, images: list[np.ndarray]):
@@ -97,7 +100,7 @@ class SlotBatch:
 
     requests: list[GenerationRequest]
     concept_ids: list[list[int]]
-    """Per request, the token id of each of its concepts, in its order."""
+    """Per request, the token id of each of its PLVM concepts, in its order (a MyVLM concept has none)."""
     rows: dict[int, ConceptTokens]
     """Token id -> the concept whose rows (input row 0, head weight) that slot holds."""
 
@@ -132,10 +135,11 @@ class LlavaEngine:
         if self.prompter.concept_style != "plvm":
             return [(list(range(len(requests))), SlotBatch(requests, [[] for _ in requests], {}))]
         out = []
-        for group in plan_slots([r.concepts for r in requests], self.concept_slots):
+        concepts = [plvm_concepts(r.concepts) for r in requests]
+        for group in plan_slots(concepts, self.concept_slots):
             members = [requests[i] for i in group.requests]
-            ids = [[self.prompter.vocab + group.slots[concept_key(c)] for c in r.concepts] for r in members]
-            rows = {i: c for r, own in zip(members, ids) for i, c in zip(own, r.concepts)}
+            ids = [[self.prompter.vocab + group.slots[concept_key(c)] for c in concepts[i]] for i in group.requests]
+            rows = {i: c for j, own in zip(group.requests, ids) for i, c in zip(own, concepts[j])}
             out.append((group.requests, SlotBatch(members, ids, rows)))
         return out
 
@@ -153,7 +157,7 @@ class LlavaEngine:
             if batch.rows:
                 self.write_slots(batch.rows)
             for index, ids, own in zip(indices, self.generate_batch(batch), batch.concept_ids):
-                out[index] = (ids, {i: c.name for i, c in zip(own, requests[index].concepts)})
+                out[index] = (ids, {i: c.name for i, c in zip(own, plvm_concepts(requests[index].concepts))})
         return out
 
     def generate_ids(self, requests: list[GenerationRequest]) -> list[list[int]]:
