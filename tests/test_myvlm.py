@@ -17,7 +17,7 @@ from operators import match, prompt
 from operators.banks import BankSource
 from operators.generate import GenerateConfig
 from operators.rows import injected_tokens, output_schema, to_table
-from operators.write import read_output
+from operators.output_table import read_output
 from pipelines.caption import caption, face_stages
 from pipelines.caption_eval import mentions, score_captions
 from pipelines.cli import run
