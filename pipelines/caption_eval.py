@@ -16,15 +16,14 @@ every recognised name.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 
+from pipelines.json_input import read_json_file
 from plvm_model import storage
-from plvm_model.errors import InputError, InputNotFound
+from plvm_model.errors import InputError
 
 
 def mentions(text: str, name: str) -> bool:
@@ -112,12 +111,7 @@ def score_captions(table: pa.Table, truth: dict[str, list[str]] | None, source: 
 
 def read_truth(path: str) -> dict[str, list[str]]:
     """The truth file: a JSON object, photo path -> the names of the people in it."""
-    try:
-        truth = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputNotFound(f"truth file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"truth file {path} is not valid JSON: {error}") from None
+    truth = read_json_file(path, "truth file")
     good = isinstance(truth, dict) and all(
         isinstance(names, list) and all(isinstance(n, str) for n in names) for names in truth.values()
     )

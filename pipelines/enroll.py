@@ -19,14 +19,12 @@ and commits N+2, up to :data:`COMMIT_ATTEMPTS` times, then refuses with :class:`
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
@@ -35,10 +33,11 @@ from operators.rows import row_pixels, to_table, working_faces
 from pipelines.caption import face_stages
 from pipelines.caption_eval import mentions
 from pipelines.config import Config
+from pipelines.json_input import read_json_file
 from pipelines.stages import InProcess
 from plvm_model.bank import Concept, ConceptBank, UserBank, validate_user_id
 from plvm_model.concepts import ConceptEncoder
-from plvm_model.errors import BankError, InputError, InputNotFound
+from plvm_model.errors import BankError, InputError
 from plvm_model.faces import Face, embedder_class
 from plvm_model.injection import PromptTemplate
 
@@ -348,12 +347,7 @@ def _refuse_existing(bank: UserBank, name: str) -> None:
 
 def read_captions(path: str) -> dict[str, str]:
     """The JSON object of ``path``: each training photo's file name -> its caption."""
-    try:
-        captions = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputNotFound(f"captions file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise EnrollError(f"captions file {path} is not valid JSON: {error}") from None
+    captions = read_json_file(path, "captions file", EnrollError)
     if not isinstance(captions, dict) or not all(isinstance(v, str) for v in captions.values()):
         raise EnrollError(f"captions file {path} must hold one JSON object: photo file name -> caption")
     return captions

@@ -13,7 +13,6 @@ answered from the matched face's box when one is found.
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from collections import Counter
@@ -26,6 +25,7 @@ from operators.decode import decode_image
 from pipelines.config import Config
 from pipelines.enroll import Enroller
 from pipelines.evaluate import ask, face_table, match_as
+from pipelines.json_input import read_json_file
 from plvm_model.concept_token import CONCEPT_TOKEN
 from plvm_model.engines import GenerationRequest
 from plvm_model.errors import InputError, InputNotFound
@@ -70,12 +70,7 @@ def load_items(questions: str | Path, root: str | Path | None = None) -> list[It
     own files (``validation_recognition/...`` inside ``validation_recognition/``), its parent.
     """
     path = Path(questions)
-    try:
-        raw_items = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputNotFound(f"question file {path} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path} is not valid JSON: {error}") from None
+    raw_items = read_json_file(path, "question file")
     if not isinstance(raw_items, list) or not raw_items:
         raise InputError(f"{path}: expected a non-empty JSON list of questions")
     for number, raw in enumerate(raw_items, 1):
