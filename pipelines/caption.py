@@ -88,7 +88,16 @@ def caption_stages(
         indexing.stage(archive.source, config.output.uri, run_id, tasks),
         *(barrier if config.match.normalization == "cohort" else []),
         match.stage(config.match, source, space, tasks),
-        prompt.stage(config.prompt, source, models.aligner_identity, tasks),
+        *answering_stages(config, models, run_id, parts, source),
+    ]
+
+
+def answering_stages(config: Config, models: ModelPaths, run_id: str, parts: int, banks: BankSource) -> list[Step]:
+    """After the faces are named: prompt -> decode -> generate -> write (the caption run's last stages, and
+    what a rematch sends the photos whose names changed through)."""
+    tasks = config.tasks
+    return [
+        prompt.stage(config.prompt, banks, models.aligner_identity, tasks),
         decode.stage(config.decode, tasks),  # the photos the barrier (or the index) left without pixels
         generate.stage(config.generate, models.llava),
         write.stage(config.output, run_id, config.storage, tasks, parts),

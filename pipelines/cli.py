@@ -29,14 +29,14 @@ def _config(args: argparse.Namespace, **overrides):
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from pipelines.enroll import EnrollError, enroll, enroll_myvlm, read_captions
+    from pipelines.enroll import Enroller, EnrollError, enroll, read_captions
 
     if (args.method == "myvlm") != (args.captions is not None):
         raise EnrollError("--captions CAPTIONS.json goes with --method myvlm, and only with it")
     faces = {"face_index": args.face, "face_policy": args.face_policy}
     if args.method == "myvlm":
         captions = read_captions(args.captions)
-        result = enroll_myvlm(_config(args), args.user, args.name, args.images, captions, **faces)
+        result = Enroller(_config(args)).enroll_myvlm(args.user, args.name, args.images, captions, **faces)
     else:
         result = enroll(_config(args), args.user, args.name, args.images, **faces)
     verb = "enrolled" if result.created else "extended" if result.added else "already enrolled from these photos:"
@@ -271,7 +271,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("output", nargs="?", help="output folder URI whose index (OUTPUT/_faces, or index.uri) to check")
     s.add_argument("--index", help="the index's root URI (default: the config's index.uri, or OUTPUT/_faces)")
 
-    evaluate = sub.add_parser("eval", help="evaluate recognition, captions or VQA").add_subparsers(dest="what", required=True)
+    evaluate = sub.add_parser("eval", help="evaluate recognition, captions or VQA")
+    evaluate = evaluate.add_subparsers(dest="what", required=True)
     s = command("recognition", cmd_eval_recognition, "is P in this photo? on a PLVM/YoLLaVA-layout folder", evaluate)
     s.add_argument("directory", help="one folder per person: ref_img.* and that person's photos")
     s.add_argument("--protocol", choices=["single", "bank"], default="single",
@@ -284,7 +285,8 @@ def parser() -> argparse.ArgumentParser:
                    "(person, photo) pair with the person's concept injected (PLVM's protocol)")  # fmt: skip
     add_face_policy(s)
 
-    s = command("captions", cmd_eval_captions, "MyVLM's metric: do the captions name the people in the photos?", evaluate)
+    s = command("captions", cmd_eval_captions, "MyVLM's metric: do the captions name the people in the photos?",
+                evaluate)  # fmt: skip
     s.add_argument("output", help="a caption run's output folder URI, or one Parquet file")
     s.add_argument("--truth", help="JSON object, photo path -> names of the people in it (default: the recognised ones)")
 

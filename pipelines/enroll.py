@@ -387,15 +387,3 @@ def enroll(
     validate_name(name)
     return Enroller(config).enroll(user_id, name, images, face_index, face_policy)
 
-
-def enroll_myvlm(
-    config: Config,
-    user_id: str,
-    name: str,
-    images: list[str],
-    captions: dict[str, str],
-    face_index: int | None = None,
-    face_policy: FacePolicy = "largest",
-) -> EnrollResult:
-    """Add ``name`` to ``user_id``'s bank as a MyVLM concept trained on ``images`` and their ``captions``."""
-    return Enroller(config).enroll_myvlm(user_id, name, images, captions, face_index, face_policy)

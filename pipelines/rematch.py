@@ -21,12 +21,12 @@ from functools import partial
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators import decode, generate, prompt, read, write
+from operators import read
 from operators.banks import BankSource, BankVersions
 from operators.match import MatchFaces
 from operators.output_table import OutputTable, Staged, keys, new_run_id
 from operators.rows import output_schema, to_table
-from pipelines.caption import check_banks, dataset, run_failure
+from pipelines.caption import answering_stages, check_banks, dataset, run_failure
 from pipelines.cohort import IndexCohort, cohort_scales
 from pipelines.config import Config, ModelPaths
 from pipelines.stages import Step
@@ -69,17 +69,10 @@ class RematchSummary:
 
 
 def llm_stages(config: Config, models: ModelPaths, run_id: str, parts: int, banks: BankVersions) -> list[Step]:
-    """The caption pipeline after matching, for photos whose faces are already named: read, decode, prompt,
-    generate, write."""
-    tasks = config.tasks
+    """For photos whose faces are already named: read, then the caption pipeline's answering stages."""
     source = BankSource(config.bank, config.storage, banks)
-    return [
-        read.stage(config.read, config.storage, tasks),
-        decode.stage(config.decode, tasks),
-        prompt.stage(config.prompt, source, models.aligner_identity, tasks),
-        generate.stage(config.generate, models.llava),
-        write.stage(config.output, run_id, config.storage, tasks, parts),
-    ]
+    answering = answering_stages(config, models, run_id, parts, source)
+    return [read.stage(config.read, config.storage, config.tasks), *answering]
 
 
 def rename(config: Config, rows: pa.Table, users: list[str], banks: BankVersions) -> tuple[pa.Table, int]:

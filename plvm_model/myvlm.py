@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from plvm_model.engines.base import GenerationRequest, LlavaPrompter
-from plvm_model.engines.llava_parts import _weight_files
+from plvm_model.engines.llava_parts import weight_files
 from plvm_model.injection import ConceptTokens, PromptTemplate, TokenizedPrompt, place_after_image
 
 
@@ -32,7 +32,7 @@ def llava_identity(model_path: str | Path) -> str:
     """Names the LLM input space a MyVLM vector lives in: the checkpoint's config and its weight files' names and
     sizes (not its path, so a bank stays valid where the same checkpoint lies elsewhere)."""
     path = Path(model_path)
-    files = [(f.name, f.stat().st_size) for f in _weight_files(path)]
+    files = [(f.name, f.stat().st_size) for f in weight_files(path)]
     digest = hashlib.sha256(json.dumps([(path / "config.json").read_text(), files]).encode()).hexdigest()[:16]
     hidden = json.loads((path / "config.json").read_text())["text_config"]["hidden_size"]
     return f"llava:{digest}:{hidden}"

@@ -35,7 +35,7 @@ _VISION = ("vision_tower.", "model.vision_tower.")
 _PROJECTOR = ("multi_modal_projector.", "model.multi_modal_projector.")
 
 
-def _weight_files(model_path: Path) -> list[Path]:
+def weight_files(model_path: Path) -> list[Path]:
     index = model_path / "model.safetensors.index.json"
     if index.exists():
         return [model_path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
@@ -47,7 +47,7 @@ def _weight_files(model_path: Path) -> list[Path]:
 
 def _tensors(model_path: Path, prefixes: tuple[str, ...]) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(prefix, rest of the key, tensor) for each weight under one of ``prefixes``."""
-    for file in _weight_files(model_path):
+    for file in weight_files(model_path):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 for prefix in prefixes:
@@ -96,7 +96,7 @@ class LlavaEncoders(torch.nn.Module):
 
 
 def _fingerprint(model_path: Path) -> str:
-    stats = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in _weight_files(model_path)]
+    stats = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in weight_files(model_path)]
     stats.append(("config.json", (model_path / "config.json").read_text()))
     return hashlib.sha256(json.dumps([str(model_path.resolve()), stats]).encode()).hexdigest()[:16]
 
@@ -128,7 +128,7 @@ def text_only_checkpoint(model_path: str, extra_rows: int = 0) -> Path:
         text["architectures"] = [text.get("architectures", ["LlamaForCausalLM"])[0]]
         text.setdefault("torch_dtype", config.get("torch_dtype") or config.get("dtype") or "float32")
         (out / "config.json").write_text(json.dumps(text, indent=1))
-        files = _weight_files(source)
+        files = weight_files(source)
         weight_map = {}
         for index, file in enumerate(files):
             name = "model.safetensors" if len(files) == 1 else f"model-{index + 1:05d}-of-{len(files):05d}.safetensors"
