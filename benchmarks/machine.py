@@ -66,6 +66,24 @@ def process_tree() -> list[psutil.Process]:
     return [me, *me.children(recursive=True)]
 
 
+def process_kind(process: psutil.Process, known: str = "?") -> str:
+    """What a process of a run is: a Ray Data stage's actor (by its class), Ray's task workers, one of Ray's own
+    actors or daemons (by name), or the driver; ``known`` when the process is gone."""
+    try:
+        title = " ".join(process.cmdline())
+    except psutil.Error:
+        return known
+    if title.startswith("ray::MapWorker("):
+        return "actor " + title.removeprefix("ray::MapWorker(").split(")")[0].removeprefix("MapBatches(")
+    if title.startswith("ray::_") or title.startswith(("ray::ActorLocationTracker", "ray::DashboardAgent")):
+        return "Ray's own actors and agents"
+    if title.startswith("ray::"):
+        return "Ray task workers"
+    if "/ray/" in title:
+        return "Ray's daemons"
+    return "driver"
+
+
 def _busy_seconds() -> float:
     times = psutil.cpu_times()
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
@@ -93,6 +111,7 @@ class Meter:
         self._samples = 0
         self._cpu0: dict[int, float] = {}
         self._cpu: dict[int, float] = {}
+        self._kind: dict[int, str] = {}
         self._stop = threading.Event()
 
     def _sample(self) -> None:
@@ -107,6 +126,9 @@ class Meter:
                 continue
             self._cpu0.setdefault(p.pid, times.user + times.system)
             self._cpu[p.pid] = times.user + times.system
+            kind = self._kind.get(p.pid, "?")
+            if not kind.startswith("actor "):  # a worker takes its title once it has a role
+                self._kind[p.pid] = process_kind(p, kind)
             rss += mem
         self.peak = max(self.peak, rss)
         self.peak_pss = max(self.peak_pss, pss)
@@ -134,6 +156,14 @@ class Meter:
     def cpu(self) -> float:
         """CPU seconds of the measured processes."""
         return sum(self._cpu[pid] - self._cpu0.get(pid, self._cpu[pid]) for pid in self._cpu)
+
+    def cpu_by_kind(self) -> dict[str, float]:
+        """CPU seconds of the measured processes by kind (:func:`process_kind`), the largest first."""
+        kinds: dict[str, float] = {}
+        for pid, cpu in self._cpu.items():
+            kind = self._kind.get(pid, "?")
+            kinds[kind] = kinds.get(kind, 0.0) + cpu - self._cpu0.get(pid, cpu)
+        return dict(sorted(kinds.items(), key=lambda item: -item[1]))
 
     @property
     def others(self) -> float:
