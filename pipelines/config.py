@@ -42,6 +42,11 @@ class RayConfig(StageConfig):
         description="null: start a Ray for this run on this machine (bound to 127.0.0.1); else a cluster address.",
     )
     num_cpus: int | None = Field(None, description="CPUs of the local Ray (null: all).")
+    metrics: bool = Field(
+        False,
+        description="Whether the local Ray records and exports its metrics (for Prometheus); off, as it runs no "
+        "dashboard, since every Ray process pays for them in CPU. A cluster's own setting is never changed.",
+    )
     no_progress_timeout_s: float = Field(1800.0, description="Fail the run if no stage makes progress for this long.")
     progress: Literal["auto", "bar", "lines", "off"] = Field(
         "auto", description="`auto`: Ray's progress bars on a terminal, periodic lines otherwise."

@@ -65,6 +65,7 @@ def init_ray(config: RayConfig) -> None:
                     _node_ip_address="127.0.0.1",
                     logging_level=logging.WARNING,
                     log_to_driver=False,
+                    _system_config={"enable_metrics_collection": config.metrics},
                 )
             claim(started.address_info["session_dir"])
         _spend_actor_restart_notice()
