@@ -147,11 +147,7 @@ def main() -> None:
           f"({ray_run.peak_pss / 2**20:.0f} / {single.peak_pss / 2**20:.0f} MiB) | {ray_run.peak / single.peak:.1f}x "
           f"({ray_run.peak / 2**20:.0f} / {single.peak / 2**20:.0f} MiB) | {single.others:.1f}, {ray_run.others:.1f} "
           f"| {named_loop}, {named_ray} |")  # fmt: skip
-    print(f"\n- the pipeline's CPU seconds by process: {breakdown(ray_run)}; the loop's: {single.cpu:.1f}")
-
-
-def breakdown(meter: Meter) -> str:
-    return ", ".join(f"{kind} {cpu:.1f}" for kind, cpu in meter.cpu_by_kind().items() if cpu >= 0.05)
+    print(f"\n- the pipeline's CPU seconds by process: {ray_run.breakdown()}; the loop's: {single.cpu:.1f}")
 
 
 if __name__ == "__main__":

@@ -165,6 +165,10 @@ class Meter:
             kinds[kind] = kinds.get(kind, 0.0) + cpu - self._cpu0.get(pid, cpu)
         return dict(sorted(kinds.items(), key=lambda item: -item[1]))
 
+    def breakdown(self) -> str:
+        """:meth:`cpu_by_kind` as one line."""
+        return ", ".join(f"{kind} {cpu:.1f}" for kind, cpu in self.cpu_by_kind().items() if cpu >= 0.05)
+
     @property
     def others(self) -> float:
         """CPUs kept busy on average by processes outside the measured ones (0: a quiet machine)."""

@@ -1,18 +1,24 @@
 """An archive's life: a full run, a rematch after enrolling one more person, a full run again, a nightly run.
 
-    .venv/bin/python benchmarks/rematch.py [PHOTOS_DIR] [--photos N] [--nightly M] [--config configs/local.yaml]
+    .venv/bin/python benchmarks/rematch.py [PHOTOS_DIR] [--photos N] [--newcomer K] [--nightly M]
+        [--config configs/local.yaml]
 
 In one invocation, on an archive of N photos (copies of the photos under PHOTOS_DIR, default
-the sample set, the people in turn, each copy's bytes made distinct by a trailer after the
-image data, so that the face index sees N photos; the pixels are the originals'), with all
-but the last person of PHOTOS_DIR enrolled:
+the sample set, each copy's bytes made distinct by a trailer after the image data, so that
+the face index sees N photos; the pixels are the originals'), with all but the last person
+of PHOTOS_DIR enrolled. K of the N photos (default N / 5) are the last person's, spread
+evenly; the others are the other people's in turn. A rematch sends those K photos to the
+LLM again, so with a real LLM the full run / rematch ratio can be at most N / K.
 
 1. **full run**: ``plvm caption`` over the N photos into a new output;
 2. the last person is enrolled, then **rematch**: ``plvm rematch`` of that output;
 3. **full run again**: ``plvm caption`` over the same N photos into another new output, from
    scratch (its own face index), as the archive would be redone without rematch;
-4. **nightly**: M new photos added to the archive, ``plvm caption --resume`` into the first
-   output (its face index holds the N photos).
+4. **nightly**: M new photos added to the archive (the newcomer's share of them as in the
+   archive), ``plvm caption --resume`` into the first output (its face index holds the N photos).
+
+Each step starts once the actors of the one before have exited (Ray Data stops them after
+its run), so that their exit is not counted in the next step.
 
 For each it prints the wall time, the CPU seconds of every process involved (Ray's included)
 and the photos sent to the LLM, then the ratios: full run / rematch in CPU (the issue's goal:
@@ -25,12 +31,13 @@ import argparse
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import Meter, header  # noqa: E402
+from benchmarks.machine import Meter, header, process_kind, process_tree  # noqa: E402
 from operators.read import IMAGE_EXTENSIONS  # noqa: E402
 from pipelines.caption import caption  # noqa: E402
 from pipelines.config import Config, load_config  # noqa: E402
@@ -41,13 +48,36 @@ from pipelines.runtime import init_ray  # noqa: E402
 USER = "bench"
 
 
+def archive(people: list[list[Path]], newcomer: list[Path], n: int, k: int, count: int) -> list[Path]:
+    """The sources of the archive's first ``count`` photos: ``k`` in every ``n`` are the newcomer's photos in
+    turn, spread evenly; the others go through the other ``people`` in turn, each one's first photo, then each
+    one's second, ..."""
+    others = [photo for nth in zip(*people) for photo in nth]
+
+    def source(i: int) -> Path:
+        cycle, j = divmod(i, n)
+        newcomer_before = (j * k) // n + cycle * k  # the newcomer's photos among photos 0 .. i - 1
+        if (j * k) // n != ((j + 1) * k) // n:
+            return newcomer[newcomer_before % len(newcomer)]
+        return others[(i - newcomer_before) % len(others)]
+
+    return [source(i) for i in range(count)]
+
+
 def copy_photos(sources: list[Path], folder: Path, start: int, n: int) -> None:
-    """Photos ``start`` .. ``start + n - 1`` of the archive: copies of ``sources`` in turn, each with its own
-    bytes (a trailer after the image data, which decoders ignore)."""
+    """Photos ``start`` .. ``start + n - 1`` of the archive, each with its own bytes (a trailer after the image
+    data, which decoders ignore)."""
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(start, start + n):
-        source = sources[i % len(sources)]
+        source = sources[i]
         (folder / f"{i:06d}{source.suffix}").write_bytes(source.read_bytes() + f"\0copy {i}".encode())
+
+
+def settle(timeout_s: float = 60.0) -> None:
+    """Wait until the previous step's stage actors have exited."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(process_kind(p).startswith("actor ") for p in process_tree()):
+        time.sleep(0.2)
 
 
 def to_llm(summary) -> int:
@@ -57,6 +87,7 @@ def to_llm(summary) -> int:
 
 def timed(what: str, results: list, run):
     """``run()`` measured; its summary."""
+    settle()
     with Meter() as meter:
         summary = run()
     results.append((what, meter, to_llm(summary)))
@@ -69,16 +100,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("photos", nargs="?", default=str(REPO.parent / "shared" / "data" / "yollava-humans"))
     parser.add_argument("--photos", dest="n", type=int, default=200, help="photos in the archive (default 200)")
+    parser.add_argument("--newcomer", type=int, help="photos of the person enrolled afterwards (default N / 5)")
     parser.add_argument("--nightly", type=int, default=10, help="new photos of the nightly run (default 10)")
     parser.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
     args = parser.parse_args()
     files = sorted(p for p in Path(args.photos).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    refs = [f for f in files if f.stem == "ref_img"]
-    # the people in turn (each one's first photo, then each one's second, ...), so that any N holds everyone
-    photos = [f for f in files if f.stem != "ref_img"]
-    sources = sorted(photos, key=lambda f: (sorted(p for p in photos if p.parent == f.parent).index(f), f.parent))
-    if len(refs) < 2 or not sources:
-        raise SystemExit(f"{args.photos} needs photos and the reference photos (ref_img.*) of at least two people")
+    folders = sorted({f.parent for f in files if f.stem == "ref_img"})
+    people = [sorted(f for f in files if f.parent == folder and f.stem != "ref_img") for folder in folders]
+    if len(folders) < 2 or not all(people):
+        raise SystemExit(f"{args.photos} needs folders of at least two people, each with photos and ref_img.*")
+    refs = [next(f for f in files if f.parent == folder and f.stem == "ref_img") for folder in folders]
+    k = args.n // 5 if args.newcomer is None else args.newcomer
+    if not 0 < k <= args.n:
+        raise SystemExit(f"--newcomer must be between 1 and --photos ({args.n})")
+    sources = archive(people[:-1], people[-1], args.n, k, args.n + args.nightly)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -95,9 +130,9 @@ def main() -> None:
 
         print(header("An archive: full run, rematch, full run again, nightly run (`benchmarks/rematch.py`)"))
         print(f"- command: `{' '.join(['benchmarks/rematch.py', *sys.argv[1:]])}`")
-        print(f"- {args.n} photos (copies of {len(sources)} under {args.photos}, each with its own bytes), "
-              f"{len(refs) - 1} people enrolled, then {newcomer.parent.name}; nightly: {args.nightly} new photos; "
-              "CPU: every process of the run, Ray's own included\n", flush=True)  # fmt: skip
+        print(f"- {args.n} photos (copies of {sum(map(len, people))} under {args.photos}, each with its own bytes), "
+              f"{len(refs) - 1} people enrolled, then {newcomer.parent.name}, who is in {k} of the {args.n}; nightly: "
+              f"{args.nightly} new photos; CPU: every process of the run, Ray's own included\n", flush=True)  # fmt: skip
         init_ray(first.ray)  # started once, outside the timings, as a long-lived service would be
         results: list = []
         timed("full run", results, lambda: caption(first))
@@ -117,6 +152,8 @@ def main() -> None:
     print(f"\n- full run / rematch, CPU: **{full.cpu / matched.cpu:.1f}x** (full run again: "
           f"{again.cpu / matched.cpu:.1f}x); wall: {full.wall / matched.wall:.1f}x; the rematch named the faces "
           f"again in {rematched.naming_s:.2f} s of its {matched.wall:.1f} s")
+    for what, meter, _ in results:
+        print(f"- {what}, CPU seconds by process: {meter.breakdown()}")
     print(f"- nightly run of {args.nightly} photos: {nightly.cpu:.1f} CPU s, against {share:.1f} CPU s for "
           f"{args.nightly} photos' share of the full run: **{nightly.cpu / share:.2f}x**; the difference, "
           f"{nightly.cpu - share:.1f} CPU s, is the run's fixed cost (start-up, reading the index and the output)")
