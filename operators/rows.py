@@ -139,6 +139,10 @@ _MEANINGS = {
 RETRYABLE = tuple(str(kind) for kind in ErrorKind if kind.retryable)
 """The ``error_kind`` values that ``--retry-errors`` writes again."""
 
+BANK_ERRORS = tuple(str(kind) for kind in (ErrorKind.UNKNOWN_USER, ErrorKind.EMPTY_BANK, ErrorKind.BANK_ERROR))
+"""The ``error_kind`` values of rows that a change of the user's bank can clear (``plvm rematch`` names their
+indexed faces again, as it does rows without an error)."""
+
 
 class RowError(Exception):
     """An input fault of one photo: it ends that row's processing and is reported in its ``error``."""

@@ -5,7 +5,8 @@ The faces come from the users' face index (``plvm_model.face_index``), never fro
 each current row of the output is looked up by its path, its faces are matched against the
 user's newest bank with the cohort scales measured over the index's faces of the output's
 photos (as one caption run over the whole output would), and a photo is written again only
-when its *set* of names changed. Only those photos are read again, and only for the LLM
+when its *set* of names changed, or when its row has an error of the user's bank (no bank
+yet, an empty one) that the bank no longer gives. Only those photos are read again, and only for the LLM
 (read -> decode -> prompt -> generate -> write). Their new parts are staged, and with the
 rewritten parts that held their old rows, swapped into the output's Delta table by one commit
 (:meth:`operators.output_table.OutputTable.replace`): a rematch that is killed leaves the
@@ -25,7 +26,7 @@ from operators import read
 from operators.banks import BankSource, BankVersions
 from operators.match import MatchFaces
 from operators.output_table import OutputTable, Staged, keys, new_run_id
-from operators.rows import output_schema, to_table
+from operators.rows import BANK_ERRORS, output_schema, to_table
 from pipelines.caption import answering_stages, check_banks, dataset, run_failure
 from pipelines.cohort import IndexCohort, cohort_scales
 from pipelines.config import Config, ModelPaths
@@ -42,11 +43,13 @@ Photo = tuple[str, str]
 class RematchSummary:
     run_id: str
     photos: int
-    """Current rows of the output's users that were looked at."""
+    """Current rows of the output's users that were looked at: rows without an error, and rows whose error came
+    from the user's bank (``operators.rows.BANK_ERRORS``: no bank, an empty one, one of another embedder)."""
     not_indexed: int = 0
     """Rows without an error whose path the face index does not hold: left as they are."""
     changed: int = 0
-    """Photos whose set of names changed: read again, sent to the LLM, and replaced."""
+    """Photos whose set of names changed, or whose bank error the bank no longer gives: read again, sent to the
+    LLM, and replaced."""
     rows: int = 0
     """Rows written (one per changed photo)."""
     naming_s: float = 0.0
@@ -76,8 +79,9 @@ def llm_stages(config: Config, models: ModelPaths, run_id: str, parts: int, bank
 
 
 def rename(config: Config, rows: pa.Table, users: list[str], banks: BankVersions) -> tuple[pa.Table, int]:
-    """``rows`` (current output rows without an error) named again from the face index: the rows whose set of
-    names changed, with their indexed faces matched and their size, and how many rows the index lacks."""
+    """``rows`` (current output rows without an error, or with a bank error) named again from the face index: the
+    rows whose set of names changed or whose bank error is gone, with their indexed faces matched and their size,
+    and how many rows the index lacks."""
     space = embedder_class(config.embed.kind).space
     index = FaceIndex(config.index.root(config.output.uri), config.storage)
     source = IndexSource(index.uri, config.storage, space, {u: tuple(index.parts(u)) for u in users})
@@ -98,13 +102,15 @@ def rename(config: Config, rows: pa.Table, users: list[str], banks: BankVersions
                 continue
             faces = [{"box": f["box"], "score": f["score"], "landmarks": f["landmarks"], "embedding": f["descriptor"]}
                      for f in found["faces"]]  # fmt: skip
+            # a row with a bank error has no names: None, which no set of names equals
+            names = None if row["error"] is not None else sorted(row["concepts"] or [])
             listed.append({"path": row["path"], "user_id": user, "width": found["width"], "height": found["height"],
-                           "faces": faces, "concepts": row["concepts"], "error": None, "error_kind": None})  # fmt: skip
+                           "faces": faces, "concepts": names, "error": None, "error_kind": None})  # fmt: skip
     scales = None
     if config.match.normalization == "cohort":
         cohort = IndexCohort(source, tuple(users), frozenset(exclude))
         scales = cohort_scales(cohort.faces(), config.match, bank_source, space)
-    before = [sorted(r.pop("concepts") or []) for r in listed]
+    before = [r.pop("concepts") for r in listed]
     columns = ["path", "user_id", "width", "height", "faces", "error", "error_kind"]
     named = MatchFaces(config.match, bank_source, space, scales)(to_table(listed, columns))
     after = zip(before, named.column("concepts").to_pylist(), named.column("error").to_pylist())
@@ -125,8 +131,9 @@ def rematch(config: Config, output_uri: str, user: str | None = None) -> Rematch
         output.discard_staging()
         output.open(output_schema(config.output.face_embeddings))
         output.vacuum()
-        current = output.read(["path", "user_id", "concepts", "error"])
-        current = current.filter(pc.is_null(current.column("error")))
+        current = output.read(["path", "user_id", "concepts", "error", "error_kind"])
+        bank_error = pc.is_in(current.column("error_kind"), value_set=pa.array(BANK_ERRORS))
+        current = current.filter(pc.or_kleene(pc.is_null(current.column("error")), bank_error))
         if user is not None:
             current = current.filter(pc.equal(current.column("user_id"), user))
         users = sorted(set(current.column("user_id").to_pylist()))

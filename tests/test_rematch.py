@@ -21,6 +21,7 @@ from operators.output_table import read_output
 from pipelines.caption import caption
 from pipelines.cli import run
 from pipelines.enroll import enroll
+from pipelines.rematch import rematch
 
 
 def archive(tmp_path: Path, user: str, **sections):
@@ -120,3 +121,24 @@ def test_a_rematch_of_an_output_without_rows_is_refused(tmp_path, capsys):
         assert capsys.readouterr().err.strip() == (f"plvm rematch: error: {output} holds no rows: nothing to rematch "
                                                    "(give a caption run's output folder)")  # fmt: skip
     assert not (tmp_path / "nowhere").exists() and list((tmp_path / "empty").iterdir()) == []
+
+
+def test_a_users_first_enrollment_is_rematched_into_rows_for_photos_that_had_no_bank(tmp_path, yollava, tiny_models,
+                                                                                      ray_local):  # fmt: skip
+    paths = [photo(p, f"{i}.jpg") for p in ("thao", "viruss") for i in range(2)]
+    config = make_config(tmp_path, input={"uri": write_manifest(tmp_path / "m.csv", paths, "noa")})
+    caption(config)  # noa has no bank yet: every row is an unknown_user error, but the faces are indexed
+    out = config.output.uri
+    before = by_path(out)
+    assert {r["error_kind"] for r in before.values()} == {"unknown_user"}
+    assert all(r["caption"] is None for r in before.values())
+    enroll(config, "noa", "Thao", [photo("thao", "ref_img.jpg")])
+
+    summary = rematch(config, out)
+    assert (summary.photos, summary.changed, summary.rows, summary.not_indexed) == (4, 4, 4, 0)
+    after = by_path(out)
+    assert_exactly_once(out, paths, "noa")
+    assert all(r["error"] is None and r["caption"] for r in after.values()), "every photo now has its caption"
+    assert {p for p, r in after.items() if r["concepts"] == ["Thao"]} == set(paths[:2])
+    assert all(after[p]["concepts"] == [] for p in paths[2:])
+    assert rematch(config, out).changed == 0, "and a second rematch changes nothing"
