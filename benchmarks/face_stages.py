@@ -1,6 +1,6 @@
 """Face stages (decode, detect, embed, match): the Ray pipeline against a plain single-process loop.
 
-    .venv/bin/python benchmarks/face_stages.py [PHOTOS_DIR] [--repeat N] [--config configs/local.yaml]
+    .venv/bin/python benchmarks/face_stages.py [PHOTOS_DIR] [--repeat N] [--rounds R] [--config configs/local.yaml]
 
 Both run in one invocation on the same photos (every image file under PHOTOS_DIR, default
 the sample set, repeated N times) with the same models and settings; both times include
@@ -9,15 +9,18 @@ child process, measured from this one with all its descendants (the embedded Ray
 process), so neither carries the other's leftovers and the sampling costs neither. It
 prints, for each, photos/s (wall), CPU seconds per photo (all processes involved, sampled
 with psutil) and peak memory (the sums of the resident and of the proportional sets), then
-the ratios pipeline/loop. Ray's own cost (its
-scheduler, system actors, worker start-up) goes with wall time and start-up rather than with
-photos, so short runs show a higher ratio: the default, 200 photos, is the README's figure.
+the ratios pipeline/loop, and the pipeline's CPU by kind of process. With ``--rounds R`` both
+sides run R times, in turn, and the median of each ratio is printed too: on a shared virtual
+machine one run's CPU seconds vary by 10% and more. Ray's own cost (its scheduler, system
+actors, worker start-up) goes with wall time and start-up rather than with photos, so short
+runs show a higher ratio: the default, 200 photos, is the README's figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,6 +106,8 @@ def main() -> None:
     parser.add_argument("photos", nargs="?", default=str(REPO.parent / "shared" / "data" / "yollava-humans"))
     parser.add_argument("--repeat", type=int, default=4, help="times the photos are repeated (default 4: 200 sample photos)")
     parser.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times both sides run, in turn (more than 1: also the median of each ratio)")  # fmt: skip
     parser.add_argument("--side", choices=("loop", "pipeline"), help=argparse.SUPPRESS)
     parser.add_argument("--photos-file", help=argparse.SUPPRESS)
     parser.add_argument("--banks", help=argparse.SUPPRESS)
@@ -134,21 +139,31 @@ def main() -> None:
               "enrolled; each side in a fresh process, measured from outside; CPU: every process of the side, Ray's "
               "own included; memory: the peak of the sum of their resident sets (RSS) and of their proportional "
               "sets (PSS, shared pages split between the processes that map them)\n", flush=True)  # fmt: skip
-        single, named_loop = measure("loop", str(photos_file), args.config, banks)
-        ray_run, named_ray = measure("pipeline", str(photos_file), args.config, banks)
+        rounds = [(measure("loop", str(photos_file), args.config, banks),
+                   measure("pipeline", str(photos_file), args.config, banks)) for _ in range(args.rounds)]  # fmt: skip
 
     n = len(photos)
-    print("| photos | loop photos/s | pipeline photos/s | CPU s per photo (loop, pipeline) | CPU per photo, pipeline / loop "
-          "| peak PSS, pipeline / loop | peak RSS, pipeline / loop | other processes' CPUs (loop, pipeline) "
-          "| named faces (loop, pipeline) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| {n} | {n / single.wall:.2f} | {n / ray_run.wall:.2f} | {single.cpu / n:.3f}, {ray_run.cpu / n:.3f} "
-          f"| **{ray_run.cpu / single.cpu:.2f}x** | **{ray_run.peak_pss / single.peak_pss:.1f}x** "
-          f"({ray_run.peak_pss / 2**20:.0f} / {single.peak_pss / 2**20:.0f} MiB) | {ray_run.peak / single.peak:.1f}x "
-          f"({ray_run.peak / 2**20:.0f} / {single.peak / 2**20:.0f} MiB) | {single.others:.1f}, {ray_run.others:.1f} "
-          f"| {named_loop}, {named_ray} |")  # fmt: skip
-    print(f"\n- the pipeline's CPU seconds by process: {ray_run.breakdown()}; the loop's: {single.cpu:.1f}")
+    print("| round | photos | loop photos/s | pipeline photos/s | CPU s per photo (loop, pipeline) "
+          "| CPU per photo, pipeline / loop | peak PSS, pipeline / loop | peak RSS, pipeline / loop "
+          "| other processes' CPUs (loop, pipeline) | named faces (loop, pipeline) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for i, ((single, named_loop), (ray_run, named_ray)) in enumerate(rounds, 1):
+        print(f"| {i} | {n} | {n / single.wall:.2f} | {n / ray_run.wall:.2f} | {single.cpu / n:.3f}, "
+              f"{ray_run.cpu / n:.3f} | **{ray_run.cpu / single.cpu:.2f}x** | "
+              f"**{ray_run.peak_pss / single.peak_pss:.1f}x** ({ray_run.peak_pss / 2**20:.0f} / "
+              f"{single.peak_pss / 2**20:.0f} MiB) | {ray_run.peak / single.peak:.1f}x ({ray_run.peak / 2**20:.0f} / "
+              f"{single.peak / 2**20:.0f} MiB) | {single.others:.1f}, {ray_run.others:.1f} | {named_loop}, "
+              f"{named_ray} |")  # fmt: skip
+    print()
+    for i, ((single, _), (ray_run, _)) in enumerate(rounds, 1):
+        print(f"- round {i}, the pipeline's CPU seconds by process: {ray_run.breakdown()}; the loop's: {single.cpu:.1f}")
+    if len(rounds) > 1:
+        def median(ratio) -> float:
+            return statistics.median(ratio(single, ray_run) for (single, _), (ray_run, _) in rounds)
 
+        print(f"- median of the {len(rounds)} rounds, pipeline / loop: CPU per photo "
+              f"**{median(lambda a, b: b.cpu / a.cpu):.2f}x**, peak PSS **{median(lambda a, b: b.peak_pss / a.peak_pss):.1f}x**, "
+              f"peak RSS {median(lambda a, b: b.peak / a.peak):.1f}x")  # fmt: skip
 
 if __name__ == "__main__":
     main()
