@@ -39,11 +39,9 @@ def open_archive(config: Config, listing: pa.Table, users: list[str], rebuild: b
     for user in sorted(set(users)):
         pinned[user] = tuple(index.parts(user))
         rows = index.read(user, space, parts=list(pinned[user]))
-        for path, digest in zip(rows.column("path").to_pylist(), rows.column("content_hash").to_pylist()):
-            if path not in listed:
-                fs, where = storage.filesystem(path, config.storage)
-                if not fs.exists(where):
-                    deleted[path] = digest
+        unlisted = {path: digest for path, digest in zip(rows.column("path").to_pylist(),
+                                                         rows.column("content_hash").to_pylist()) if path not in listed}  # fmt: skip
+        deleted |= {path: unlisted[path] for path in storage.gone(list(unlisted), config.storage)}
     source = IndexSource(index.uri, config.storage, space, pinned)
     cohort = IndexCohort(source, tuple(pinned), frozenset(deleted.values()))
     return Archive(source, cohort, sorted(deleted), [part.uri for part in dropped])

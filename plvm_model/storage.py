@@ -61,6 +61,26 @@ def object_store_options(uri: str, options: StorageOptions | None = None) -> dic
     return out
 
 
+def gone(uris: list[str], options: StorageOptions | None = None) -> set[str]:
+    """Those of ``uris`` (files) that do not exist: one listing per folder, a request per object store prefix
+    rather than per file; where folders cannot be listed (http), a request per file."""
+    folders: dict[str, list[str]] = {}
+    for uri in uris:
+        folders.setdefault(posixpath.dirname(uri), []).append(uri)
+    missing = set()
+    for folder, members in folders.items():
+        fs, where = filesystem(folder, options)
+        if scheme(folder) in ("http", "https"):
+            missing |= {uri for uri in members if not fs.exists(filesystem(uri, options)[1])}
+            continue
+        try:
+            present = {posixpath.basename(p.rstrip("/")) for p in fs.ls(where, detail=False)}
+        except (FileNotFoundError, NotADirectoryError):
+            present = set()
+        missing |= {uri for uri in members if posixpath.basename(uri) not in present}
+    return missing
+
+
 def join(uri: str, *parts: str) -> str:
     """``uri`` with path segments appended (``/``-separated for every scheme)."""
     if "://" in uri:

@@ -9,6 +9,7 @@ from conftest import make_config, photo
 from operators.output_table import read_output
 from pipelines.caption import caption
 from pipelines.enroll import enroll
+from plvm_model import storage
 from plvm_model.bank import ConceptBank
 from plvm_model.face_index import FaceIndex
 from s3_endpoint import moto_endpoint, s3_options
@@ -65,3 +66,14 @@ def test_a_damaged_bank_on_s3_is_refused_before_the_run(s3, tmp_path, tiny_model
     with pytest.raises(ValueError, match="s3://banks/prod/oscar/concepts.parquet is damaged"):
         caption(config)
     assert not fs.exists("results/oscar")
+
+
+def test_photos_gone_from_s3_are_found_by_listing_their_folders(s3, yollava):
+    fs, options = s3
+    for name in ("kept/a.jpg", "kept/b.jpg", "emptied/c.jpg"):
+        fs.put(photo("thao", "0.jpg"), f"photos/{name}")
+    fs.rm("photos/kept/a.jpg")
+    fs.rm("photos/emptied/c.jpg")  # its folder (a prefix) is gone with it
+    uris = [f"s3://photos/{name}" for name in ("kept/a.jpg", "kept/b.jpg", "emptied/c.jpg", "never/d.jpg")]
+    assert storage.gone(uris, options) == {uris[0], uris[2], uris[3]}
+    assert storage.gone(uris[1:2], options) == set()
