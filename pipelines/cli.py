@@ -117,6 +117,26 @@ def cmd_index_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_compact(args: argparse.Namespace) -> int:
+    from operators.output_table import OutputTable, new_run_id
+    from plvm_model.errors import InputNotFound
+    from plvm_model.face_index import FaceIndex
+
+    config = _config(args)
+    output = OutputTable(args.output, config.storage)
+    index = FaceIndex(config.index.root(args.output), config.storage)
+    users = [args.user] if args.user else index.users()
+    if not output.fs.exists(output.root) or not any(index.parts(user) for user in users):
+        raise InputNotFound(f"{index.uri} holds no face index parts{f' of user {args.user}' if args.user else ''}")
+    run_id = new_run_id()
+    with output.lease(run_id, "index compact", config.output.lease_expiry_s):
+        for user in users:
+            done = index.compact(user, run_id)
+            print(f"user {user}: {done.parts_before} part(s) -> {done.parts_after}, {done.rows} photos' rows kept, "
+                  f"{done.superseded} superseded rows dropped")  # fmt: skip
+    return 0
+
+
 def cmd_eval_recognition(args: argparse.Namespace) -> int:
     from pipelines.evaluate import JUDGE_QUESTION, recognition
 
@@ -270,6 +290,10 @@ def parser() -> argparse.ArgumentParser:
     s = command("check", cmd_index_check, "read every part of a face index and list the damaged ones", index)
     s.add_argument("output", nargs="?", help="output folder URI whose index (OUTPUT/_faces, or index.uri) to check")
     s.add_argument("--index", help="the index's root URI (default: the config's index.uri, or OUTPUT/_faces)")
+    s = command("compact", cmd_index_compact, "merge each user's index parts into one, keeping the current rows "
+                "(under the output's lease)", index)  # fmt: skip
+    s.add_argument("output", help="output folder URI whose index (OUTPUT/_faces, or index.uri) to compact")
+    s.add_argument("--user", help="only this user's parts (default: every user of the index)")
 
     evaluate = sub.add_parser("eval", help="evaluate recognition, captions or VQA")
     evaluate = evaluate.add_subparsers(dest="what", required=True)

@@ -3,9 +3,10 @@
 ``ROOT/<user_id>/part-<run_id>-<key>.parquet``, one row per photo content (photos without a
 face too), in :data:`SCHEMA`. A part is written whole or not at all (a temporary sibling,
 renamed) under a name fixed by its run and batch, so a retried batch rewrites the same part.
-Parts are only ever added (``--rebuild-index`` drops damaged ones): the *current* rows are
-the newest row of each content hash, and of those the newest of each path (a path whose
-bytes changed has one current content). Every part's Parquet metadata carries
+Runs only add parts (``--rebuild-index`` drops damaged ones, :meth:`FaceIndex.compact` merges a
+user's parts into one per descriptor space): the *current* rows are the newest row of each
+content hash, and of those the newest of each path (a path whose bytes changed has one
+current content). Every part's Parquet metadata carries
 ``plvm.index_schema_version`` and ``plvm.embedder`` (the descriptor space); parts of another
 space are not read for that space.
 """
@@ -65,6 +66,19 @@ class BadPart:
     reason: str
 
 
+@dataclass(frozen=True)
+class Compacted:
+    """What :meth:`FaceIndex.compact` did to one user's parts."""
+
+    user_id: str
+    parts_before: int
+    parts_after: int
+    rows: int
+    """Current rows, all kept."""
+    superseded: int
+    """Rows dropped: older rows of a photo's bytes, or of a path whose bytes changed."""
+
+
 class FaceIndex:
     """The face index at ``root`` (any fsspec URI)."""
 
@@ -97,6 +111,11 @@ class FaceIndex:
     def read_part(self, path: str, embedder: str | None = None) -> pa.Table | None:
         """One part's rows; None if it was written for another embedder than ``embedder`` (when given).
         :class:`IndexCorrupt`, naming the part, if it cannot be read whole."""
+        table, space = self._load(path)
+        return None if embedder is not None and space != embedder else table
+
+    def _load(self, path: str) -> tuple[pa.Table, str]:
+        """One part's rows and the descriptor space it was written for; :class:`IndexCorrupt` as ``read_part``."""
         where = storage.unstrip(self.uri, path)
         try:
             with self.fs.open(path, "rb") as f:
@@ -110,9 +129,7 @@ class FaceIndex:
             raise IndexCorrupt(f"face index part {where} is not a face index part of schema version "
                                f"{SCHEMA_VERSION} (it says {version or 'nothing'}; plvm caption --rebuild-index "
                                "drops it)")  # fmt: skip
-        if embedder is not None and meta.get(EMBEDDER_KEY, b"").decode() != embedder:
-            return None
-        return table.replace_schema_metadata(None)
+        return table.replace_schema_metadata(None), meta.get(EMBEDDER_KEY, b"").decode()
 
     def read(self, user_id: str, embedder: str | None = None, parts: list[str] | None = None) -> pa.Table:
         """The current rows of ``user_id`` (see the module) from ``parts`` (default: all of the user's), of
@@ -136,6 +153,27 @@ class FaceIndex:
         """Remove ``parts`` (their photos are detected again by the next run)."""
         for part in parts:
             self.fs.rm(storage.filesystem(part.uri, self.storage_options)[1])
+
+    def compact(self, user_id: str, run_id: str) -> Compacted:
+        """Merge ``user_id``'s parts into one per descriptor space, ``part-<run_id>-<n>.parquet``, holding the
+        current rows only; then remove the parts merged. A compaction stopped between the two leaves both, whose
+        current rows are the same. :class:`IndexCorrupt` (nothing touched) if a part cannot be read whole."""
+        parts = self.parts(user_id)
+        by_space: dict[str, list[pa.Table]] = {}
+        for path in parts:
+            table, space = self._load(path)
+            by_space.setdefault(space, []).append(table)
+        merged = {space: pa.concat_tables(tables) for space, tables in sorted(by_space.items())}
+        kept = {space: current(rows) for space, rows in merged.items()}
+        rows = sum(t.num_rows for t in kept.values())
+        superseded = sum(t.num_rows for t in merged.values()) - rows
+        if len(parts) == len(kept) and not superseded:  # one part per space, of current rows only, already
+            return Compacted(user_id, len(parts), len(parts), rows, 0)
+        for n, (space, table) in enumerate(kept.items()):
+            self.write(user_id, f"{run_id}-{n}", table, space)
+        for path in parts:
+            self.fs.rm(path)
+        return Compacted(user_id, len(parts), len(by_space), rows, superseded)
 
     def write(self, user_id: str, name: str, rows: pa.Table, embedder: str,
               before_commit: Callable[[], None] | None = None) -> str:  # fmt: skip

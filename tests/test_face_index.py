@@ -57,6 +57,35 @@ def test_the_current_rows_are_the_newest_per_photo_bytes_then_per_path(tmp_path)
     assert not list((tmp_path / "faces" / "ann").glob(".*")), "no temporary file is left"
 
 
+def test_compaction_keeps_the_current_rows_in_one_part_per_descriptor_space(tmp_path, capsys):
+    output = tmp_path / "out"
+    index = FaceIndex(str(output / "_faces"))
+    for name, rows, space in [("r1-a", [_row("A", "/p/a.jpg", 0, "r1"), _row("B", "/p/b.jpg", 0, "r1")], "space"),
+                              ("r1-b", [_row("C", "/p/c.jpg", 1, "r1", faces=0)], "space"),
+                              ("r2-a", [_row("A", "/p/a2.jpg", 5, "r2"), _row("D", "/p/b.jpg", 5, "r2")], "space"),
+                              ("r3-a", [_row("E", "/p/e.jpg", 9, "r3")], "other-space")]:  # fmt: skip
+        index.write("ann", name, pa.Table.from_pylist(rows, schema=SCHEMA), space)
+    index.write("bob", "r1-a", pa.Table.from_pylist([_row("F", "/p/f.jpg", 0, "r1")], schema=SCHEMA), "space")
+    before = {space: index.read("ann", space).to_pylist() for space in ("space", "other-space")}
+    old_parts = index.parts("ann")
+
+    assert cli.run(["index", "compact", str(output)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    # A's row at a.jpg (moved to a2.jpg) and B's (b.jpg has new bytes D) are superseded
+    assert printed == ["user ann: 4 part(s) -> 2, 4 photos' rows kept, 2 superseded rows dropped",
+                       "user bob: 1 part(s) -> 1, 1 photos' rows kept, 0 superseded rows dropped"]  # fmt: skip
+    parts = index.parts("ann")
+    assert len(parts) == 2 and not set(parts) & set(old_parts), "one new part per space, the merged ones removed"
+    assert {space: index.read("ann", space).to_pylist() for space in before} == before, "the same current rows"
+    assert sorted(pq.read_table(parts[0]).column("content_hash").to_pylist() +
+                  pq.read_table(parts[1]).column("content_hash").to_pylist()) == ["A", "C", "D", "E"]  # fmt: skip
+    assert not list((output / "_faces" / "ann").glob(".*")) and not (output / "_lease.json").exists()
+
+    assert cli.run(["index", "compact", str(output), "--user", "ann"]) == 0  # nothing left to merge
+    assert capsys.readouterr().out.startswith("user ann: 2 part(s) -> 2,") and index.parts("ann") == parts
+    assert cli.run(["index", "compact", str(tmp_path / "nowhere")]) == 2
+
+
 def test_a_damaged_part_is_refused_naming_it_and_nothing_else_is_touched(tmp_path):
     index = FaceIndex(str(tmp_path / "faces"))
     good = index.write("ann", "r1-a", pa.Table.from_pylist([_row("A", "/p/a.jpg", 0, "r1")], schema=SCHEMA), "s")
