@@ -104,7 +104,8 @@ def measure(side: str, photos_file: str, config_path: str, banks: str) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("photos", nargs="?", default=str(REPO.parent / "shared" / "data" / "yollava-humans"))
-    parser.add_argument("--repeat", type=int, default=4, help="times the photos are repeated (default 4: 200 sample photos)")
+    parser.add_argument("--repeat", type=int, default=4,
+                        help="times the photos are repeated (default 4: 200 sample photos)")  # fmt: skip
     parser.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
     parser.add_argument("--rounds", type=int, default=1,
                         help="times both sides run, in turn (more than 1: also the median of each ratio)")  # fmt: skip
@@ -156,14 +157,15 @@ def main() -> None:
               f"{named_ray} |")  # fmt: skip
     print()
     for i, ((single, _), (ray_run, _)) in enumerate(rounds, 1):
-        print(f"- round {i}, the pipeline's CPU seconds by process: {ray_run.breakdown()}; the loop's: {single.cpu:.1f}")
+        print(f"- round {i}, the pipeline's CPU seconds by process: {ray_run.breakdown()}; "
+              f"the loop's: {single.cpu:.1f}")
     if len(rounds) > 1:
         def median(ratio) -> float:
             return statistics.median(ratio(single, ray_run) for (single, _), (ray_run, _) in rounds)
 
-        print(f"- median of the {len(rounds)} rounds, pipeline / loop: CPU per photo "
-              f"**{median(lambda a, b: b.cpu / a.cpu):.2f}x**, peak PSS **{median(lambda a, b: b.peak_pss / a.peak_pss):.1f}x**, "
-              f"peak RSS {median(lambda a, b: b.peak / a.peak):.1f}x")  # fmt: skip
+        cpu, pss = median(lambda a, b: b.cpu / a.cpu), median(lambda a, b: b.peak_pss / a.peak_pss)
+        print(f"- median of the {len(rounds)} rounds, pipeline / loop: CPU per photo **{cpu:.2f}x**, peak PSS "
+              f"**{pss:.1f}x**, peak RSS {median(lambda a, b: b.peak / a.peak):.1f}x")
 
 if __name__ == "__main__":
     main()

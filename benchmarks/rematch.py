@@ -131,8 +131,9 @@ def main() -> None:
         print(header("An archive: full run, rematch, full run again, nightly run (`benchmarks/rematch.py`)"))
         print(f"- command: `{' '.join(['benchmarks/rematch.py', *sys.argv[1:]])}`")
         print(f"- {args.n} photos (copies of {sum(map(len, people))} under {args.photos}, each with its own bytes), "
-              f"{len(refs) - 1} people enrolled, then {newcomer.parent.name}, who is in {k} of the {args.n}; nightly: "
-              f"{args.nightly} new photos; CPU: every process of the run, Ray's own included\n", flush=True)  # fmt: skip
+              f"{len(refs) - 1} people enrolled, then {newcomer.parent.name}, who is in {k} of the {args.n}; "
+              f"nightly: {args.nightly} new photos; CPU: every process of the run, Ray's own included\n",
+              flush=True)  # fmt: skip
         init_ray(first.ray)  # started once, outside the timings, as a long-lived service would be
         results: list = []
         timed("full run", results, lambda: caption(first))

@@ -39,8 +39,8 @@ def open_archive(config: Config, listing: pa.Table, users: list[str], rebuild: b
     for user in sorted(set(users)):
         pinned[user] = tuple(index.parts(user))
         rows = index.read(user, space, parts=list(pinned[user]))
-        unlisted = {path: digest for path, digest in zip(rows.column("path").to_pylist(),
-                                                         rows.column("content_hash").to_pylist()) if path not in listed}  # fmt: skip
+        indexed = zip(rows.column("path").to_pylist(), rows.column("content_hash").to_pylist())
+        unlisted = {path: digest for path, digest in indexed if path not in listed}
         deleted |= {path: unlisted[path] for path in storage.gone(list(unlisted), config.storage)}
     source = IndexSource(index.uri, config.storage, space, pinned)
     cohort = IndexCohort(source, tuple(pinned), frozenset(deleted.values()))

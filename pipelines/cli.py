@@ -268,7 +268,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--user", help="user of a folder's or glob's photos (default: the config's, 'default')")
     s.add_argument("--engine", choices=["transformers", "vllm"], help="generation engine (default: the config's)")
     s.add_argument("--allow-empty", action="store_true", default=None,
-                   help="an input that lists no photo is a run of 0 rows, not an error (input.allow_empty)")  # fmt: skip
+                   help="an input that lists no photo is a run of 0 rows, not an error "
+                   "(input.allow_empty)")  # fmt: skip
     again = s.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="skip photos that earlier runs already wrote")
     again.add_argument("--overwrite", action="store_true", help="remove earlier runs' output first")
@@ -301,8 +302,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("directory", help="one folder per person: ref_img.* and that person's photos")
     s.add_argument("--protocol", choices=["single", "bank"], default="single",
                    help="single: each person alone in a bank (as the papers); bank: all in one bank")  # fmt: skip
-    s.add_argument("--threshold", type=float, help="match threshold (relative with cohort normalization; default: the config's)")
-    s.add_argument("--cv", action="store_true", help="also choose the threshold by leave-one-person-out cross-validation")
+    s.add_argument("--threshold", type=float,
+                   help="match threshold (relative with cohort normalization; default: the config's)")  # fmt: skip
+    s.add_argument("--cv", action="store_true",
+                   help="also choose the threshold by leave-one-person-out cross-validation")  # fmt: skip
     s.add_argument("--report", help="folder for an HTML report of the errors")
     s.add_argument("--judge", choices=["face", "model"], default="face",
                    help="who answers: the face matcher, or the model asked 'Is <sks> in this photo?' about every "
@@ -312,10 +315,12 @@ def parser() -> argparse.ArgumentParser:
     s = command("captions", cmd_eval_captions, "MyVLM's metric: do the captions name the people in the photos?",
                 evaluate)  # fmt: skip
     s.add_argument("output", help="a caption run's output folder URI, or one Parquet file")
-    s.add_argument("--truth", help="JSON object, photo path -> names of the people in it (default: the recognised ones)")
+    s.add_argument("--truth", help="JSON object, photo path -> names of the people in it "
+                   "(default: the recognised ones)")  # fmt: skip
 
     s = command("vqa", cmd_eval_vqa, "multiple-choice questions about enrolled people, PLVM's JSON format", evaluate)
-    s.add_argument("questions", help="JSON list of {ref_img, query_img?, question with <sks>, multiple_choice, correct_answer}")
+    s.add_argument("questions", help="JSON list of {ref_img, query_img?, question with <sks>, multiple_choice, "
+                   "correct_answer}")  # fmt: skip
     s.add_argument("--root", help="folder the image paths are relative to (default: the file's folder or its parent)")
     s.add_argument("--engine", choices=["transformers", "vllm"], help="generation engine (default: the config's)")
     s.add_argument("--answers", help="write each question's choice, source and model text here (JSON lines)")
