@@ -6,8 +6,8 @@ each current row of the output is looked up by its path, its faces are matched a
 user's newest bank with the cohort scales measured over the index's faces of the output's
 photos (as one caption run over the whole output would), and a photo is written again only
 when its *set* of names changed, or when its row has an error of the user's bank (no bank
-yet, an empty one) that the bank no longer gives. Only those photos are read again, and only for the LLM
-(read -> decode -> prompt -> generate -> write). Their new parts are staged, and with the
+yet, an empty one) that the bank no longer gives. Only those photos are read again, and only
+for the LLM (read -> decode -> prompt -> generate -> write). Their new parts are staged, and with the
 rewritten parts that held their old rows, swapped into the output's Delta table by one commit
 (:meth:`operators.output_table.OutputTable.replace`): a rematch that is killed leaves the
 previous version current and whole. The rematch holds the output's lease throughout.
@@ -46,7 +46,7 @@ class RematchSummary:
     """Current rows of the output's users that were looked at: rows without an error, and rows whose error came
     from the user's bank (``operators.rows.BANK_ERRORS``: no bank, an empty one, one of another embedder)."""
     not_indexed: int = 0
-    """Rows without an error whose path the face index does not hold: left as they are."""
+    """Rows looked at whose path the face index does not hold: left as they are."""
     changed: int = 0
     """Photos whose set of names changed, or whose bank error the bank no longer gives: read again, sent to the
     LLM, and replaced."""
