@@ -53,7 +53,7 @@ def requests_for(config: Config, photos_dir: Path, n: int) -> list[GenerationReq
     if not people:
         raise SystemExit(f"no people (PERSON/ref_img.jpg) under {photos_dir}")
     concepts = [
-        ConceptTokens(p.name, encoder.encode(np.asarray(Image.open(p / "ref_img.jpg").convert("RGB")), None)[0])
+        ConceptTokens(p.name, *encoder.encode(np.asarray(Image.open(p / "ref_img.jpg").convert("RGB")), None))
         for p in people
     ]
     photos = sorted(f for p in people for f in p.glob("[0-9]*.jpg"))
