@@ -2,9 +2,10 @@
 
 With ``match.normalization: cohort`` a concept's scale is measured on its user's cohort (the
 bank's other concepts and the faces of the user's photos; the rule is
-``plvm_model.faces.matching.MatchRule``). The barrier drops the photos' pixels (the faces are
-kept, small; the caption run keeps the photos' bytes and decodes them once more for the LLM),
-materializes the run, and computes every user's scales: in the driver when the faces fit in
+``plvm_model.faces.matching.MatchRule``). The photos' pixels do not cross the barrier (it drops
+them, and the pipeline drops them already at their last reader, the embed stage; the faces are
+kept, small; the caption run keeps the photos' bytes and decodes them once more for the LLM).
+It materializes the run and computes every user's scales: in the driver when the faces fit in
 ``match.cohort_gather_mb``, else by a groupby on the cluster.
 
 In a caption run the user's faces are those of the user's whole face index (:class:`IndexCohort`:
@@ -109,7 +110,7 @@ def barrier(config: MatchConfig, banks: BankSource, embedder_space: str, index: 
     measured over ``index``'s faces if given, else over the run's."""
 
     def run(ds, values: dict) -> object:
-        ds = ds.drop_columns(["pixels"]).materialize()  # with every face of the run committed to the index
+        ds = ds.materialize()  # with every face of the run committed to the index
         if index is None:
             values["scales"] = cohort_scales(ds, config, banks, embedder_space)
             return ds

@@ -4,7 +4,9 @@ A pipeline is a list of steps: :class:`operators.base.Stage` descriptors, and
 :class:`Barrier` steps that need the whole dataset at once (the cohort barrier).
 :func:`apply` checks, before anything runs, that every stage's needed columns come from
 the listing or an earlier stage, then maps each stage over the dataset as its descriptor
-says (tasks or an actor pool, its resources). :class:`InProcess` runs the same stages in
+says (tasks or an actor pool, its resources). A column that a later step drops leaves the
+rows as soon as no step needs it any more (:func:`drop_early`): the photos' pixels do not
+ride through the object store past the last stage that reads them. :class:`InProcess` runs the same stages in
 this process, without Ray (enrollment's few photos).
 
 Every stage's batch function is wrapped in :class:`Guarded`, which checks the columns it
@@ -28,7 +30,7 @@ from __future__ import annotations
 import traceback
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +99,7 @@ class Guarded:
             out = self._row_by_row(batch)
         if self.stage.keeps_rows and out.num_rows != batch.num_rows:
             raise ValueError(f"stage {self.stage.name} returned {out.num_rows} rows for {batch.num_rows}")
-        return out
+        return out.drop_columns([c for c in self.stage.drops if c in out.column_names])
 
     def _row_by_row(self, batch: pa.Table) -> pa.Table:
         """Each row alone; a row that still fails keeps its columns and gets a ``stage_failed`` error."""
@@ -119,7 +121,8 @@ class Guarded:
 @dataclass(frozen=True)
 class Barrier:
     """A step that needs every row of the run at once: ``run(dataset, values)`` returns the dataset (now
-    materialized) and may put into ``values`` what later stages take as :class:`FromRun` arguments."""
+    materialized) and may put into ``values`` what later stages take as :class:`FromRun` arguments. The
+    dataset it gets has lost ``drops`` already."""
 
     name: str
     run: Callable[[Any, dict[str, Any]], Any]
@@ -138,6 +141,20 @@ def check_columns(steps: Iterable[Step], columns: Iterable[str]) -> None:
         if missing:
             raise ValueError(f"stage {step.name} needs the columns {missing}, which no earlier stage adds")
         available = (available | set(getattr(step, "adds", ()))) - set(step.drops)
+
+
+def drop_early(steps: list[Step]) -> list[Step]:
+    """``steps`` with each column that a step drops without needing it dropped instead by the stage that last
+    needs or adds it before (its batch function's output loses it, in the same task), where there is one."""
+    steps = list(steps)
+    for j, step in enumerate(steps):
+        for column in (c for c in step.drops if c not in step.needs):
+            users = [i for i in range(j) if column in steps[i].needs or column in getattr(steps[i], "adds", ())]
+            if users and isinstance(steps[users[-1]], Stage):
+                last = steps[users[-1]]
+                steps[users[-1]] = replace(last, drops=(*last.drops, column))
+                steps[j] = step = replace(step, drops=tuple(c for c in step.drops if c != column))
+    return steps
 
 
 def _resolve(args: tuple[Any, ...], values: dict[str, Any]) -> tuple[Any, ...]:
@@ -159,9 +176,9 @@ def apply(ds, steps: list[Step], tolerate: bool, retries: int):
     context.retried_map_errors = [StageFailed.MARK]  # Ray Data retries a map task whose error says this
     context.max_map_retries = retries
     context.raise_original_map_exception = True  # the driver gets the StageFailed itself
-    for step in steps:
+    for step in drop_early(steps):
         if isinstance(step, Barrier):
-            ds = step.run(ds, values)
+            ds = step.run(ds.drop_columns(list(step.drops)) if step.drops else ds, values)
             continue
         guarded = _guarded_class(step)
         args = (step, _resolve(step.args, values), tolerate)
