@@ -159,6 +159,8 @@ def main() -> None:
     for i, ((single, _), (ray_run, _)) in enumerate(rounds, 1):
         print(f"- round {i}, the pipeline's CPU seconds by process: {ray_run.breakdown()}; "
               f"the loop's: {single.cpu:.1f}")
+        print(f"- round {i}, the pipeline's memory at its peak PSS, MiB of PSS (RSS) by process: "
+              f"{ray_run.memory_breakdown()}")
     if len(rounds) > 1:
         def median(ratio) -> float:
             return statistics.median(ratio(single, ray_run) for (single, _), (ray_run, _) in rounds)

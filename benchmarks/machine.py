@@ -75,7 +75,7 @@ def process_kind(process: psutil.Process, known: str = "?") -> str:
         return known
     if title.startswith("ray::MapWorker("):
         return "actor " + title.removeprefix("ray::MapWorker(").split(")")[0].removeprefix("MapBatches(")
-    if title.startswith("ray::_") or title.startswith(("ray::ActorLocationTracker", "ray::DashboardAgent")):
+    if title.startswith(("ray::_", "ray::ActorLocationTracker", "ray::DashboardAgent")):
         return "Ray's own actors and agents"
     if title.startswith("ray::"):
         return "Ray task workers"
@@ -108,6 +108,7 @@ class Meter:
         self.proportional = proportional
         self.peak = 0
         self.peak_pss = 0
+        self.at_peak: dict[str, tuple[int, int, int]] = {}
         self._samples = 0
         self._cpu0: dict[int, float] = {}
         self._cpu: dict[int, float] = {}
@@ -115,23 +116,26 @@ class Meter:
         self._stop = threading.Event()
 
     def _sample(self) -> None:
-        rss = pss = 0
         proportional = self.proportional and self._samples % 5 == 0
         self._samples += 1
+        by_kind: dict[str, tuple[int, int, int]] = {}
         for p in self.processes():
             try:
-                times, mem = p.cpu_times(), p.memory_info().rss
-                pss += p.memory_full_info().pss if proportional else 0
+                times, rss = p.cpu_times(), p.memory_info().rss
+                pss = p.memory_full_info().pss if proportional else 0
             except psutil.Error:
                 continue
             self._cpu0.setdefault(p.pid, times.user + times.system)
             self._cpu[p.pid] = times.user + times.system
             kind = self._kind.get(p.pid, "?")
             if not kind.startswith("actor "):  # a worker takes its title once it has a role
-                self._kind[p.pid] = process_kind(p, kind)
-            rss += mem
+                self._kind[p.pid] = kind = process_kind(p, kind)
+            kind_rss, kind_pss, count = by_kind.get(kind, (0, 0, 0))
+            by_kind[kind] = (kind_rss + rss, kind_pss + pss, count + 1)
+        rss, pss = sum(m[0] for m in by_kind.values()), sum(m[1] for m in by_kind.values())
         self.peak = max(self.peak, rss)
-        self.peak_pss = max(self.peak_pss, pss)
+        if pss > self.peak_pss:
+            self.peak_pss, self.at_peak = pss, by_kind
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
@@ -168,6 +172,12 @@ class Meter:
     def breakdown(self) -> str:
         """:meth:`cpu_by_kind` as one line."""
         return ", ".join(f"{kind} {cpu:.1f}" for kind, cpu in self.cpu_by_kind().items() if cpu >= 0.05)
+
+    def memory_breakdown(self) -> str:
+        """PSS (RSS) in MiB and the number of processes by kind of process (:func:`process_kind`), at the sample
+        with the peak sum of PSS (with ``proportional``), as one line, the largest first."""
+        kinds = sorted(self.at_peak.items(), key=lambda item: -item[1][1])
+        return ", ".join(f"{kind} ×{n} {pss / 2**20:.0f} ({rss / 2**20:.0f})" for kind, (rss, pss, n) in kinds)
 
     @property
     def others(self) -> float:
