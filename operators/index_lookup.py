@@ -9,25 +9,42 @@ at its start, once per worker process and user.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 
 from operators.base import Resources, Stage
-from operators.rows import map_rows
-from plvm_model.face_index import IndexSource
+from operators.rows import as_row_faces, map_rows
+from plvm_model.face_index import SCHEMA, IndexSource
 
-_CACHE: dict[tuple[str, str, tuple[str, ...]], dict[str, dict]] = {}
-"""What this worker process read: (index root, user, pinned parts) -> content_hash -> current row."""
+@dataclass(frozen=True)
+class _Known:
+    """A user's current index rows (content_hash, path, width, height, faces as rows' faces), held column by column
+    (an archive of a million photos takes about a GB, not a Python object per face), and each content hash's row."""
+
+    rows: pa.Table
+    at: dict[str, int]
+
+    def get(self, content_hash: str) -> dict | None:
+        i = self.at.get(content_hash)
+        return None if i is None else self.rows.slice(i, 1).to_pylist()[0]
 
 
-def _known(source: IndexSource, user_id: str) -> dict[str, dict]:
-    """content_hash -> the current index row of ``user_id``, at the parts the run pinned."""
+_CACHE: dict[tuple[str, str, tuple[str, ...]], _Known] = {}
+"""What this worker process read: (index root, user, pinned parts) -> the user's current rows."""
+
+
+def _known(source: IndexSource, user_id: str) -> _Known:
+    """The current index rows of ``user_id``, at the parts the run pinned."""
     parts = source.pinned.get(user_id, ())
     key = (source.uri, user_id, parts)
     if key not in _CACHE:
         if len(_CACHE) >= 8:
             _CACHE.clear()
-        rows = source.open().read(user_id, source.embedder, parts=list(parts)) if parts else None
-        _CACHE[key] = {} if rows is None else {row["content_hash"]: row for row in rows.to_pylist()}
+        rows = source.open().read(user_id, source.embedder, parts=list(parts)) if parts else SCHEMA.empty_table()
+        rows = rows.select(["content_hash", "path", "width", "height", "faces"])
+        rows = rows.set_column(4, "faces", as_row_faces(rows.column("faces")))
+        _CACHE[key] = _Known(rows, {h: i for i, h in enumerate(rows.column("content_hash").to_pylist())})
     return _CACHE[key]
 
 
@@ -41,9 +58,7 @@ class IndexLookup:
         found = _known(self.source, row["user_id"]).get(row["content_hash"])
         row["indexed"] = found is not None and found["path"] == row["path"]
         if found is not None:
-            row["width"], row["height"] = found["width"], found["height"]
-            row["faces"] = [{"box": f["box"], "score": f["score"], "landmarks": f["landmarks"],
-                             "embedding": f["descriptor"]} for f in found["faces"]]  # fmt: skip
+            row["width"], row["height"], row["faces"] = found["width"], found["height"], found["faces"]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return map_rows(batch, self._lookup, add=["width", "height", "faces", "indexed"])

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from plvm_model.faces import Face
 from plvm_model.injection import ConceptTokens
@@ -185,6 +186,30 @@ def map_rows(
             except RowError as error:
                 fail(row, error.kind, f"{row.get('path')}: {error}")
     return to_table(rows, output_columns(batch, [*add, "error", "error_kind"], drop))
+
+
+def as_row_faces(faces: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A face index's ``faces`` column (``plvm_model.face_index.FACE``) as rows' faces (:data:`FACE`), column by
+    column, without a Python object per face: each descriptor becomes the face's ``embedding``, the naming
+    fields are null."""
+    chunks = []
+    for chunk in faces.chunks:
+        items = chunk.values
+        given = dict(zip((f.name for f in items.type), items.flatten()))
+        given["embedding"] = given.pop("descriptor")
+        children = [given[f.name].cast(f.type) if f.name in given else pa.nulls(len(items), f.type) for f in FACE]
+        struct = pa.StructArray.from_arrays(children, fields=list(FACE))
+        mask = chunk.is_null() if chunk.null_count else None
+        chunks.append(pa.ListArray.from_arrays(chunk.offsets, struct, mask=mask))
+    return pa.chunked_array(chunks, pa.list_(FACE))
+
+
+def face_vectors(faces: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """Every face's ``embedding`` in a ``faces`` column, those that have one, as the rows of an (n, ``dim``)
+    float32 matrix (column by column)."""
+    vectors = pc.struct_field(pc.list_flatten(faces), "embedding")
+    vectors = vectors.filter(pc.fill_null(pc.greater(pc.list_value_length(vectors), 0), False))
+    return np.asarray(pc.list_flatten(vectors), np.float32).reshape(-1, dim)
 
 
 def row_pixels(row: dict) -> np.ndarray:

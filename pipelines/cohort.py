@@ -17,13 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.banks import BankCache, BankSource
 from operators.match import MatchConfig, Scales
-from operators.rows import RowError, to_table
+from operators.rows import RowError, as_row_faces, face_vectors, to_table
 from pipelines.stages import Barrier
 from plvm_model.face_index import IndexSource
 
@@ -49,8 +48,7 @@ class CohortScales:
             bank = self.banks.get(user)
         except (RowError, ValueError):  # no usable bank, or no valid user id: the match stage reports it
             return pa.table(out, schema=SCALE_SCHEMA)
-        faces = [f["embedding"] for faces in group.column("faces").to_pylist() for f in faces or [] if f["embedding"]]
-        run = np.asarray(faces, np.float32).reshape(-1, bank.concepts[0].face_descriptors.shape[1])
+        run = face_vectors(group.column("faces"), bank.concepts[0].face_descriptors.shape[1])
         scales = self.rule.scales([c.face_descriptors for c in bank.concepts], run)
         for concept, scale in zip(bank.concepts, scales):
             if scale is not None:
@@ -94,15 +92,16 @@ class IndexCohort:
     exclude: frozenset[str] = frozenset()
 
     def faces(self) -> pa.Table:
-        """(user_id, faces with their ``embedding``) per current index row of the users."""
-        index, out = self.source.open(), {"user_id": [], "faces": []}
+        """(user_id, faces with their ``embedding``) per current index row of the users, column by column (an
+        archive of a million photos takes about a GB here, not a Python object per face)."""
+        index, tables = self.source.open(), []
+        excluded = pa.array(sorted(self.exclude), pa.string())
         for user in self.users:
-            rows = index.read(user, self.source.embedder).select(["content_hash", "faces"]).to_pylist()
-            for row in rows:
-                if row["content_hash"] not in self.exclude:
-                    out["user_id"].append(user)
-                    out["faces"].append([{"embedding": face["descriptor"]} for face in row["faces"]])
-        return to_table([dict(zip(out, r)) for r in zip(*out.values())], ["user_id", "faces"])
+            rows = index.read(user, self.source.embedder).select(["content_hash", "faces"])
+            rows = rows.filter(pc.invert(pc.is_in(rows.column("content_hash"), value_set=excluded)))
+            users = pa.array([user] * rows.num_rows, pa.string())
+            tables.append(pa.table({"user_id": users, "faces": as_row_faces(rows.column("faces"))}))
+        return pa.concat_tables(tables) if tables else to_table([], ["user_id", "faces"])
 
 
 def barrier(config: MatchConfig, banks: BankSource, embedder_space: str, index: IndexCohort | None = None) -> Barrier:

@@ -26,7 +26,7 @@ from operators import read
 from operators.banks import BankSource, BankVersions
 from operators.match import MatchFaces
 from operators.output_table import OutputTable, Staged, keys, new_run_id
-from operators.rows import BANK_ERRORS, output_schema, to_table
+from operators.rows import BANK_ERRORS, as_row_faces, output_schema, to_table
 from pipelines.caption import answering_stages, check_banks, dataset, run_failure
 from pipelines.cohort import IndexCohort, cohort_scales
 from pipelines.config import Config, ModelPaths
@@ -78,44 +78,50 @@ def llm_stages(config: Config, models: ModelPaths, run_id: str, parts: int, bank
     return [read.stage(config.read, config.storage, config.tasks), *answering]
 
 
+NAMING_ROWS = 4096
+"""Rows named at once by a rematch (the naming holds only their faces as Python objects)."""
+
+
 def rename(config: Config, rows: pa.Table, users: list[str], banks: BankVersions) -> tuple[pa.Table, int]:
     """``rows`` (current output rows without an error, or with a bank error) named again from the face index: the
     rows whose set of names changed or whose bank error is gone, with their indexed faces matched and their size,
-    and how many rows the index lacks."""
+    and how many rows the index lacks. The index is joined to the rows column by column, and the faces are named
+    :data:`NAMING_ROWS` rows at a time."""
     space = embedder_class(config.embed.kind).space
     index = FaceIndex(config.index.root(config.output.uri), config.storage)
     source = IndexSource(index.uri, config.storage, space, {u: tuple(index.parts(u)) for u in users})
     bank_source = BankSource(config.bank, config.storage, banks)
-    listed: list[dict] = []
-    exclude: set[str] = set()
-    missing = 0
+    listed, exclude = [], set()
     for user in users:
-        indexed = index.read(user, space, parts=list(source.pinned[user])).to_pylist()
-        by_path = {r["path"]: r for r in indexed}
-        mine = rows.filter(pc.equal(rows.column("user_id"), user)).to_pylist()
-        paths = {r["path"] for r in mine}
-        exclude |= {r["content_hash"] for r in indexed if r["path"] not in paths}  # not a photo of the output
-        for row in mine:
-            found = by_path.get(row["path"])
-            if found is None:
-                missing += 1
-                continue
-            faces = [{"box": f["box"], "score": f["score"], "landmarks": f["landmarks"], "embedding": f["descriptor"]}
-                     for f in found["faces"]]  # fmt: skip
-            # a row with a bank error has no names: None, which no set of names equals
-            names = None if row["error"] is not None else sorted(row["concepts"] or [])
-            listed.append({"path": row["path"], "user_id": user, "width": found["width"], "height": found["height"],
-                           "faces": faces, "concepts": names, "error": None, "error_kind": None})  # fmt: skip
+        indexed = index.read(user, space, parts=list(source.pinned[user]))
+        mine = rows.filter(pc.equal(rows.column("user_id"), user))
+        outside = pc.invert(pc.is_in(indexed.column("path"), value_set=mine.column("path")))
+        exclude |= set(indexed.filter(outside).column("content_hash").to_pylist())  # not a photo of the output
+        at = pc.index_in(mine.column("path"), value_set=indexed.column("path"))
+        found = pc.is_valid(at)
+        mine, hit = mine.filter(found), indexed.take(at.filter(found))
+        # a row with a bank error has no names: None, which no set of names equals
+        names = [None if error is not None else sorted(concepts or []) for concepts, error in
+                 zip(mine.column("concepts").to_pylist(), mine.column("error").to_pylist())]  # fmt: skip
+        nulls = pa.nulls(mine.num_rows, pa.string())
+        listed.append((pa.table({"path": mine.column("path"), "user_id": mine.column("user_id"),
+                                 "width": hit.column("width"), "height": hit.column("height"),
+                                 "faces": as_row_faces(hit.column("faces")), "error": nulls, "error_kind": nulls}),
+                       names))  # fmt: skip
+    missing = rows.num_rows - sum(table.num_rows for table, _ in listed)
     scales = None
     if config.match.normalization == "cohort":
         cohort = IndexCohort(source, tuple(users), frozenset(exclude))
         scales = cohort_scales(cohort.faces(), config.match, bank_source, space)
-    before = [r.pop("concepts") for r in listed]
-    columns = ["path", "user_id", "width", "height", "faces", "error", "error_kind"]
-    named = MatchFaces(config.match, bank_source, space, scales)(to_table(listed, columns))
-    after = zip(before, named.column("concepts").to_pylist(), named.column("error").to_pylist())
-    changed = [i for i, (old, new, error) in enumerate(after) if error is None and sorted(new) != old]
-    return named.take(pa.array(changed, pa.int64())), missing
+    matcher = MatchFaces(config.match, bank_source, space, scales)
+    changed = [matcher(to_table([], ["path", "user_id", "width", "height", "faces", "error", "error_kind"]))]
+    for table, before in listed:
+        for start in range(0, table.num_rows, NAMING_ROWS):
+            named = matcher(table.slice(start, NAMING_ROWS))
+            after = zip(before[start:], named.column("concepts").to_pylist(), named.column("error").to_pylist())
+            keep = [error is None and sorted(new) != old for old, new, error in after]
+            changed.append(named.filter(pa.array(keep, pa.bool_())))
+    return pa.concat_tables(changed), missing
 
 
 def rematch(config: Config, output_uri: str, user: str | None = None) -> RematchSummary:

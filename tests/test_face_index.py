@@ -20,6 +20,7 @@ from operators.detect import DetectFaces
 from operators.embed import EmbedFaces
 from operators.prompt import ChooseConcepts
 from operators.output_table import read_output
+from operators.rows import COLUMNS, as_row_faces, face_vectors, to_table
 from pipelines import cli
 from pipelines.caption import caption, caption_stages
 from pipelines.enroll import enroll
@@ -55,6 +56,19 @@ def test_the_current_rows_are_the_newest_per_photo_bytes_then_per_path(tmp_path)
     assert meta[b"plvm.index_schema_version"] == str(SCHEMA_VERSION).encode() and meta[b"plvm.embedder"] == b"space"
     assert content_hash(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert not list((tmp_path / "faces" / "ann").glob(".*")), "no temporary file is left"
+
+
+def test_index_faces_become_rows_faces_column_by_column():
+    rows = [_row("a", "/p/a.jpg", 1, "r1", faces=2), _row("b", "/p/b.jpg", 2, "r1", faces=0),
+            _row("c", "/p/c.jpg", 3, "r1")]  # fmt: skip
+    table = pa.Table.from_pylist(rows, SCHEMA)
+    column = pa.concat_tables([table, table]).slice(1, 4).column("faces")  # two chunks, the first sliced
+    faces = as_row_faces(column)
+    expected = [[{"box": f["box"], "score": f["score"], "landmarks": f["landmarks"], "embedding": f["descriptor"]}
+                 for f in photo_faces] for photo_faces in column.to_pylist()]  # fmt: skip
+    assert faces.type == COLUMNS["faces"]
+    assert faces.equals(to_table([{"faces": f} for f in expected], ["faces"]).column("faces"))
+    assert face_vectors(faces, 4).tolist() == [[3.0] * 4, [1.0] * 4, [1.0] * 4]  # b (no face), c, a (two)
 
 
 def test_compaction_keeps_the_current_rows_in_one_part_per_descriptor_space(tmp_path, capsys):
