@@ -199,13 +199,18 @@ class FaceIndex:
 
 def current(rows: pa.Table) -> pa.Table:
     """The newest row (``indexed_at``, then ``run_id``) of each content hash, then of each path."""
-    order = [("indexed_at", "descending"), ("run_id", "descending")]
-    rows = rows.take(pc.sort_indices(rows, sort_keys=order))
-    for key in ("content_hash", "path"):
-        seen: set[str] = set()
-        keep = [not (v in seen or seen.add(v)) for v in rows.column(key).to_pylist()]
-        rows = rows.filter(pa.array(keep, pa.bool_()))
-    return rows
+    order = pc.sort_indices(rows, sort_keys=[("indexed_at", "descending"), ("run_id", "descending")])
+    hashes, paths = (rows.column(key).take(order).to_pylist() for key in ("content_hash", "path"))
+    seen_hashes: set[str] = set()
+    seen_paths: set[str] = set()
+    keep = []
+    for i, digest, path in zip(order.to_pylist(), hashes, paths):
+        if digest not in seen_hashes:  # the newest row of these bytes ...
+            seen_hashes.add(digest)
+            if path not in seen_paths:  # ... and of that path among those
+                seen_paths.add(path)
+                keep.append(i)
+    return rows.take(pa.array(keep, pa.int64()))  # one copy of the rows kept, not one per step
 
 
 @dataclass(frozen=True)
