@@ -17,6 +17,7 @@ from operators.base import Resources, Stage
 from operators.rows import as_row_faces, map_rows
 from plvm_model.face_index import SCHEMA, IndexSource
 
+
 @dataclass(frozen=True)
 class _Known:
     """A user's current index rows (content_hash, path, width, height, faces as rows' faces), held column by column

@@ -23,3 +23,15 @@ def test_the_engine_benchmark_runs_both_engines_in_the_default_concept_style(tin
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 1 and rows[0].endswith("| yes |"), done.stdout  # both engines, the same tokens
+
+
+def test_the_index_naming_benchmark_names_a_synthetic_index(yollava):
+    command = [sys.executable, str(REPO / "benchmarks" / "index_naming.py"), "--photos", "300", "--data", str(yollava)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("|")[2].strip(): line.split("|")[5].strip() for line in done.stdout.splitlines()
+            if line.startswith("| 300 |")}  # fmt: skip
+    assert rows["lookup"] == "300 photos" and rows["cohort"] == "5 scales", done.stdout
+    named, rest = rows["rematch naming"].split(" ", 1)  # some of the faces near the enrolled people are named
+    assert int(named) > 0 and rest == "photos named otherwise, 0 not indexed", done.stdout
