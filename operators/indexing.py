@@ -29,6 +29,13 @@ class IndexConfig(StageConfig):
         description="Root of the face index (per user: each photo's faces, keyed by its bytes; a local path or any "
         "fsspec URI). null: `OUTPUT/_faces`, beside the output.",
     )
+    compact_parts: int | None = Field(
+        64,
+        ge=1,
+        description="After a caption run that did not fail, each of its users whose index then has more parts than "
+        "this is compacted (as `plvm index compact`: one part per descriptor space), under the run's lease. null: "
+        "only by hand.",
+    )
 
     def root(self, output_uri: str) -> str:
         """The index's root for a run into ``output_uri``."""

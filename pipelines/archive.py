@@ -1,5 +1,6 @@
 """What a caption run takes from the face index before it starts: the parts it looks photos up in, the
-photos deleted from the archive since they were indexed, and (``--rebuild-index``) damaged parts dropped."""
+photos deleted from the archive since they were indexed, and (``--rebuild-index``) damaged parts dropped;
+and what it does to the index at its end: compact the users whose parts grew too many."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from operators.output_table import new_run_id
 from pipelines.cohort import IndexCohort
 from pipelines.config import Config
 from plvm_model import storage
-from plvm_model.face_index import FaceIndex, IndexSource
+from plvm_model.face_index import Compacted, FaceIndex, IndexSource
 from plvm_model.faces import embedder_class
 
 
@@ -45,3 +47,12 @@ def open_archive(config: Config, listing: pa.Table, users: list[str], rebuild: b
     source = IndexSource(index.uri, config.storage, space, pinned)
     cohort = IndexCohort(source, tuple(pinned), frozenset(deleted.values()))
     return Archive(source, cohort, sorted(deleted), [part.uri for part in dropped])
+
+
+def compact_grown(archive: Archive, limit: int | None) -> list[Compacted]:
+    """Compact each of the run's users whose index has more than ``limit`` parts (none if ``limit`` is None); the
+    caller holds the output's lease."""
+    if limit is None:
+        return []
+    index, run_id = archive.source.open(), new_run_id()
+    return [index.compact(user, run_id) for user in archive.source.pinned if len(index.parts(user)) > limit]

@@ -33,7 +33,7 @@ from operators.output_table import OutputTable, Staged, keys, new_run_id
 from operators.read import list_inputs
 from operators.rows import RETRYABLE, output_schema
 from pipelines import cohort, preflight
-from pipelines.archive import Archive, open_archive
+from pipelines.archive import Archive, compact_grown, open_archive
 from pipelines.config import Config, ModelPaths, RayConfig
 from pipelines.runtime import init_ray
 from pipelines.stages import StageFailed, Step, apply, cause_of
@@ -142,6 +142,8 @@ class RunSummary:
     """The first of them."""
     index_dropped: list[str] = field(default_factory=list)
     """Damaged face index parts removed by ``--rebuild-index`` (their photos detected again)."""
+    index_compacted: dict[str, list[int]] = field(default_factory=dict)
+    """Users whose index parts the run compacted at its end (``index.compact_parts``): [parts before, after]."""
     faces: int = 0
     matched: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -168,6 +170,8 @@ class RunSummary:
             f"deleted from the archive"
             + (f" ({', '.join(self.deleted_paths)}{', ...' if self.deleted > 5 else ''})" if self.deleted else ""),
             *(f"face index: dropped damaged part {part}" for part in self.index_dropped),
+            *(f"face index: compacted user {user}'s {before} parts into {after}"
+              for user, (before, after) in self.index_compacted.items()),  # fmt: skip
             f"wall {self.wall_s:.1f} s, {self.photos_per_s:.2f} photos/s",
         ]
 
@@ -381,6 +385,9 @@ def _caption(config: Config, output: OutputTable, run_id: str, lease: Lease, res
     failure = failure or _over_budget(summary, table, config.run.max_failed_fraction)
     if failure is not None:
         summary.status, summary.failure = "failed", str(failure)
+    else:
+        done = compact_grown(archive, config.index.compact_parts)
+        summary.index_compacted = {c.user_id: [c.parts_before, c.parts_after] for c in done if c.parts_before != c.parts_after}
     output.record(run_id, asdict(summary))
     if failure is not None:
         raise failure

@@ -200,17 +200,21 @@ class FailsOnPrompt(ChooseConcepts):
 
 def test_three_runs_name_every_face_as_one_run_over_the_whole_archive(tmp_path, yollava, tiny_models, ray_local):
     """The archive is written in three runs: the first two fail on a third of it each time (a bug after
-    naming), and ``--retry-errors`` goes on; every face is named as one run over all of it names it."""
+    naming), and ``--retry-errors`` goes on; every face is named as one run over all of it names it. The
+    split runs compact the index at their end (``index.compact_parts: 1``), which changes no name."""
     paths = [photo(person, f"{i}.jpg") for i in range(3) for person in PEOPLE]  # 15 photos, every person in each third
     thirds = [paths[:5], paths[5:10], paths[10:]]
     one = manifest_config(tmp_path / "one", paths)
     caption(one)
-    split = manifest_config(tmp_path / "split", paths, run={"max_failed_fraction": 1.0})
+    split = manifest_config(tmp_path / "split", paths, run={"max_failed_fraction": 1.0}, index={"compact_parts": 1})
+    index = FaceIndex(split.index.root(split.output.uri))
     for run, failing in enumerate([thirds[1] + thirds[2], thirds[2], []]):
         bug = type("FailsOnPrompt", (FailsOnPrompt,), {"markers": tuple(failing)})
-        caption(split, retry_errors=run > 0, stages=replacing("prompt", bug))
+        summary = caption(split, retry_errors=run > 0, stages=replacing("prompt", bug))
         done = [r["path"] for r in read_output(split.output.uri).to_pylist() if r["error"] is None]
         assert sorted(done) == sorted(paths[: 5 * (run + 1)]), "each run wrote one third"
+        # the first run indexed all 15 photos, in a part per batch of 4, and merged them; the others added none
+        assert summary.index_compacted == ({"ann": [4, 1]} if run == 0 else {}) and len(index.parts("ann")) == 1
 
     def names(config) -> dict[str, list[tuple]]:
         rows = read_output(config.output.uri).to_pylist()
