@@ -170,8 +170,10 @@ class RunSummary:
             f"deleted from the archive"
             + (f" ({', '.join(self.deleted_paths)}{', ...' if self.deleted > 5 else ''})" if self.deleted else ""),
             *(f"face index: dropped damaged part {part}" for part in self.index_dropped),
-            *(f"face index: compacted user {user}'s {before} parts into {after}"
-              for user, (before, after) in self.index_compacted.items()),  # fmt: skip
+            *(
+                f"face index: compacted user {user}'s {n} parts into {m}"
+                for user, (n, m) in self.index_compacted.items()
+            ),
             f"wall {self.wall_s:.1f} s, {self.photos_per_s:.2f} photos/s",
         ]
 
@@ -386,8 +388,8 @@ def _caption(config: Config, output: OutputTable, run_id: str, lease: Lease, res
     if failure is not None:
         summary.status, summary.failure = "failed", str(failure)
     else:
-        done = compact_grown(archive, config.index.compact_parts)
-        summary.index_compacted = {c.user_id: [c.parts_before, c.parts_after] for c in done if c.parts_before != c.parts_after}
+        done = [c for c in compact_grown(archive, config.index.compact_parts) if c.parts_before != c.parts_after]
+        summary.index_compacted = {c.user_id: [c.parts_before, c.parts_after] for c in done}
     output.record(run_id, asdict(summary))
     if failure is not None:
         raise failure
