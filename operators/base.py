@@ -77,6 +77,9 @@ class Stage:
     """One output row per input row, checked on every batch (false only for the write stage)."""
     runtime_env: dict[str, Any] | None = None
     """Ray's runtime environment of the stage's workers (another Python, environment variables)."""
+    joins_next: bool = False
+    """Runs in the next stage's workers, in the same batch call (``pipelines.stages.joined``): a column it adds
+    that a later stage of the call drops never enters Ray's object store."""
     restarts: bool = True
     """Whether Ray starts an actor again when its process dies, and gives it the batch again; false where the
     death must stop the run (the engine: a crashed engine is not retried into every batch)."""

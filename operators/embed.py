@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from operators.base import Resources, Stage, StageConfig
-from operators.rows import map_rows, row_pixels, working_faces
+from operators.rows import embedded, map_rows
 from plvm_model.faces import make_embedder
 
 
@@ -23,17 +24,18 @@ class EmbedConfig(StageConfig):
 
 
 class EmbedFaces:
-    """pixels + faces -> each face's ``embedding``."""
+    """chips -> each face's ``embedding`` (inside ``faces``)."""
 
     def __init__(self, config: EmbedConfig) -> None:
         # dlib runs without torch: this actor does not import it (seconds of CPU per actor)
         self.embedder = make_embedder(config.kind, **config.options)
 
     def _embed(self, row: dict) -> None:
-        if all(face.get("embedding") is not None for face in row["faces"] or []):  # none, or from the face index
+        if embedded(row):  # no face, or faces from the face index
             return
-        vectors = self.embedder.embed(row_pixels(row), working_faces(row))
-        for face, vector in zip(row["faces"], vectors):
+        shape = self.embedder.chip_shape
+        chips = [[np.frombuffer(chip, np.uint8).reshape(shape) for chip in face] for face in row["chips"]]
+        for face, vector in zip(row["faces"], self.embedder.describe(chips), strict=True):
             face["embedding"] = vector.tolist()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -41,5 +43,6 @@ class EmbedFaces:
 
 
 def stage(config: EmbedConfig) -> Stage:
-    """Adds each face's ``embedding`` (inside ``faces``)."""
-    return Stage("embed", EmbedFaces, (config,), config.resources, needs=("pixels", "faces"), actors=True)
+    """Adds each face's ``embedding`` (inside ``faces``) from the chips of the align stage, which it drops."""
+    return Stage("embed", EmbedFaces, (config,), config.resources, needs=("faces", "chips"), drops=("chips",),
+                 actors=True)  # fmt: skip

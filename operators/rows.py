@@ -62,6 +62,7 @@ COLUMNS: dict[str, pa.DataType] = {
     "pixels_width": pa.int32(),
     "pixels_height": pa.int32(),
     "faces": pa.list_(FACE),
+    "chips": pa.list_(pa.list_(pa.binary())),
     "concepts": pa.list_(pa.string()),
     "injected": pa.list_(INJECTED),
     "caption": pa.string(),
@@ -215,6 +216,11 @@ def face_vectors(faces: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
 def row_pixels(row: dict) -> np.ndarray:
     """The working copy of a decoded row as an (H, W, 3) uint8 array (a view of the row's bytes)."""
     return np.frombuffer(row["pixels"], np.uint8).reshape(row["pixels_height"], row["pixels_width"], 3)
+
+
+def embedded(row: dict) -> bool:
+    """Whether every face of the row has its embedding: it has none, or they came from the face index."""
+    return all(face.get("embedding") is not None for face in row["faces"] or [])
 
 
 def face_record(face: Face) -> dict[str, Any]:

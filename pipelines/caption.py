@@ -4,8 +4,9 @@ The pipeline is the list in :func:`caption_stages`, applied by one loop
 (``pipelines.stages.apply``). The model-free stages run as tasks; detect, embed and
 generate run in actor pools, each actor loading its model once. Each photo is read once;
 a photo whose bytes the user's face index holds takes its faces from there (no decode,
-detection or embedding), the others are decoded, detected and embedded, and their faces
-committed to the index. With cohort-normalised matching (the default) the cohort barrier
+detection or embedding), the others are decoded, detected and aligned in one call of the
+detect actor (their pixels never enter the object store: the embed actors get each face's
+chips), embedded, and their faces committed to the index. With cohort-normalised matching (the default) the cohort barrier
 waits for every face of the run before any is matched, and measures the scales over the
 user's whole index; the photos' bytes cross it and are decoded for the LLM after matching
 (a photo that was detected is decoded twice, see the README). The evaluation, VQA and
@@ -27,7 +28,7 @@ from functools import partial
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators import decode, detect, embed, generate, index_lookup, indexing, match, prompt, read, write
+from operators import align, decode, detect, embed, generate, index_lookup, indexing, match, prompt, read, write
 from operators.banks import BankSource, BankVersions
 from operators.output_table import OutputTable, Staged, keys, new_run_id
 from operators.read import list_inputs
@@ -36,7 +37,7 @@ from pipelines import cohort, preflight
 from pipelines.archive import Archive, compact_grown, open_archive
 from pipelines.config import Config, ModelPaths, RayConfig
 from pipelines.runtime import init_ray
-from pipelines.stages import StageFailed, Step, apply, cause_of
+from pipelines.stages import StageFailed, Step, apply, cause_of, joined
 from plvm_model.bank import ConceptBank
 from plvm_model.concept_token import check_servable
 from plvm_model.errors import BankError, ConfigError, OutputExists, RowCountMismatch, RunFailed
@@ -47,12 +48,11 @@ log = logging.getLogger(__name__)
 
 
 def face_stages(config: Config) -> list[Step]:
-    """read -> decode -> detect -> embed: every face of every photo, with its descriptor."""
+    """read -> decode -> detect -> align -> embed: every face of every photo, with its descriptor."""
     tasks = config.tasks
     return [
         read.stage(config.read, config.storage, tasks),
-        decode.stage(config.decode, tasks),
-        detect.stage(config.detect),
+        *joined(decode.stage(config.decode, tasks), detect.stage(config.detect), align.stage(config.embed, tasks)),
         embed.stage(config.embed),
     ]
 
@@ -82,8 +82,11 @@ def caption_stages(
     return [
         read.stage(config.read, config.storage, tasks),
         index_lookup.stage(archive.source, tasks),
-        decode.stage(config.decode, tasks, for_faces=True),
-        detect.stage(config.detect),
+        *joined(
+            decode.stage(config.decode, tasks, for_faces=True),
+            detect.stage(config.detect),
+            align.stage(config.embed, tasks),
+        ),
         embed.stage(config.embed),
         indexing.stage(archive.source, config.output.uri, run_id, tasks),
         *(barrier if config.match.normalization == "cohort" else []),

@@ -3,8 +3,8 @@
 With ``match.normalization: cohort`` a concept's scale is measured on its user's cohort (the
 bank's other concepts and the faces of the user's photos; the rule is
 ``plvm_model.faces.matching.MatchRule``). The photos' pixels do not cross the barrier (it drops
-them, and the pipeline drops them already at their last reader, the embed stage; the faces are
-kept, small; the caption run keeps the photos' bytes and decodes them once more for the LLM).
+them, and the pipeline drops them already at their last reader, the align stage, inside the
+detect actor: they never enter the object store); the faces are kept, small; the caption run keeps the photos' bytes and decodes them once more for the LLM).
 It materializes the run and computes every user's scales: in the driver when the faces fit in
 ``match.cohort_gather_mb``, else by a groupby on the cluster.
 

@@ -5,9 +5,11 @@ A pipeline is a list of steps: :class:`operators.base.Stage` descriptors, and
 :func:`apply` checks, before anything runs, that every stage's needed columns come from
 the listing or an earlier stage, then maps each stage over the dataset as its descriptor
 says (tasks or an actor pool, its resources). A column that a later step drops leaves the
-rows as soon as no step needs it any more (:func:`drop_early`): the photos' pixels do not
-ride through the object store past the last stage that reads them. :class:`InProcess` runs the same stages in
-this process, without Ray (enrollment's few photos).
+rows as soon as no step needs it any more (:func:`drop_early`), and stages :func:`joined`
+into one batch call keep what passes between them out of Ray's object store: the caption
+pipeline decodes, detects and aligns in the detect actor, so that a photo's pixels never
+leave it. :class:`InProcess` runs the same stages in this process, without Ray (enrollment's
+few photos).
 
 Every stage's batch function is wrapped in :class:`Guarded`, which checks the columns it
 needs and that it returns one row per row, and applies the error policy:
@@ -157,13 +159,56 @@ def drop_early(steps: list[Step]) -> list[Step]:
     return steps
 
 
+def joined(*stages: Stage) -> list[Stage]:
+    """``stages`` as one batch call: each batch goes through all of them in turn, in the workers of the one that
+    runs in actors (if any; else as tasks, with the last one's resources). What one adds and a later one drops
+    (see :func:`drop_early`) never leaves that call."""
+    return [replace(stage, joins_next=True) for stage in stages[:-1]] + [replace(stages[-1], joins_next=False)]
+
+
+def calls(steps: list[Step]) -> list[Barrier | tuple[Stage, ...]]:
+    """``steps`` as Ray runs them: each barrier, and each run of stages joined into one batch call."""
+    out: list[Barrier | tuple[Stage, ...]] = []
+    current: list[Stage] = []
+    for step in steps:
+        if isinstance(step, Barrier) and current:
+            raise ValueError(f"stage {current[-1].name} cannot join the barrier {step.name}")
+        if isinstance(step, Barrier) or not step.joins_next:
+            out.append(step if isinstance(step, Barrier) else (*current, step))
+            current = []
+        else:
+            current.append(step)
+    if current:
+        raise ValueError(f"stage {current[-1].name} joins a next stage, and none follows")
+    for call in (c for c in out if isinstance(c, tuple) and len(c) > 1):
+        names = ", ".join(stage.name for stage in call)
+        if sum(stage.actors for stage in call) > 1:
+            raise ValueError(f"stages {names} join two actor pools into one call")
+        if any(stage.runtime_env != call[0].runtime_env for stage in call):
+            raise ValueError(f"stages {names} need different runtime environments: they cannot share a call")
+    return out
+
+
+class Joined:
+    """Stages joined into one batch call, each :class:`Guarded`, applied in turn."""
+
+    def __init__(self, stages: tuple[tuple[Stage, tuple[Any, ...]], ...], tolerate: bool) -> None:
+        self.guarded = [Guarded(stage, args, tolerate) for stage, args in stages]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for guarded in self.guarded:
+            batch = guarded(batch)
+        return batch
+
+
 def _resolve(args: tuple[Any, ...], values: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(values[a.name] if isinstance(a, FromRun) else a for a in args)
 
 
-def _guarded_class(stage: Stage) -> type:
-    """A subclass of :class:`Guarded` named after the stage's function, so Ray names its operator the same."""
-    return type(stage.udf.__name__, (Guarded,), {"__module__": __name__})
+def _joined_class(stages: tuple[Stage, ...]) -> type:
+    """A subclass of :class:`Joined` named after the stages' functions (``Decode+DetectFaces+AlignFaces``), so
+    Ray names its operator and workers the same."""
+    return type("+".join(stage.udf.__name__ for stage in stages), (Joined,), {"__module__": __name__})
 
 
 def apply(ds, steps: list[Step], tolerate: bool, retries: int):
@@ -176,19 +221,19 @@ def apply(ds, steps: list[Step], tolerate: bool, retries: int):
     context.retried_map_errors = [StageFailed.MARK]  # Ray Data retries a map task whose error says this
     context.max_map_retries = retries
     context.raise_original_map_exception = True  # the driver gets the StageFailed itself
-    for step in drop_early(steps):
-        if isinstance(step, Barrier):
-            ds = step.run(ds.drop_columns(list(step.drops)) if step.drops else ds, values)
+    for call in calls(drop_early(steps)):
+        if isinstance(call, Barrier):
+            ds = call.run(ds.drop_columns(list(call.drops)) if call.drops else ds, values)
             continue
-        guarded = _guarded_class(step)
-        args = (step, _resolve(step.args, values), tolerate)
+        step = next((stage for stage in call if stage.actors), call[-1])  # the stage whose workers run the call
+        args = (tuple((stage, _resolve(stage.args, values)) for stage in call), tolerate)
         resources: Resources = step.resources
         if step.actors:
             compute = ray.data.ActorPoolStrategy(size=resources.concurrency)
-            udf, options = guarded, {"fn_constructor_args": args, "num_gpus": resources.num_gpus or None}
+            udf, options = _joined_class(call), {"fn_constructor_args": args, "num_gpus": resources.num_gpus or None}
         else:
             compute = ray.data.TaskPoolStrategy(size=resources.concurrency)
-            udf, options = guarded(*args), {}
+            udf, options = _joined_class(call)(*args), {}
         with warnings.catch_warnings():
             # Ray 2.60 takes max_restarts only among its ray_remote_args, which it marks deprecated without
             # naming a replacement; its actor pool reads it (actor_pool_map_operator: "max_restarts=0 to disable")
@@ -199,7 +244,7 @@ def apply(ds, steps: list[Step], tolerate: bool, retries: int):
                 batch_format="pyarrow",
                 batch_size=resources.batch_size,
                 num_cpus=resources.num_cpus,
-                udf_modifying_row_count=not step.keeps_rows,
+                udf_modifying_row_count=not all(stage.keeps_rows for stage in call),
                 runtime_env=step.runtime_env,
                 **options,
                 **({} if step.restarts or not step.actors else {"max_restarts": 0}),
@@ -212,13 +257,11 @@ class InProcess:
 
     def __init__(self, steps: list[Stage]) -> None:
         self.steps = steps
-        self.guarded = [Guarded(step, step.args, tolerate=False) for step in steps]
+        self.joined = Joined(tuple((step, step.args) for step in steps), tolerate=False)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         check_columns(self.steps, batch.column_names)
-        for guarded in self.guarded:
-            batch = guarded(batch)
-        return batch
+        return self.joined(batch)
 
 
 def cause_of(error: BaseException, *types: type[BaseException]) -> BaseException | None:

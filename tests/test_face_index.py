@@ -120,10 +120,10 @@ class Counting:
     log = ""
 
     def count(self, method):
-        def counted(pixels, *args):
+        def counted(*args):
             with open(self.log, "a") as f:
                 f.write(f"{type(self).__name__}\n")
-            return method(pixels, *args)
+            return method(*args)
 
         return counted
 
@@ -137,7 +137,7 @@ class CountingDetect(Counting, DetectFaces):
 class CountingEmbed(Counting, EmbedFaces):
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.embedder.embed = self.count(self.embedder.embed)
+        self.embedder.describe = self.count(self.embedder.describe)
 
 
 def counting(log: Path):

@@ -2,13 +2,17 @@
 
 The embedder sits behind :class:`FaceEmbedder` so that a stronger model can be dropped in:
 it only has to turn faces found by the detector into fixed-length vectors compared by
-Euclidean distance.
+Euclidean distance. It does so in two steps, as facenet-pytorch's MTCNN hands aligned crops
+to its ResNet: :meth:`FaceEmbedder.chips` cuts each face's aligned chips out of the photo
+(cheap, needs the photo), :meth:`FaceEmbedder.describe` runs the network on them (costly,
+needs only the chips), so that a pipeline can pass small chips instead of whole photos
+between the two.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,9 +27,19 @@ class FaceEmbedder(Protocol):
     space: str
     """Names the descriptor space: descriptors of one space are comparable, whatever the options."""
     dim: int
+    chip_shape: tuple[int, ...]
+    """The shape of every chip (uint8)."""
+
+    def chips(self, image: np.ndarray, face: Face) -> list[np.ndarray]:
+        """The face's aligned chips in an RGB uint8 image (H, W, 3): the network's input."""
+        ...
+
+    def describe(self, chips: list[list[np.ndarray]]) -> np.ndarray:
+        """One float32 descriptor per face from its chips, shape (len(chips), dim)."""
+        ...
 
     def embed(self, image: np.ndarray, faces: list[Face]) -> np.ndarray:
-        """One float32 descriptor per face, shape (len(faces), dim)."""
+        """One float32 descriptor per face, shape (len(faces), dim): :meth:`describe` of their :meth:`chips`."""
         ...
 
 
@@ -60,26 +74,35 @@ class DlibEmbedder:
 
     dim = 128
     space = "dlib-resnet-v1"
+    chip_shape = (CHIP_SIZE, CHIP_SIZE, 3)
 
-    def __init__(
-        self, num_jitters: int = 0, flip: bool = True, padding: float = 0.25, alignment: str = "both"
-    ) -> None:
+    def __init__(self, num_jitters: int = 0, flip: bool = True, padding: float = 0.25, alignment: str = "both") -> None:
         import dlib
 
         if alignment not in ALIGNMENTS:
             raise ValueError(f"face alignment must be one of {ALIGNMENTS}, not {alignment!r}")
-        models = face_models_dir()
+        face_models_dir()  # the package is there: a stage without it fails to start, before any photo
         self._dlib = dlib
-        self._shape = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
-        self._net = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
         self.num_jitters = num_jitters
         self.flip = flip
         self.padding = padding
         self.alignment = alignment
         self.name = f"dlib-resnet-v1(align={alignment},flip={int(flip)},jitter={num_jitters})"
 
+    @cached_property
+    def _shape(self):
+        """dlib's 5-point shape predictor (loaded by the first chip: a process that only describes never does)."""
+        return self._dlib.shape_predictor(str(face_models_dir() / "shape_predictor_5_face_landmarks.dat"))
+
+    @cached_property
+    def _net(self):
+        """dlib's descriptor network (loaded by the first description: a process that only cuts chips never does)."""
+        model = face_models_dir() / "dlib_face_recognition_resnet_model_v1.dat"
+        return self._dlib.face_recognition_model_v1(str(model))
+
     def chips(self, image: np.ndarray, face: Face) -> list[np.ndarray]:
         """The face's 150x150 chips: the network's input, before mirroring."""
+        image = np.ascontiguousarray(image)
         chips = []
         if self.alignment in ("dlib", "both"):
             x1, y1, x2, y2 = face.box
@@ -89,16 +112,17 @@ class DlibEmbedder:
             chips.append(landmark_chip(image, face.landmarks))
         return chips
 
-    def embed(self, image: np.ndarray, faces: list[Face]) -> np.ndarray:
-        if not faces:
+    def describe(self, chips: list[list[np.ndarray]]) -> np.ndarray:
+        if not chips:
             return np.zeros((0, self.dim), np.float32)
-        image = np.ascontiguousarray(image)
-        per_face = [self.chips(image, face) for face in faces]
         if self.flip:
-            per_face = [chips + [np.ascontiguousarray(c[:, ::-1]) for c in chips] for chips in per_face]
-        batch = [chip for chips in per_face for chip in chips]
+            chips = [face + [np.ascontiguousarray(c[:, ::-1]) for c in face] for face in chips]
+        batch = [chip for face in chips for chip in face]
         vectors = np.asarray(self._net.compute_face_descriptor(batch, self.num_jitters), np.float32)
-        return vectors.reshape(len(faces), -1, self.dim).mean(axis=1)
+        return vectors.reshape(len(chips), -1, self.dim).mean(axis=1)
+
+    def embed(self, image: np.ndarray, faces: list[Face]) -> np.ndarray:
+        return self.describe([self.chips(image, face) for face in faces])
 
 
 EMBEDDERS: dict[str, type] = {"dlib": DlibEmbedder}
