@@ -14,7 +14,9 @@ class DetectConfig(StageConfig):
     long_side: int = Field(1024, ge=64, description="MTCNN runs on a copy resized to this long side.")
     min_face_size: int = Field(20, ge=8, description="MTCNN's smallest face, in pixels of that copy.")
     score_threshold: float = Field(0.9, ge=0, le=1, description="Faces with a lower detection score are dropped.")
-    resources: Resources = Field(Resources(), description="The MTCNN actors.")
+    resources: Resources = Field(
+        Resources(), description="The MTCNN actors (which also decode the photos and cut the faces' chips)."
+    )
 
 
 class DetectFaces:

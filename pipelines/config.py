@@ -151,7 +151,8 @@ class Config(StageConfig):
     tasks: Resources = Field(
         Resources(concurrency=2, num_cpus=0.25, batch_size=8),
         description="Resources of the model-free stages (read, decode, match, prompt, write); `concurrency` is the "
-        "most tasks of each stage at once.",
+        "most tasks of each stage at once. The decode and align of a photo's faces run in the detect actors' "
+        "batch calls, with `detect.resources`.",
     )
 
     @model_validator(mode="after")
