@@ -6,11 +6,11 @@ generate run in actor pools, each actor loading its model once. Each photo is re
 a photo whose bytes the user's face index holds takes its faces from there (no decode,
 detection or embedding), the others are decoded, detected and aligned in one call of the
 detect actor (their pixels never enter the object store: the embed actors get each face's
-chips), embedded, and their faces committed to the index. With cohort-normalised matching (the default) the cohort barrier
-waits for every face of the run before any is matched, and measures the scales over the
-user's whole index; the photos' bytes cross it and are decoded for the LLM after matching
-(a photo that was detected is decoded twice, see the README). The evaluation, VQA and
-benchmark paths take named prefixes of the same list (:func:`face_stages`,
+chips), embedded, and their faces committed to the index. With cohort-normalised matching
+(the default) the cohort barrier waits for every face of the run before any is matched, and
+measures the scales over the user's whole index; the photos' bytes cross it and are decoded
+for the LLM after matching (a photo that was detected is decoded twice, see the README). The
+evaluation, VQA and benchmark paths take named prefixes of the same list (:func:`face_stages`,
 :func:`naming_stages`), without the index.
 """
 
