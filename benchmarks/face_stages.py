@@ -1,4 +1,4 @@
-"""Face stages (decode, detect, embed, match): the Ray pipeline against a plain single-process loop.
+"""Face stages (decode, detect, align, embed, match): the Ray pipeline against a plain single-process loop.
 
     .venv/bin/python benchmarks/face_stages.py [PHOTOS_DIR] [--repeat N] [--rounds R] [--config configs/local.yaml]
 

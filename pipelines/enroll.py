@@ -153,7 +153,7 @@ class Enroller:
         return self._encoder
 
     def reference_faces(self, paths: list[str]) -> list[dict]:
-        """Each reference photo's row after the read, decode, detect and embed operators."""
+        """Each reference photo's row after the read, decode, detect, align and embed operators."""
         rows = self.faces(to_table([{"path": p, "user_id": None} for p in paths], ["path", "user_id"])).to_pylist()
         for row in rows:
             if row["error"]:

@@ -2,7 +2,7 @@
 
 The data set is in the PLVM/YoLLaVA layout: one folder per person with ``ref_img.*`` (the
 only reference) and that person's photos. Each person is enrolled by the real enrollment
-code, the photos go through the Ray pipeline's read, decode, detect and embed stages, and
+code, the photos go through the Ray pipeline's read, decode, detect, align and embed stages, and
 the match operator names their faces.
 
 ``single`` (as in the papers): each person P alone in a bank; P's photos are positives,
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +41,7 @@ from pipelines.caption import dataset, face_stages
 from pipelines.cohort import cohort_scales
 from pipelines.config import Config
 from pipelines.enroll import Enroller, EnrollError, FacePolicy
+from pipelines.stages import Step
 from plvm_model.concept_token import CONCEPT_TOKEN
 from plvm_model.engines import GenerationRequest
 from plvm_model.errors import ConfigError, InputError, InputNotFound
@@ -138,12 +139,19 @@ def roc_auc(positive: list[float], negative: list[float]) -> float:
     return float(u / (len(positive) * len(negative)))
 
 
+def face_stages_without_pixels(config: Config) -> list[Step]:
+    """The face stages, the last of them declaring that the pixels go: evaluation reads none, so they leave at
+    their last reader (``pipelines.stages.drop_early``: the align stage, inside the detect actor)."""
+    *steps, last = face_stages(config)
+    return [*steps, replace(last, drops=(*last.drops, "pixels"))]
+
+
 def face_table(config: Config, paths: list[str]) -> pa.Table:
-    """The photos' rows after the pipeline's read, decode, detect and embed stages (on Ray)."""
+    """The photos' rows after the pipeline's read, decode, detect, align and embed stages (on Ray)."""
     import ray
 
     listing = to_table([{"path": p, "user_id": "eval"} for p in paths], ["path", "user_id"])
-    ds = dataset(config, listing, face_stages).drop_columns(["pixels"])
+    ds = dataset(config, listing, face_stages_without_pixels)
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 

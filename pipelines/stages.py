@@ -171,13 +171,15 @@ def calls(steps: list[Step]) -> list[Barrier | tuple[Stage, ...]]:
     out: list[Barrier | tuple[Stage, ...]] = []
     current: list[Stage] = []
     for step in steps:
-        if isinstance(step, Barrier) and current:
-            raise ValueError(f"stage {current[-1].name} cannot join the barrier {step.name}")
-        if isinstance(step, Barrier) or not step.joins_next:
-            out.append(step if isinstance(step, Barrier) else (*current, step))
+        if isinstance(step, Barrier):
+            if current:
+                raise ValueError(f"stage {current[-1].name} cannot join the barrier {step.name}")
+            out.append(step)
+            continue
+        current.append(step)
+        if not step.joins_next:
+            out.append(tuple(current))
             current = []
-        else:
-            current.append(step)
     if current:
         raise ValueError(f"stage {current[-1].name} joins a next stage, and none follows")
     for call in (c for c in out if isinstance(c, tuple) and len(c) > 1):
@@ -225,10 +227,10 @@ def apply(ds, steps: list[Step], tolerate: bool, retries: int):
         if isinstance(call, Barrier):
             ds = call.run(ds.drop_columns(list(call.drops)) if call.drops else ds, values)
             continue
-        step = next((stage for stage in call if stage.actors), call[-1])  # the stage whose workers run the call
+        host = next((stage for stage in call if stage.actors), call[-1])  # the stage whose workers run the call
         args = (tuple((stage, _resolve(stage.args, values)) for stage in call), tolerate)
-        resources: Resources = step.resources
-        if step.actors:
+        resources: Resources = host.resources
+        if host.actors:
             compute = ray.data.ActorPoolStrategy(size=resources.concurrency)
             udf, options = _joined_class(call), {"fn_constructor_args": args, "num_gpus": resources.num_gpus or None}
         else:
@@ -245,9 +247,9 @@ def apply(ds, steps: list[Step], tolerate: bool, retries: int):
                 batch_size=resources.batch_size,
                 num_cpus=resources.num_cpus,
                 udf_modifying_row_count=not all(stage.keeps_rows for stage in call),
-                runtime_env=step.runtime_env,
+                runtime_env=host.runtime_env,
                 **options,
-                **({} if step.restarts or not step.actors else {"max_restarts": 0}),
+                **({} if host.restarts or not host.actors else {"max_restarts": 0}),
             )
     return ds
 
