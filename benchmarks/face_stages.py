@@ -39,7 +39,7 @@ from operators.rows import to_table  # noqa: E402
 from pipelines.caption import dataset, naming_stages  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
-from plvm_model.bank import ConceptBank  # noqa: E402
+from plvm_model.store.banks import BankStore  # noqa: E402
 
 
 def loop(config, paths: list[str], refs: list[np.ndarray]) -> int:
@@ -72,7 +72,7 @@ def run_side(side: str, photos_file: str, config_path: str, banks: str) -> None:
     config = load_config(config_path, bank=banks)
     photos = Path(photos_file).read_text().splitlines()
     if side == "loop":
-        descriptors = [c.face_descriptors for c in ConceptBank(banks).load("bench").concepts]
+        descriptors = [c.face_descriptors for c in BankStore(banks).load("bench").concepts]
         named = loop(config, photos, descriptors)
     else:
         init_ray(config.ray)

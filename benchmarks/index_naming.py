@@ -41,8 +41,8 @@ from operators.index_lookup import _known  # noqa: E402
 from pipelines.cohort import IndexCohort, cohort_scales  # noqa: E402
 from pipelines.config import Config, load_config  # noqa: E402
 from pipelines.rematch import rename  # noqa: E402
-from plvm_model.bank import ConceptBank  # noqa: E402
-from plvm_model.face_index import SCHEMA, FaceIndex, IndexSource  # noqa: E402
+from plvm_model.store.banks import BankStore  # noqa: E402
+from plvm_model.store.face_index import SCHEMA, FaceIndex, IndexSource  # noqa: E402
 from plvm_model.faces import embedder_class  # noqa: E402
 
 USER = "bench"
@@ -51,7 +51,7 @@ STEPS = ("imports", "lookup", "cohort", "rematch naming")
 
 def build_index(config: Config, n: int) -> None:
     """The synthetic index of ``n`` photos of :data:`USER` (see the module)."""
-    refs = np.concatenate([c.face_descriptors for c in ConceptBank(config.bank).load(USER).concepts])
+    refs = np.concatenate([c.face_descriptors for c in BankStore(config.bank).load(USER).concepts])
     rng = np.random.default_rng(0)
     index, space = FaceIndex(config.index.root(config.output.uri)), embedder_class(config.embed.kind).space
     for start in range(0, n, 20000):

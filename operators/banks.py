@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from operators.rows import ErrorKind, RowError
-from plvm_model import storage
-from plvm_model.bank import BankError, ConceptBank, UserBank
+from plvm_model.store.output_schema import ErrorKind, RowError
+from plvm_model.store import storage
+from plvm_model.store.banks import BankError, BankStore, Bank
 
 BankVersions = dict[str, int]
 """user_id -> the version of the user's bank a run reads (0: the user had no bank at its start)."""
@@ -32,13 +32,13 @@ class BankCache:
     """
 
     def __init__(self, source: BankSource, embedder_space: str | None = None, aligner: str | None = None) -> None:
-        self.bank = ConceptBank(source.uri, source.storage_options)
+        self.bank = BankStore(source.uri, source.storage_options)
         self.embedder_space = embedder_space
         self.aligner = aligner
         self.versions = source.versions
-        self._cache: dict[str, UserBank | RowError] = {}
+        self._cache: dict[str, Bank | RowError] = {}
 
-    def _load(self, user_id: str) -> UserBank | RowError:
+    def _load(self, user_id: str) -> Bank | RowError:
         try:
             bank = self.bank.load(user_id, self.versions.get(user_id))
         except BankError as error:
@@ -54,7 +54,7 @@ class BankCache:
             return RowError(ErrorKind.BANK_ERROR, str(error))
         return bank
 
-    def get(self, user_id: str) -> UserBank:
+    def get(self, user_id: str) -> Bank:
         if user_id not in self._cache:
             self._cache[user_id] = self._load(user_id)
         found = self._cache[user_id]

@@ -20,7 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field
 
 from operators.base import Resources, Stage, StageConfig
-from operators.rows import ErrorKind, RowError, map_rows
+from operators.rows import map_rows
+from plvm_model.store.output_schema import ErrorKind, RowError
 
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _DAMAGED = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, ZeroDivisionError)

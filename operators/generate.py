@@ -22,10 +22,11 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from operators.base import Resources, Stage, StageConfig
-from operators.rows import ErrorKind, fail, injected_tokens, output_columns, row_pixels, to_table
+from operators.rows import fail, injected_tokens, output_columns, row_pixels, to_table
+from plvm_model.store.output_schema import ErrorKind
 from plvm_model.engines import GenerationRequest, make_engine
 from plvm_model.engines.vllm_args import ENGINE_SET, refuse_engine_set
-from plvm_model.errors import EngineDead
+from plvm_model.store.errors import EngineDead
 from plvm_model.injection import PromptTemplate
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from operators.base import Resources, Stage
 from operators.rows import as_row_faces, map_rows
-from plvm_model.face_index import SCHEMA, IndexSource
+from plvm_model.store.face_index import SCHEMA, IndexSource
 
 
 @dataclass(frozen=True)

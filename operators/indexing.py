@@ -9,7 +9,6 @@ unreadable photo) are not indexed.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from datetime import UTC, datetime
 
@@ -17,10 +16,11 @@ import pyarrow as pa
 from pydantic import Field
 
 from operators.base import Resources, Stage, StageConfig
-from plvm_model import storage
-from plvm_model.errors import LeaseLost
-from plvm_model.face_index import SCHEMA, IndexSource
-from plvm_model.lease import held_by
+from plvm_model.store import storage
+from plvm_model.store.ids import batch_key
+from plvm_model.store.errors import LeaseLost
+from plvm_model.store.face_index import SCHEMA, IndexSource
+from plvm_model.store.lease import held_by
 
 
 class IndexConfig(StageConfig):
@@ -67,8 +67,7 @@ class IndexFaces:
                                             "width": row["width"], "height": row["height"], "faces": faces,
                                             "indexed_at": now, "run_id": self.run_id})  # fmt: skip
         if by_user:
-            positions = ",".join(map(str, sorted(batch.column("index").to_pylist())))
-            key = hashlib.sha1(positions.encode()).hexdigest()[:20]
+            key = batch_key(batch.column("index").to_pylist())
             index = self.source.open()
             for user, rows in sorted(by_user.items()):
                 table = pa.Table.from_pylist(rows, schema=SCHEMA)

@@ -6,7 +6,7 @@ Every listed photo, readable or not, becomes one row: a missing file or a bad ma
 is that row's error. Paths are listed normalised (``storage.normalize``: absolute, ``.`` and
 ``..`` resolved), so that a photo has one identity however the input spelled it.
 
-What may be listed (``operators.input_scope``): a folder or glob lists files only, never those
+What may be listed (``plvm_model.store.input_scope``): a folder or glob lists files only, never those
 in the run's output folder; a photo outside the allowed roots (``input.allowed``; by default
 the input's own folder, or the manifest's) is an ``outside_input_scope`` row that no stage
 opens. An input that lists nothing is an error unless ``input.allow_empty`` says it may be.
@@ -23,12 +23,13 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from operators.base import Resources, Stage, StageConfig
-from operators.input_scope import InputScope
-from operators.rows import ErrorKind, RowError, fail, map_rows, to_table
-from plvm_model import storage
-from plvm_model.bank import validate_user_id
-from plvm_model.errors import InputError, InputNotFound
-from plvm_model.face_index import content_hash
+from plvm_model.store.input_scope import InputScope
+from operators.rows import fail, map_rows, to_table
+from plvm_model.store.output_schema import ErrorKind, RowError
+from plvm_model.store import storage
+from plvm_model.store.ids import validate_user_id
+from plvm_model.store.errors import InputError, InputNotFound
+from plvm_model.store.face_index import content_hash
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_EXTENSIONS = (".parquet", ".csv")

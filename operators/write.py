@@ -3,7 +3,7 @@
 Each write task turns its batch into one Parquet part in ``OUTPUT/_staging/<run>/`` (readers
 of ``OUTPUT`` skip ``_`` folders). The run's driver renames each part to
 ``OUTPUT/part-<run>-<key>.parquet`` and commits it to the output's Delta table
-(``operators.output_table``) as it arrives. ``<key>`` is a hash of the input positions of
+(``plvm_model.store.output_table``) as it arrives. ``<key>`` is a hash of the input positions of
 the part's photos: a task that Ray retries after a worker died makes the same name again,
 never a second copy. A run that crashes leaves its committed parts, which ``--resume``
 keeps, and staging debris, which the next run removes. At the end the run checks that
@@ -12,7 +12,6 @@ the output holds each listed photo exactly once and records itself in ``OUTPUT/_
 
 from __future__ import annotations
 
-import hashlib
 import io
 import posixpath
 import uuid
@@ -23,9 +22,10 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from operators.base import Resources, Stage, StageConfig
-from operators.output_table import OutputTable, part_name
-from operators.rows import OUTPUT, output_schema
-from plvm_model import storage
+from plvm_model.store.output_table import OutputTable, part_name
+from plvm_model.store.output_schema import OUTPUT, output_schema
+from plvm_model.store import storage
+from plvm_model.store.ids import batch_key
 
 
 class OutputConfig(StageConfig):
@@ -68,8 +68,7 @@ class WriteParts:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         folder = OutputTable(self.uri, self.storage_options)
-        positions = ",".join(map(str, sorted(batch.column("index").to_pylist())))
-        key = hashlib.sha1(positions.encode()).hexdigest()[:20]
+        key = batch_key(batch.column("index").to_pylist())
         data = io.BytesIO()
         pq.write_table(self.to_output(batch), data)
         staged = posixpath.join(folder.staging(self.run_id), f"{key}.{uuid.uuid4().hex[:8]}.tmp")
@@ -81,7 +80,7 @@ class WriteParts:
 def stage(config: OutputConfig, run_id: str, storage_options: storage.StorageOptions | None, tasks: Resources,
           parts: int) -> Stage:  # fmt: skip
     """One task per part (``rows_per_file`` rows): its rows become one staged file, and the stage's rows are
-    the parts written (:class:`operators.output_table.Staged`'s fields), not the photos."""
+    the parts written (:class:`plvm_model.store.output_table.Staged`'s fields), not the photos."""
     concurrency = min(tasks.concurrency, parts)
     resources = tasks.model_copy(update={"batch_size": config.rows_per_file, "concurrency": concurrency})
     args = (config.uri, run_id, storage_options, config.face_embeddings)

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from operators.output_table import new_run_id
+from plvm_model.store.ids import new_run_id
 from pipelines.cohort import IndexCohort
 from pipelines.config import Config
-from plvm_model import storage
-from plvm_model.face_index import Compacted, FaceIndex, IndexSource
+from plvm_model.store import storage
+from plvm_model.store.face_index import Compacted, FaceIndex, IndexSource
 from plvm_model.faces import embedder_class
 
 

@@ -30,19 +30,20 @@ import pyarrow.compute as pc
 
 from operators import align, decode, detect, embed, generate, index_lookup, indexing, match, prompt, read, write
 from operators.banks import BankSource, BankVersions
-from operators.output_table import OutputTable, Staged, keys, new_run_id
+from plvm_model.store.ids import new_run_id
+from plvm_model.store.output_table import OutputTable, Staged, keys
 from operators.read import list_inputs
-from operators.rows import RETRYABLE, output_schema
+from plvm_model.store.output_schema import RETRYABLE, output_schema
 from pipelines import cohort, preflight
 from pipelines.archive import Archive, compact_grown, open_archive
 from pipelines.config import Config, ModelPaths, RayConfig
 from pipelines.runtime import init_ray
 from pipelines.stages import StageFailed, Step, apply, cause_of, joined
-from plvm_model.bank import ConceptBank
+from plvm_model.store.banks import BankStore
 from plvm_model.concept_token import check_servable
-from plvm_model.errors import BankError, ConfigError, OutputExists, RowCountMismatch, RunFailed
+from plvm_model.store.errors import BankError, ConfigError, OutputExists, RowCountMismatch, RunFailed
 from plvm_model.faces import embedder_class
-from plvm_model.lease import Lease
+from plvm_model.store.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def check_banks(users: list[str], config: Config) -> BankVersions:
     (:class:`BankError` naming the file, and the concept) if one cannot be read, has descriptors of another
     length than the run's face embedder makes, holds a PLVM concept the configured concept style cannot serve, or
     a MyVLM concept trained for another LLaVA than the run's engine serves."""
-    store, embedder = ConceptBank(config.bank, config.storage), embedder_class(config.embed.kind)
+    store, embedder = BankStore(config.bank, config.storage), embedder_class(config.embed.kind)
     pinned = {}
     llava: str | None = None
     for user in sorted(set(users)):

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 from pipelines.json_input import read_json_file
-from plvm_model import storage
-from plvm_model.errors import InputError
+from plvm_model.store import storage
+from plvm_model.store.errors import InputError
 
 
 def mentions(text: str, name: str) -> bool:

@@ -1,6 +1,6 @@
 """The ``plvm`` command: enroll people, caption photos, evaluate, report.
 
-Exit codes: see ``plvm_model.errors.EXIT_CODES`` (and the README).
+Exit codes: see ``plvm_model.store.errors.EXIT_CODES`` (and the README).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
-from plvm_model.errors import INTERRUPTED, ConfigError, PlvmError
+from plvm_model.store.errors import INTERRUPTED, ConfigError, PlvmError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
 
@@ -75,9 +75,10 @@ def cmd_rematch(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from operators.output_table import OutputTable, new_run_id
-    from operators.rows import output_schema
-    from plvm_model.errors import InputNotFound
+    from plvm_model.store.ids import new_run_id
+    from plvm_model.store.output_table import OutputTable
+    from plvm_model.store.output_schema import output_schema
+    from plvm_model.store.errors import InputNotFound
 
     config = _config(args)
     output = OutputTable(args.output, config.storage)
@@ -95,8 +96,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_index_check(args: argparse.Namespace) -> int:
-    from plvm_model.errors import IndexCorrupt, InputNotFound
-    from plvm_model.face_index import FaceIndex
+    from plvm_model.store.errors import IndexCorrupt, InputNotFound
+    from plvm_model.store.face_index import FaceIndex
 
     config = _config(args)
     root = args.index or config.index.uri or (config.index.root(args.output) if args.output else None)
@@ -118,9 +119,10 @@ def cmd_index_check(args: argparse.Namespace) -> int:
 
 
 def cmd_index_compact(args: argparse.Namespace) -> int:
-    from operators.output_table import OutputTable, new_run_id
-    from plvm_model.errors import InputNotFound
-    from plvm_model.face_index import FaceIndex
+    from plvm_model.store.ids import new_run_id
+    from plvm_model.store.output_table import OutputTable
+    from plvm_model.store.errors import InputNotFound
+    from plvm_model.store.face_index import FaceIndex
 
     config = _config(args)
     output = OutputTable(args.output, config.storage)
@@ -337,7 +339,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run one ``plvm`` command line in this process and return its exit code (``plvm_model.errors.EXIT_CODES``).
+    """Run one ``plvm`` command line in this process and return its exit code (``plvm_model.store.errors.EXIT_CODES``).
 
     A :class:`PlvmError` is printed as one line; anything else (a bug, Ctrl-C) propagates.
     """

@@ -22,9 +22,10 @@ import pyarrow.compute as pc
 
 from operators.banks import BankCache, BankSource
 from operators.match import MatchConfig, Scales
-from operators.rows import RowError, as_row_faces, face_vectors, to_table
+from operators.rows import as_row_faces, face_vectors, to_table
+from plvm_model.store.output_schema import RowError
 from pipelines.stages import Barrier
-from plvm_model.face_index import IndexSource
+from plvm_model.store.face_index import IndexSource
 
 SCALE_SCHEMA = pa.schema([("user_id", pa.string()), ("concept_id", pa.string()), ("scale", pa.float64())])
 

@@ -28,7 +28,7 @@ from operators.match import MatchConfig
 from operators.prompt import PromptConfig
 from operators.read import InputConfig, ReadConfig
 from operators.write import OutputConfig
-from plvm_model.errors import ConfigError
+from plvm_model.store.errors import ConfigError
 
 if TYPE_CHECKING:  # the Aligner's module imports torch, which a command that only reads a config does not need
     from plvm_model.aligner import AlignerShape

@@ -35,9 +35,10 @@ from pipelines.caption_eval import mentions
 from pipelines.config import Config
 from pipelines.json_input import read_json_file
 from pipelines.stages import InProcess
-from plvm_model.bank import Concept, ConceptBank, UserBank, validate_user_id
+from plvm_model.store.banks import Bank, BankStore, Concept
+from plvm_model.store.ids import validate_user_id
 from plvm_model.concepts import ConceptEncoder
-from plvm_model.errors import BankError, InputError
+from plvm_model.store.errors import BankError, InputError
 from plvm_model.faces import Face, embedder_class
 from plvm_model.injection import PromptTemplate
 
@@ -131,7 +132,7 @@ class Enroller:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = ConceptBank(config.bank, config.storage)
+        self.store = BankStore(config.bank, config.storage)
         self.models = config.model_paths()
         self.space = embedder_class(config.embed.kind).space
         """The face descriptors' space, recorded in the bank."""
@@ -208,7 +209,7 @@ class Enroller:
         run = self.train_myvlm(name, [row_pixels(row) for row in faces.rows], texts)
         concept = Concept.myvlm(name, faces.descriptors, run.vector, self._trainer.identity, list(faces.paths))
 
-        def add(bank: UserBank) -> Change:
+        def add(bank: Bank) -> Change:
             _refuse_existing(bank, name)
             bank.concepts.append(concept)
             return concept, len(faces.paths), True
@@ -257,7 +258,7 @@ class Enroller:
         finally:
             bar.close()
 
-    def _commit(self, bank: UserBank, name: str, change: Callable[[UserBank], Change]) -> EnrollResult:
+    def _commit(self, bank: Bank, name: str, change: Callable[[Bank], Change]) -> EnrollResult:
         """Apply ``change`` (-> the concept, photos added, whether it is new) to ``bank`` and commit it as the next
         version; if another enrollment committed that version first, to the new version (see the module)."""
         user_id = bank.user_id
@@ -283,10 +284,10 @@ class Enroller:
             "being enrolled, each time before this enrollment could commit; nothing was written: enroll again"
         )
 
-    def _load(self, user_id: str) -> UserBank:
+    def _load(self, user_id: str) -> Bank:
         """The user's newest bank (a new one if none), refused if enrolled with another embedder or Aligner."""
         space, aligner = self.space, self.models.aligner_identity
-        bank = self.store.load(user_id) or UserBank(user_id=user_id, embedder=space, aligner=aligner)
+        bank = self.store.load(user_id) or Bank(user_id=user_id, embedder=space, aligner=aligner)
         bank.check_compatible(embedder=space, aligner=aligner, where=f" at {self.config.bank}")
         return bank
 
@@ -311,7 +312,7 @@ class _ReferenceFaces:
             self._tokens = self.enroller.encoder.encode(row_pixels(first), working_faces(first)[self.chosen[0]])
         return self._tokens
 
-    def add_to(self, bank: UserBank, name: str) -> tuple[Concept, int, bool]:
+    def add_to(self, bank: Bank, name: str) -> tuple[Concept, int, bool]:
         """``bank``'s concept ``name`` (new if it has none) with these faces as references, how many it gained
         (a photo that is a reference already is not added again), and whether it is new."""
         concept = bank.find(name)
@@ -335,7 +336,7 @@ def _check_policy(face_policy: str) -> None:
         raise EnrollError(f"unknown face policy {face_policy!r}: one of {', '.join(get_args(FacePolicy))}")
 
 
-def _refuse_existing(bank: UserBank, name: str) -> None:
+def _refuse_existing(bank: Bank, name: str) -> None:
     """A MyVLM concept is trained once, from all its photos: a name the bank holds is refused."""
     found = bank.find(name)
     if found is not None:

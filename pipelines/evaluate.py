@@ -36,7 +36,8 @@ from operators.decode import decode_image
 from operators.generate import Generate
 from operators.match import MatchFaces
 from operators.read import IMAGE_EXTENSIONS
-from operators.rows import RowError, to_table
+from operators.rows import to_table
+from plvm_model.store.output_schema import RowError
 from pipelines.caption import dataset, face_stages
 from pipelines.cohort import cohort_scales
 from pipelines.config import Config
@@ -44,7 +45,7 @@ from pipelines.enroll import Enroller, EnrollError, FacePolicy
 from pipelines.stages import Step
 from plvm_model.concept_token import CONCEPT_TOKEN
 from plvm_model.engines import GenerationRequest
-from plvm_model.errors import ConfigError, InputError, InputNotFound
+from plvm_model.store.errors import ConfigError, InputError, InputNotFound
 from plvm_model.faces.matching import MatchRule, distance_matrix
 from plvm_model.injection import ConceptTokens
 

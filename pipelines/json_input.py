@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from plvm_model.errors import InputError, InputNotFound, PlvmError
+from plvm_model.store.errors import InputError, InputNotFound, PlvmError
 
 
 def read_json_file(path: str | Path, what: str, invalid: type[PlvmError] = InputError) -> Any:

@@ -10,8 +10,8 @@ import uuid
 
 from operators.base import Stage
 from pipelines.stages import Step
-from plvm_model import storage
-from plvm_model.errors import OutputUnwritable, ResourcesUnavailable
+from plvm_model.store import storage
+from plvm_model.store.errors import OutputUnwritable, ResourcesUnavailable
 
 
 def check_output(uri: str, storage_options: storage.StorageOptions | None) -> None:

@@ -1,7 +1,7 @@
 """``plvm rematch``: name every indexed face of an output again after a bank changed, and replace only the rows
 whose names changed, in one commit.
 
-The faces come from the users' face index (``plvm_model.face_index``), never from the photos:
+The faces come from the users' face index (``plvm_model.store.face_index``), never from the photos:
 each current row of the output is looked up by its path, its faces are matched against the
 user's newest bank with the cohort scales measured over the index's faces of the output's
 photos (as one caption run over the whole output would), and a photo is written again only
@@ -9,7 +9,7 @@ when its *set* of names changed, or when its row has an error of the user's bank
 yet, an empty one) that the bank no longer gives. Only those photos are read again, and only
 for the LLM (read -> decode -> prompt -> generate -> write). Their new parts are staged, and with the
 rewritten parts that held their old rows, swapped into the output's Delta table by one commit
-(:meth:`operators.output_table.OutputTable.replace`): a rematch that is killed leaves the
+(:meth:`plvm_model.store.output_table.OutputTable.replace`): a rematch that is killed leaves the
 previous version current and whole. The rematch holds the output's lease throughout.
 """
 
@@ -25,14 +25,16 @@ import pyarrow.compute as pc
 from operators import read
 from operators.banks import BankSource, BankVersions
 from operators.match import MatchFaces
-from operators.output_table import OutputTable, Staged, keys, new_run_id
-from operators.rows import BANK_ERRORS, as_row_faces, output_schema, to_table
+from plvm_model.store.ids import new_run_id
+from plvm_model.store.output_table import OutputTable, Staged, keys
+from operators.rows import as_row_faces, to_table
+from plvm_model.store.output_schema import BANK_ERRORS, output_schema
 from pipelines.caption import answering_stages, check_banks, dataset, run_failure
 from pipelines.cohort import IndexCohort, cohort_scales
 from pipelines.config import Config, ModelPaths
 from pipelines.stages import Step
-from plvm_model.errors import InputNotFound, RowCountMismatch
-from plvm_model.face_index import FaceIndex, IndexSource
+from plvm_model.store.errors import InputNotFound, RowCountMismatch
+from plvm_model.store.face_index import FaceIndex, IndexSource
 from plvm_model.faces import embedder_class
 
 Photo = tuple[str, str]

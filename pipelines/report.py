@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from operators.decode import decode_image
-from operators.output_table import OutputTable
-from plvm_model import storage
-from plvm_model.errors import InputError, InputNotFound
+from plvm_model.store.output_table import OutputTable
+from plvm_model.store import storage
+from plvm_model.store.errors import InputError, InputNotFound
 
 if TYPE_CHECKING:  # the evaluation imports torch and Ray, which `plvm show` does not need
     from pipelines.evaluate import RecognitionResult

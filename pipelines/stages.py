@@ -21,7 +21,7 @@ needs and that it returns one row per row, and applies the error policy:
   With a budget above 0 the batch is run again photo by photo and each photo that still
   fails gets a ``stage_failed`` row error (retryable); the driver fails the run at the end
   if they are more than the budget;
-- :class:`plvm_model.errors.RunFailed` (a dead engine), and a stage whose function cannot be
+- :class:`plvm_model.store.errors.RunFailed` (a dead engine), and a stage whose function cannot be
   built (a model that cannot load), always stop the run;
 - an actor whose process dies is started again by Ray, which gives it the batch again, unless
   its stage says ``restarts=False`` (the engine): then the run stops, and ``--resume`` goes on.
@@ -41,8 +41,9 @@ from ray.data.exceptions import UserCodeException
 from ray.util.annotations import RayDeprecationWarning
 
 from operators.base import FromRun, Resources, Stage
-from operators.rows import ErrorKind, fail, output_columns, to_table
-from plvm_model.errors import RunFailed
+from operators.rows import fail, output_columns, to_table
+from plvm_model.store.output_schema import ErrorKind
+from plvm_model.store.errors import RunFailed
 
 
 class StageFailed(UserCodeException):

@@ -28,7 +28,7 @@ from pipelines.evaluate import ask, face_table, match_as
 from pipelines.json_input import read_json_file
 from plvm_model.concept_token import CONCEPT_TOKEN
 from plvm_model.engines import GenerationRequest
-from plvm_model.errors import InputError, InputNotFound
+from plvm_model.store.errors import InputError, InputNotFound
 
 POSITION_QUESTION = re.compile(r"\b(where|position|located|which side)\b", re.IGNORECASE)
 _WORDS = {

@@ -1,7 +1,8 @@
-"""Model code of plvm-pipeline: faces, the PLVM Aligner, concept injection and the engines.
+"""Model code of plvm-pipeline, free of Ray: faces (detection, alignment, descriptors, matching), the PLVM Aligner
+and concept encoder, MyVLM's trainer, concept injection and PLVM's concept token, the engines, the tiny test models;
+and, in ``store``, the stored state (banks, face index, output table, leases).
 
-Everything here is tensor-level and free of Ray; the Ray Data stages in ``operators``
-adapt these pieces to batches.
+The Ray Data stages in ``operators`` adapt these pieces to batches.
 """
 
 __version__ = "0.1.0"

@@ -129,7 +129,7 @@ def main(result_file: Path) -> None:
             shutil.rmtree(config_file.parent, ignore_errors=True)
             shutil.rmtree(temp_dir, ignore_errors=True)
         sys.path.insert(0, str(REPO))
-        from operators.output_table import read_output
+        from plvm_model.store.output_table import read_output
 
         table = read_output("s3://results/cluster", {"s3": {"endpoint_url": endpoint}})
         result["rows"] = table.select(["path", "user_id", "concepts", "error_kind", "caption", "engine"]).to_pylist()

@@ -16,11 +16,12 @@ import pytest
 
 from conftest import make_config, photo
 from operators.banks import BankCache, BankSource
-from operators.rows import RowError
+from plvm_model.store.output_schema import RowError
 from pipelines.caption import caption, caption_stages, check_banks
 from pipelines.cli import run
 from pipelines.enroll import Enroller
-from plvm_model.bank import BankError, Concept, ConceptBank, UserBank, encode, validate_user_id, version_file
+from plvm_model.store.banks import BankError, Concept, BankStore, Bank, encode, version_file
+from plvm_model.store.ids import validate_user_id
 from s3_endpoint import moto_endpoint, s3_options
 from test_resilience import caption_command
 
@@ -36,7 +37,7 @@ def concept(name: str, hidden: int = 8, refs: int = 1, dim: int = 128) -> Concep
     )
 
 
-def write_version(root: Path, bank: UserBank, version: int = 1) -> Path:
+def write_version(root: Path, bank: Bank, version: int = 1) -> Path:
     """``bank`` written as ``version`` as it is, without the checks of a commit (a file damaged in its making)."""
     path = root / bank.user_id / version_file(version)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,8 +46,8 @@ def write_version(root: Path, bank: UserBank, version: int = 1) -> Path:
 
 
 def test_round_trip_keeps_every_field_and_each_commit_is_a_new_version(tmp_path):
-    store = ConceptBank(str(tmp_path))
-    bank = UserBank("alice", embedder="dlib-resnet-v1", aligner="plvm-aligner:x", concepts=[concept("Mike", refs=2)])
+    store = BankStore(str(tmp_path))
+    bank = Bank("alice", embedder="dlib-resnet-v1", aligner="plvm-aligner:x", concepts=[concept("Mike", refs=2)])
     store.save(bank)
     bank.concepts.append(concept("Sue"))
     store.save(bank)
@@ -74,12 +75,12 @@ def test_user_ids_that_could_leave_the_bank_folder_are_refused(user, tmp_path):
     with pytest.raises(ValueError, match="invalid user id"):
         validate_user_id(user)
     with pytest.raises(ValueError, match="invalid user id"):
-        ConceptBank(str(tmp_path)).load(user)
+        BankStore(str(tmp_path)).load(user)
 
 
 def test_two_writers_of_one_version_cannot_both_commit(tmp_path):
-    store = ConceptBank(str(tmp_path))
-    store.save(UserBank("gus", "dlib-resnet-v1", "a", [concept("Ann")]))
+    store = BankStore(str(tmp_path))
+    store.save(Bank("gus", "dlib-resnet-v1", "a", [concept("Ann")]))
     first, second = store.load("gus"), store.load("gus")
     first.concepts.append(concept("Bea"))
     second.concepts.append(concept("Cid"))
@@ -99,8 +100,8 @@ def test_on_s3_a_version_committed_elsewhere_is_seen_and_wins(tmp_path):
         options = s3_options(endpoint)
         elsewhere = fsspec.filesystem("s3", skip_instance_cache=True, **options["s3"])
         elsewhere.mkdir("banks")
-        store = ConceptBank("s3://banks/prod", options)
-        bank = UserBank("ivy", "dlib-resnet-v1", "a", [concept("Ann")])
+        store = BankStore("s3://banks/prod", options)
+        bank = Bank("ivy", "dlib-resnet-v1", "a", [concept("Ann")])
         store.save(bank)
         stale = store.load("ivy")
         theirs = replace(stale, version=2, concepts=[*stale.concepts, concept("Bea")])
@@ -112,8 +113,8 @@ def test_on_s3_a_version_committed_elsewhere_is_seen_and_wins(tmp_path):
 
 
 def test_a_commit_that_fails_leaves_no_version_and_no_temporary_file(tmp_path, monkeypatch):
-    store = ConceptBank(str(tmp_path))
-    store.save(UserBank("frank", "dlib-resnet-v1", "a", [concept("Gina")]))
+    store = BankStore(str(tmp_path))
+    store.save(Bank("frank", "dlib-resnet-v1", "a", [concept("Gina")]))
     bank = store.load("frank")
     bank.concepts.append(concept("Hank"))
 
@@ -128,8 +129,8 @@ def test_a_commit_that_fails_leaves_no_version_and_no_temporary_file(tmp_path, m
 
 
 def test_the_single_file_of_schema_1_is_read_until_the_first_new_version(tmp_path):
-    store = ConceptBank(str(tmp_path))
-    bank = UserBank("lena", "dlib-resnet-v1", "a", [concept("Max")], version=4)
+    store = BankStore(str(tmp_path))
+    bank = Bank("lena", "dlib-resnet-v1", "a", [concept("Max")], version=4)
     table = pq.read_table(pa.BufferReader(encode(bank))).drop_columns(["checksum"])
     meta = {**table.schema.metadata, b"plvm.schema_version": b"1"}
     (tmp_path / "lena").mkdir()
@@ -144,13 +145,13 @@ def test_the_single_file_of_schema_1_is_read_until_the_first_new_version(tmp_pat
 
 
 def test_a_pinned_version_is_read_while_newer_ones_are_committed(tmp_path):
-    store = ConceptBank(str(tmp_path))
-    bank = UserBank("ann", "dlib-resnet-v1", "a", [concept("Mike")])
+    store = BankStore(str(tmp_path))
+    bank = Bank("ann", "dlib-resnet-v1", "a", [concept("Mike")])
     store.save(bank)
     pinned = BankCache(BankSource(str(tmp_path), versions={"ann": 1, "new": 0}))
     bank.concepts.append(concept("Sue"))
     store.save(bank)
-    store.save(UserBank("new", "dlib-resnet-v1", "a", [concept("Ola")]))
+    store.save(Bank("new", "dlib-resnet-v1", "a", [concept("Ola")]))
     assert [c.name for c in pinned.get("ann").concepts] == ["Mike"]
     assert [c.name for c in BankCache(BankSource(str(tmp_path))).get("ann").concepts] == ["Mike", "Sue"]
     with pytest.raises(RowError, match="user 'new' has no concept bank"):
@@ -172,7 +173,7 @@ def flip_a_soft_token(path: Path, value: np.float32) -> None:
 
 def tampered_banks(root: Path) -> dict[str, tuple[str, str]]:
     """One bank per way a bank can be damaged: user -> (the error's pattern, the file it names)."""
-    good = UserBank("x", "dlib-resnet-v1", "a", [concept("Mike"), concept("Sue")])
+    good = Bank("x", "dlib-resnet-v1", "a", [concept("Mike"), concept("Sue")])
     flipped = write_version(root, replace(good, user_id="flip"))
     flip_a_soft_token(flipped, good.concepts[1].soft_tokens[3, 5])
     nan = replace(good, user_id="nonfinite", concepts=[concept("Mike"), concept("Sue")])
@@ -199,7 +200,7 @@ def tampered_banks(root: Path) -> dict[str, tuple[str, str]]:
 
 
 def test_a_damaged_or_tampered_bank_is_refused_naming_the_user_the_concept_and_the_file(tmp_path):
-    store = ConceptBank(str(tmp_path))
+    store = BankStore(str(tmp_path))
     for user, (error, file) in tampered_banks(tmp_path).items():
         with pytest.raises(BankError, match=error) as refused:
             store.load(user)
@@ -209,7 +210,7 @@ def test_a_damaged_or_tampered_bank_is_refused_naming_the_user_the_concept_and_t
     (tmp_path / "carol" / version_file(1)).write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(BankError, match=r"carol/concepts.v000001.parquet is damaged and cannot be read: \S"):
         store.load("carol")
-    nan = UserBank("dan", "dlib-resnet-v1", "a", [concept("Eve")])
+    nan = Bank("dan", "dlib-resnet-v1", "a", [concept("Eve")])
     nan.concepts[0].soft_tokens[0, 0] = np.inf
     with pytest.raises(BankError, match="concept 'Eve' of user 'dan' in a new bank has soft tokens that are not finite"):
         store.save(nan)
@@ -217,8 +218,8 @@ def test_a_damaged_or_tampered_bank_is_refused_naming_the_user_the_concept_and_t
 
 
 def test_a_bank_of_another_user_or_model_is_refused(tmp_path):
-    store = ConceptBank(str(tmp_path))
-    store.save(UserBank("dave", "dlib-resnet-v1", "plvm-aligner:a", [concept("Eve")]))
+    store = BankStore(str(tmp_path))
+    store.save(Bank("dave", "dlib-resnet-v1", "plvm-aligner:a", [concept("Eve")]))
     (tmp_path / "mallory").mkdir()
     (tmp_path / "mallory" / version_file(1)).write_bytes((tmp_path / "dave" / version_file(1)).read_bytes())
     with pytest.raises(BankError, match="belongs to user 'dave'"):
@@ -234,11 +235,11 @@ def test_plvm_caption_refuses_a_damaged_bank_at_start_in_one_line(tmp_path, tiny
     banks = tmp_path / "banks"
     banks.mkdir()
     cases = tampered_banks(banks)
-    ConceptBank(str(banks)).save(UserBank("short", "dlib-resnet-v1", "a", [concept("Mike", dim=127)]))
+    BankStore(str(banks)).save(Bank("short", "dlib-resnet-v1", "a", [concept("Mike", dim=127)]))
     cases["short"] = (r"concept 'Mike' of user 'short' in \S+ has face descriptors of length 127; this run's face "
                       "embedder 'dlib-resnet-v1' makes 128", f"short/{version_file(1)}")  # fmt: skip
     lone = replace(concept("Sue"), soft_tokens=concept("Sue").soft_tokens[:1])  # no context vectors: no PLVM token
-    ConceptBank(str(banks)).save(UserBank("lone", "dlib-resnet-v1", "a", [lone]))
+    BankStore(str(banks)).save(Bank("lone", "dlib-resnet-v1", "a", [lone]))
     cases["lone"] = (r"user 'lone', \S+: concept 'Sue' cannot be served in concept_style plvm",
                      f"lone/{version_file(1)}")  # fmt: skip
     for user, (error, file) in cases.items():

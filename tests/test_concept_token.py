@@ -225,7 +225,7 @@ def test_a_checkpoint_with_plvms_keys_drives_a_caption_run(tmp_path, yollava, ti
     """An Aligner checkpoint with exactly PLVM's state-dict keys, whose head MLP is set to make Thao's token win
     the caption's first step: the run enrolls Thao with it and the caption starts with her name."""
     from operators.decode import decode_image
-    from operators.output_table import read_output
+    from plvm_model.store.output_table import read_output
     from pipelines.caption import caption
     from pipelines.enroll import Enroller
     from test_aligner import published_state_dict

@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import REPO, make_config, photo
 from pipelines.enroll import EnrollError, choose_face, enroll
-from plvm_model.bank import ConceptBank
+from plvm_model.store.banks import BankStore
 from plvm_model.concepts import ConceptEncoder
 from plvm_model.faces import Face
 
@@ -52,7 +52,7 @@ def config(tmp_path, tiny_models):
 def test_enrolling_stores_descriptor_and_the_aligner_soft_tokens(config, yollava, tiny_models):
     result = enroll(config, "alice", "Thao", [photo("thao", "ref_img.jpg")])
     assert result.created and result.added == 1
-    bank = ConceptBank(config.bank).load("alice")
+    bank = BankStore(config.bank).load("alice")
     (concept,) = bank.concepts
     assert concept.name == "Thao" and concept.face_descriptors.shape == (1, 128)
     assert bank.embedder == "dlib-resnet-v1" and bank.aligner.startswith("plvm-aligner:")
@@ -64,7 +64,7 @@ def test_enrolling_stores_descriptor_and_the_aligner_soft_tokens(config, yollava
 
     again = enroll(config, "alice", "Thao", [photo("thao", "ref_img.jpg"), photo("thao", "3.jpg")])
     assert (again.created, again.added, again.references) == (False, 1, 2)
-    (extended,) = ConceptBank(config.bank).load("alice").concepts
+    (extended,) = BankStore(config.bank).load("alice").concepts
     assert extended.face_descriptors.shape == (2, 128)
     np.testing.assert_array_equal(extended.soft_tokens, concept.soft_tokens), "soft tokens stay the first photo's"
 
@@ -74,7 +74,7 @@ def test_a_photo_without_a_face_is_refused_and_nothing_is_written(config, yollav
     Image.fromarray(np.full((300, 400, 3), 180, np.uint8)).save(empty)
     with pytest.raises(EnrollError, match="wall.png: no face found"):
         enroll(config, "bob", "Nobody", [str(empty)])
-    assert ConceptBank(config.bank).load("bob") is None
+    assert BankStore(config.bank).load("bob") is None
 
     enroll(config, "bob", "Viruss", [photo("viruss", "ref_img.jpg")])
     with pytest.raises(EnrollError, match="no face found"):
@@ -86,10 +86,10 @@ def test_several_similar_faces_need_a_choice(config, yollava, tmp_path):
     pair = side_by_side([photo("thao", "ref_img.jpg"), photo("viruss", "ref_img.jpg")], 500, str(tmp_path / "pair.jpg"))
     with pytest.raises(EnrollError, match="2 faces of similar size and no way to choose.*--face"):
         enroll(config, "carol", "Viruss", [pair])
-    assert ConceptBank(config.bank).load("carol") is None
+    assert BankStore(config.bank).load("carol") is None
     enroll(config, "carol", "Viruss", [pair], face_index=1)
     enroll(config, "carol", "Viruss2", [photo("viruss", "ref_img.jpg")])
-    first, alone = ConceptBank(config.bank).load("carol").concepts
+    first, alone = BankStore(config.bank).load("carol").concepts
     assert np.linalg.norm(first.face_descriptors[0] - alone.face_descriptors[0]) < 0.3, "--face 1 took the right face"
 
 
@@ -97,7 +97,7 @@ def test_a_clearly_larger_face_is_taken_over_a_small_stranger(config, yollava, t
     shot = with_small_stranger(photo("thao", "ref_img.jpg"), photo("viruss", "ref_img.jpg"), str(tmp_path / "s.jpg"))
     enroll(config, "dave", "Thao", [shot])
     enroll(config, "dave", "Thao-alone", [photo("thao", "ref_img.jpg")])
-    with_stranger, alone = ConceptBank(config.bank).load("dave").concepts
+    with_stranger, alone = BankStore(config.bank).load("dave").concepts
     assert np.linalg.norm(with_stranger.face_descriptors[0] - alone.face_descriptors[0]) < 0.3
 
 
@@ -124,7 +124,7 @@ def test_centre_policy_enrolls_the_middle_of_three_similar_faces(config, yollava
         enroll(config, "fay", "Viruss", [trio])
     enroll(config, "fay", "Viruss", [trio], face_policy="centre")
     enroll(config, "fay", "Viruss-alone", [photo("viruss", "ref_img.jpg")])
-    centred, alone = ConceptBank(config.bank).load("fay").concepts
+    centred, alone = BankStore(config.bank).load("fay").concepts
     assert np.linalg.norm(centred.face_descriptors[0] - alone.face_descriptors[0]) < 0.3, "centre took the middle face"
 
 
@@ -193,6 +193,6 @@ def test_concurrent_enrollments_into_one_bank_keep_every_person(config, yollava,
     for name, process in running.items():
         assert process.returncode == 0, done[name][1][-3000:]
         assert f"enrolled '{name}'" in done[name][0]
-    bank = ConceptBank(config.bank).load("pat")
+    bank = BankStore(config.bank).load("pat")
     assert sorted(c.name for c in bank.concepts) == ["Thao", "Viruss"] and bank.version == 2
     assert sum("was committed by another writer" in err for _, err in done.values()) == 1, "the commits raced"

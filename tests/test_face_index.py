@@ -19,13 +19,13 @@ from test_resilience import write_manifest
 from operators.detect import DetectFaces
 from operators.embed import EmbedFaces
 from operators.prompt import ChooseConcepts
-from operators.output_table import read_output
+from plvm_model.store.output_table import read_output
 from operators.rows import COLUMNS, as_row_faces, face_vectors, to_table
 from pipelines import cli
 from pipelines.caption import caption, caption_stages
 from pipelines.enroll import enroll
-from plvm_model.errors import IndexCorrupt
-from plvm_model.face_index import SCHEMA, SCHEMA_VERSION, FaceIndex, content_hash
+from plvm_model.store.errors import IndexCorrupt
+from plvm_model.store.face_index import SCHEMA, SCHEMA_VERSION, FaceIndex, content_hash
 
 # Ray's workers cannot import the tests: the counting and buggy stages below travel by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

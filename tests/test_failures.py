@@ -18,11 +18,11 @@ from test_resilience import assert_exactly_once, photos, write_manifest
 
 from operators.detect import DetectFaces
 from operators.generate import Generate
-from operators.rows import ErrorKind
-from operators.output_table import keys, read_output
+from plvm_model.store.output_schema import ErrorKind
+from plvm_model.store.output_table import keys, read_output
 from pipelines.caption import caption, caption_stages
 from pipelines.enroll import enroll
-from plvm_model.errors import EXIT_CODES, RunFailed
+from plvm_model.store.errors import EXIT_CODES, RunFailed
 
 # Ray's workers cannot import the tests: the buggy stage below travels by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

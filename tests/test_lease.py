@@ -22,15 +22,15 @@ from conftest import REPO, make_config, photo
 from deltalake import DeltaTable
 from deltalake.transaction import AddAction
 
-from operators.output_table import OutputTable, Staged, read_output
-from operators.rows import output_schema
+from plvm_model.store.output_table import OutputTable, Staged, read_output
+from plvm_model.store.output_schema import output_schema
 from operators.write import WriteParts
 from pipelines.caption import caption
 from pipelines.cli import run
 from pipelines.enroll import enroll
-from plvm_model import storage
-from plvm_model.errors import LeaseLost, OutputLocked, RowCountMismatch
-from plvm_model.lease import LEASE, Holder, Lease, held_by
+from plvm_model.store import storage
+from plvm_model.store.errors import LeaseLost, OutputLocked, RowCountMismatch
+from plvm_model.store.lease import LEASE, Holder, Lease, held_by
 from s3_endpoint import moto_endpoint, s3_options
 from test_resilience import assert_exactly_once, caption_command, photos, write_manifest
 
@@ -96,7 +96,7 @@ def test_a_stale_lease_is_taken_over(tmp_path, stale, caplog):
 RACER = """
 import json, os, sys, time
 from plvm_model import lease, storage
-from plvm_model.errors import OutputLocked
+from plvm_model.store.errors import OutputLocked
 uri, options, run_id, go, done = sys.argv[1], json.loads(sys.argv[2]), *sys.argv[3:]
 fs, root = storage.filesystem(uri, options)
 real_lease_file = lease.lease_file

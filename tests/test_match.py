@@ -9,7 +9,7 @@ from operators.banks import BankSource
 from operators.match import MatchConfig, MatchFaces
 from pipelines.cohort import cohort_scales
 from operators.rows import to_table
-from plvm_model.bank import Concept, ConceptBank, UserBank
+from plvm_model.store.banks import Concept, BankStore, Bank
 from plvm_model.faces.matching import cohort_scale
 
 
@@ -22,10 +22,10 @@ def run(tmp_path):
     """Two users' banks and 40 photos of theirs, each face near one of their concepts or a stranger."""
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 128)) * 0.1
-    store = ConceptBank(str(tmp_path))
+    store = BankStore(str(tmp_path))
     banks = {
-        "ann": UserBank("ann", "test-space", "none", [_concept("Mike", centres[0]), _concept("Sue", centres[1])]),
-        "bob": UserBank("bob", "test-space", "none", [_concept("Mike", centres[2])]),
+        "ann": Bank("ann", "test-space", "none", [_concept("Mike", centres[0]), _concept("Sue", centres[1])]),
+        "bob": Bank("bob", "test-space", "none", [_concept("Mike", centres[2])]),
     }
     for bank in banks.values():
         store.save(bank)

@@ -16,15 +16,16 @@ from PIL import Image
 from operators import match, prompt
 from operators.banks import BankSource
 from operators.generate import GenerateConfig
-from operators.rows import injected_tokens, output_schema, to_table
-from operators.output_table import read_output
+from operators.rows import injected_tokens, to_table
+from plvm_model.store.output_schema import output_schema
+from plvm_model.store.output_table import read_output
 from pipelines.caption import caption, face_stages
 from pipelines.caption_eval import mentions, score_captions
 from pipelines.cli import run
 from pipelines.config import MyVLMConfig
 from pipelines.enroll import EnrollError, enroll, training_captions
 from pipelines.stages import InProcess
-from plvm_model.bank import BankError, Concept, ConceptBank, UserBank
+from plvm_model.store.banks import BankError, Concept, BankStore, Bank
 from plvm_model.engines import GenerationRequest
 from plvm_model.engines.transformers_engine import TransformersEngine
 from plvm_model.faces import embedder_class
@@ -129,8 +130,8 @@ def test_a_bank_mixes_plvm_and_myvlm_concepts_and_checks_each(tmp_path):
                    rng.normal(size=8).astype(np.float32), ["/mike.jpg"])  # fmt: skip
     myvlm = Concept.myvlm("Sue", rng.normal(size=(3, 128)).astype(np.float32), rng.normal(size=8).astype(np.float32),
                           "llava:abc:8", ["/sue-0.jpg", "/sue-1.jpg", "/sue-2.jpg"])  # fmt: skip
-    store = ConceptBank(str(tmp_path))
-    store.save(UserBank("ann", "dlib-resnet-v1", "aligner-x", [plvm, myvlm]))
+    store = BankStore(str(tmp_path))
+    store.save(Bank("ann", "dlib-resnet-v1", "aligner-x", [plvm, myvlm]))
     loaded = store.load("ann")
     assert [(c.name, c.method) for c in loaded.concepts] == [("Mike", "plvm"), ("Sue", "myvlm")]
     np.testing.assert_array_equal(loaded.concepts[1].vector, myvlm.vector)
@@ -143,7 +144,7 @@ def test_a_bank_mixes_plvm_and_myvlm_concepts_and_checks_each(tmp_path):
         loaded.check_servable("llava:other:8")
     wide = Concept.myvlm("Tom", myvlm.face_descriptors, np.ones(16, np.float32), "llava:abc:16", ["/tom.jpg"])
     with pytest.raises(BankError, match="concept 'Tom' .* hidden size 16, the bank's first concept 'Mike' for 8"):
-        store.save(UserBank("bob", "dlib-resnet-v1", "aligner-x", [plvm, wide]))
+        store.save(Bank("bob", "dlib-resnet-v1", "aligner-x", [plvm, wide]))
 
     path = tmp_path / "ann" / "concepts.v000001.parquet"
     table = pq.read_table(path)
@@ -158,8 +159,8 @@ def test_a_bank_of_schema_2_is_read_as_plvm_concepts(tmp_path):
     rng = np.random.default_rng(1)
     concept = Concept("Mike", rng.normal(size=(1, 128)).astype(np.float32), rng.normal(size=(17, 8)).astype(np.float32),
                       rng.normal(size=8).astype(np.float32), ["/mike.jpg"])  # fmt: skip
-    store = ConceptBank(str(tmp_path))
-    store.save(UserBank("ann", "dlib-resnet-v1", "aligner-x", [concept]))
+    store = BankStore(str(tmp_path))
+    store.save(Bank("ann", "dlib-resnet-v1", "aligner-x", [concept]))
     path = tmp_path / "ann" / "concepts.v000001.parquet"
     table = pq.read_table(path).drop_columns(["method", "vector", "vector_model"])  # as schema 2 wrote it
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"plvm.schema_version": b"2"}), path)
@@ -214,7 +215,7 @@ def test_myvlm_enrollment_and_a_mixed_bank_in_one_run_gated_by_the_face_matcher(
     (``concept_style: plvm``, the default: the MyVLM concept needs no concept token) serves both. Thao's vector
     reaches only the prompts of photos where the face matcher found Thao."""
     config, config_file, photos = mixed_bank
-    bank = ConceptBank(config.bank).load("una")
+    bank = BankStore(config.bank).load("una")
     thao, viruss = bank.concepts
     assert (thao.method, viruss.method) == ("myvlm", "plvm") and thao.face_descriptors.shape == (3, 128)
     assert thao.vector_model == llava_identity(config.model_paths().llava) and thao.references == THAO
@@ -236,7 +237,7 @@ def test_myvlm_enrollment_and_a_mixed_bank_in_one_run_gated_by_the_face_matcher(
     assert [r["concepts"] for r in out] == [[], ["Thao"], ["Viruss"]] and not any(r["error"] for r in out)
 
     elsewhere = Concept.myvlm("Thao", thao.face_descriptors, thao.vector, "llava:0123456789abcdef:128", THAO)
-    ConceptBank(config.bank).save(UserBank("ivy", bank.embedder, bank.aligner, [elsewhere]))
+    BankStore(config.bank).save(Bank("ivy", bank.embedder, bank.aligner, [elsewhere]))
     ivy = config_file.with_name("ivy.csv")
     ivy.write_text(f"path,user_id\n{photos[0]},ivy\n")
     capsys.readouterr()

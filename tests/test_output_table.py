@@ -10,10 +10,10 @@ import pytest
 from deltalake import DeltaTable
 from test_lease import plant
 
-from operators.output_table import OutputTable, Staged, keys
-from operators.rows import output_schema
-from plvm_model import storage
-from plvm_model.errors import ConfigError
+from plvm_model.store.output_table import OutputTable, Staged, keys
+from plvm_model.store.output_schema import output_schema
+from plvm_model.store import storage
+from plvm_model.store.errors import ConfigError
 
 RUN = "20260101T000000Z-aaaaaa"
 

@@ -15,11 +15,11 @@ from PIL import Image
 
 from conftest import REPO, make_config, photo
 from test_decode import _png_claiming as png_claiming
-from operators.output_table import read_output
+from plvm_model.store.output_table import read_output
 from pipelines.caption import caption
 from pipelines.enroll import enroll
 from pipelines.runtime import ACTOR_RESTART_NOTICE
-from plvm_model.bank import ConceptBank, UserBank
+from plvm_model.store.banks import BankStore, Bank
 
 
 def unusual_versions(source: str, folder: Path) -> list[Path]:
@@ -53,7 +53,7 @@ def run(tmp_path_factory, yollava, tiny_models, ray_local):
     enroll(config, "alice", "Thao", [photo("thao", "ref_img.jpg")])
     enroll(config, "bob", "Viruss", [photo("viruss", "ref_img.jpg")])
     paths = config.model_paths()
-    ConceptBank(config.bank).save(UserBank("zoe", "dlib-resnet-v1", paths.aligner_identity))  # an empty bank
+    BankStore(config.bank).save(Bank("zoe", "dlib-resnet-v1", paths.aligner_identity))  # an empty bank
 
     good = tmp / "good.jpg"
     Image.open(photo("thao", "7.jpg")).save(good)

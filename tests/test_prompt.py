@@ -10,7 +10,7 @@ from operators.banks import BankSource
 from operators.prompt import ChooseConcepts, PromptConfig
 from operators.rows import injected_tokens
 from operators.rows import to_table
-from plvm_model.bank import Concept, ConceptBank, UserBank
+from plvm_model.store.banks import Concept, BankStore, Bank
 
 
 def test_the_closest_concepts_are_injected_left_to_right_and_the_cap_is_logged(tmp_path, caplog):
@@ -20,7 +20,7 @@ def test_the_closest_concepts_are_injected_left_to_right_and_the_cap_is_logged(t
                 rng.normal(size=8).astype(np.float32), [f"/{name}.jpg"])
         for name in ("Mike", "Susan", "Tom")
     ]  # fmt: skip
-    ConceptBank(str(tmp_path)).save(UserBank("ann", "dlib-resnet-v1", "aligner-x", concepts))
+    BankStore(str(tmp_path)).save(Bank("ann", "dlib-resnet-v1", "aligner-x", concepts))
     faces = [  # left to right: Tom (far match), Susan, Mike (closest)
         {"box": [10, 0, 20, 10], "concept": "Tom", "concept_id": concepts[2].concept_id, "distance": 0.5},
         {"box": [30, 0, 40, 10], "concept": "Susan", "concept_id": concepts[1].concept_id, "distance": 0.4},

@@ -21,8 +21,8 @@ from conftest import REPO
 from s3_endpoint import moto_endpoint, s3_options
 
 from operators.read import InputConfig, ReadBytes, ReadConfig, list_inputs
-from plvm_model.errors import InputError
-from plvm_model.storage import normalize
+from plvm_model.store.errors import InputError
+from plvm_model.store.storage import normalize
 
 
 @pytest.fixture

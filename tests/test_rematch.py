@@ -17,7 +17,7 @@ from conftest import make_config, photo
 from deltalake import DeltaTable
 from test_resilience import assert_exactly_once, caption_command, write_manifest
 
-from operators.output_table import read_output
+from plvm_model.store.output_table import read_output
 from pipelines.caption import caption
 from pipelines.cli import run
 from pipelines.enroll import enroll

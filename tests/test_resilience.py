@@ -17,10 +17,10 @@ import pytest
 import yaml
 from conftest import REPO, make_config, photo
 
-from operators.output_table import OutputTable, keys, read_output
+from plvm_model.store.output_table import OutputTable, keys, read_output
 from pipelines.caption import caption
 from pipelines.enroll import enroll
-from plvm_model.errors import OutputExists
+from plvm_model.store.errors import OutputExists
 
 
 def photos(n_each: int) -> list[str]:

@@ -6,12 +6,12 @@ import fsspec
 import pytest
 
 from conftest import make_config, photo
-from operators.output_table import read_output
+from plvm_model.store.output_table import read_output
 from pipelines.caption import caption
 from pipelines.enroll import enroll
-from plvm_model import storage
-from plvm_model.bank import ConceptBank
-from plvm_model.face_index import FaceIndex
+from plvm_model.store import storage
+from plvm_model.store.banks import BankStore
+from plvm_model.store.face_index import FaceIndex
 from s3_endpoint import moto_endpoint, s3_options
 
 
@@ -38,7 +38,7 @@ def test_photos_bank_and_output_on_s3(s3, tmp_path, yollava, tiny_models, ray_lo
 
     enroll(config, "nina", "Thao", ["s3://photos/refs/thao.jpg"])
     assert fs.exists("banks/prod/nina/concepts.v000001.parquet")
-    assert ConceptBank("s3://banks/prod", options).load("nina").concepts[0].references == ["s3://photos/refs/thao.jpg"]
+    assert BankStore("s3://banks/prod", options).load("nina").concepts[0].references == ["s3://photos/refs/thao.jpg"]
 
     summary = caption(config)
     assert summary.rows == summary.photos == 5

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, make_config
-from operators.rows import output_schema
+from plvm_model.store.output_schema import output_schema
 from pipelines.caption import caption
 from pipelines.config import load_config
 from pipelines.report import caption_rows
-from plvm_model.errors import INTERRUPTED, ConfigError, InputError, InputNotFound, OutputUnwritable, ResourcesUnavailable
+from plvm_model.store.errors import INTERRUPTED, ConfigError, InputError, InputNotFound, OutputUnwritable, ResourcesUnavailable
 from s3_endpoint import moto_endpoint, s3_options
 from test_resilience import caption_command, photos
 

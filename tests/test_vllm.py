@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import REPO, make_config, photo
 from test_concept_token import expected_rows, layout_cases, myvlm_concept, plvm_layout, winning
 from operators.generate import GenerateConfig
-from operators.output_table import read_output
+from plvm_model.store.output_table import read_output
 from pipelines.caption import caption
 from pipelines.enroll import enroll
 from plvm_model.concepts import ConceptEncoder, aligner_shape

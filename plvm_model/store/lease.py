@@ -40,8 +40,8 @@ from typing import Protocol, Self
 
 import fsspec
 
-from plvm_model import storage
-from plvm_model.errors import ConfigError, LeaseLost, OutputLocked
+from plvm_model.store import storage
+from plvm_model.store.errors import ConfigError, LeaseLost, OutputLocked
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from plvm_model.errors import ConfigError
+from plvm_model.store.errors import ConfigError
 
 StorageOptions = dict[str, dict[str, Any]]
 

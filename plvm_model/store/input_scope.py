@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
 
-from plvm_model import storage
+from plvm_model.store import storage
 
 
 def _places(uri: str) -> list[str]:

@@ -19,7 +19,7 @@ and, in the file's schema metadata, ``plvm.schema_version``, ``plvm.user_id``,
 ``plvm.aligner`` (the soft-token space) and ``plvm.checksum`` (of the metadata and the
 concepts' checksums). A PLVM concept leaves ``vector`` empty, a MyVLM one ``soft_tokens`` and
 ``head_weight``; one bank may hold both. A version is never rewritten: a change is committed as the next
-version (see :class:`ConceptBank`), which appears whole or not at all. A file is verified
+version (see :class:`BankStore`), which appears whole or not at all. A file is verified
 when read: checksums, finite vectors, shapes that agree. Files of schema version 2 (before
 MyVLM) are read as banks of PLVM concepts. The single file of schema version 1,
 ``BANK/<user_id>/concepts.parquet``, is still read (without checksums) until the user's
@@ -40,8 +40,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from plvm_model import storage
-from plvm_model.errors import BankError
+from plvm_model.store import storage
+from plvm_model.store.errors import BankError
+from plvm_model.store.ids import validate_user_id
 from plvm_model.injection import ConceptTokens
 
 SCHEMA_VERSION = 3
@@ -53,7 +54,6 @@ METHODS = ("plvm", "myvlm")
 """How a concept reaches the LLM: PLVM's soft tokens after ``NAME is``, or MyVLM's vector after the image."""
 LEGACY_FILE = "concepts.parquet"
 _VERSION_FILE = re.compile(r"concepts\.v(.*)\.parquet")
-_USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")
 
 SCHEMA = pa.schema(
     [
@@ -76,16 +76,6 @@ SCHEMA = pa.schema(
 def version_file(version: int) -> str:
     """The name of a bank's file of ``version`` in its user's folder."""
     return f"concepts.v{version:06d}.parquet"
-
-
-def validate_user_id(user_id: str) -> str:
-    """``user_id`` if it is safe as one path segment: letters, digits, ``_ . @ -``, at most 128."""
-    if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id) or ".." in user_id:
-        raise ValueError(
-            f"invalid user id {user_id!r}: use 1-128 letters, digits, '_', '.', '@' or '-', "
-            "starting with a letter or digit (no '/', no '..')"
-        )
-    return user_id
 
 
 @dataclass
@@ -142,7 +132,7 @@ class Concept:
 
 
 @dataclass
-class UserBank:
+class Bank:
     user_id: str
     embedder: str
     aligner: str
@@ -233,7 +223,7 @@ class UserBank:
                 )
 
 
-class ConceptBank:
+class BankStore:
     """All users' banks under one root URI: each user's a folder of immutable versions.
 
     ``BANK/<user_id>/concepts.v000007.parquet`` is version 7. A commit writes the next
@@ -278,7 +268,7 @@ class ConceptBank:
             found[int(match[1])] = entry["name"]
         return found
 
-    def load(self, user_id: str, version: int | None = None) -> UserBank | None:
+    def load(self, user_id: str, version: int | None = None) -> Bank | None:
         """The user's bank at ``version`` (the newest if None), or None if the user has none (or had
         none: version 0). A damaged file, or a pinned version that is gone, raises :class:`BankError`."""
         if version == 0:
@@ -295,7 +285,7 @@ class ConceptBank:
             return None
         raise BankError(f"version {wanted} of the concept bank {self.location(user_id)} is gone")
 
-    def _read(self, user_id: str, path: str, name: str, version: int | None) -> UserBank | None:
+    def _read(self, user_id: str, path: str, name: str, version: int | None) -> Bank | None:
         where = self.location(user_id, name)
         try:
             data = self.fs.cat_file(path)
@@ -305,7 +295,7 @@ class ConceptBank:
             raise BankError(f"concept bank file {where} is a folder, not a bank file") from None
         return decode(data, user_id, where, version)
 
-    def commit(self, bank: UserBank) -> bool:
+    def commit(self, bank: Bank) -> bool:
         """Write ``bank`` as version ``bank.version + 1`` unless another writer has: True (and
         ``bank.version`` advanced) if this call wrote it. A bank with bad vectors raises :class:`BankError`."""
         bank.validate()
@@ -317,7 +307,7 @@ class ConceptBank:
         bank.version, bank.location = version, self.location(bank.user_id, name)
         return True
 
-    def save(self, bank: UserBank) -> None:
+    def save(self, bank: Bank) -> None:
         """:meth:`commit`, or :class:`BankError` if another writer wrote that version first."""
         if not self.commit(bank):
             raise BankError(
@@ -331,8 +321,8 @@ def _bank_checksum(user_id: str, version: str, embedder: str, aligner: str, conc
     return hashlib.sha256("\0".join([user_id, version, embedder, aligner, *concepts]).encode()).hexdigest()
 
 
-def encode(bank: UserBank) -> bytes:
-    """The bank's file, with its checksums (as written: :meth:`ConceptBank.commit` validates it first)."""
+def encode(bank: Bank) -> bytes:
+    """The bank's file, with its checksums (as written: :meth:`BankStore.commit` validates it first)."""
     checksums = [c.checksum() for c in bank.concepts]
     rows = {
         "name": [c.name for c in bank.concepts],
@@ -363,7 +353,7 @@ def encode(bank: UserBank) -> bytes:
     return sink.getvalue()
 
 
-def decode(data: bytes, user_id: str, where: str, version: int | None = None) -> UserBank:
+def decode(data: bytes, user_id: str, where: str, version: int | None = None) -> Bank:
     """The bank in ``data`` (the file ``where`` of ``user_id``, named as ``version``; None for the legacy
     file), verified: its checksums, finite vectors and consistent shapes, else :class:`BankError`."""
     try:
@@ -387,7 +377,7 @@ def decode(data: bytes, user_id: str, where: str, version: int | None = None) ->
     written = meta.get("plvm.version", "")
     if not (written.isascii() and written.isdigit()) or (not legacy and int(written) != version):
         raise BankError(f"concept bank {where} has version {written!r} in its metadata, not {version or 'an integer'}")
-    bank = UserBank(user_id, meta.get("plvm.embedder", ""), meta.get("plvm.aligner", ""), [], int(written), where)
+    bank = Bank(user_id, meta.get("plvm.embedder", ""), meta.get("plvm.aligner", ""), [], int(written), where)
     for row in table.select(names).to_pylist():
         try:
             vector = np.asarray(row.get("vector") or [], np.float32)

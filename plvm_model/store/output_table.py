@@ -11,7 +11,7 @@ one commit, so a reader sees the old version or the new, never a mix. After ever
 the table is vacuumed at once: files the log no longer names (replaced parts, and parts a
 killed run renamed but never committed) are deleted, so a plain Parquet reader of the folder
 sees the current rows too. Only one process writes at a time: it holds the output's lease
-(``plvm_model.lease``), which is why the log needs no locking provider on S3.
+(``plvm_model.store.lease``), which is why the log needs no locking provider on S3.
 
 An output folder without a log (written before the output was a Delta table) is read as its
 part files; the first command that writes into it makes them the table's first version.
@@ -20,7 +20,6 @@ part files; the first command that writes into it makes them the table's first v
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import io
 import json
 import logging
@@ -39,19 +38,15 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable, Schema
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 
-from operators.rows import RETRYABLE, output_schema
-from plvm_model import storage
-from plvm_model.errors import ConfigError, LeaseLost
-from plvm_model.lease import Lease, held_by
+from plvm_model.store.output_schema import RETRYABLE, output_schema
+from plvm_model.store import storage
+from plvm_model.store.errors import ConfigError, LeaseLost
+from plvm_model.store.ids import key_of
+from plvm_model.store.lease import Lease, held_by
 
 log = logging.getLogger(__name__)
 
 LOG = "_delta_log"
-
-
-def new_run_id() -> str:
-    """A run's id: its start time (UTC, so ids sort by age) and a random suffix."""
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def keys(table: pa.Table) -> Counter:
@@ -106,7 +101,7 @@ class OutputTable:
         return storage.object_store_options(self.uri, self.storage_options)
 
     def lease(self, run_id: str, command: str, expiry_s: float) -> Lease:
-        """The folder's lease for ``run_id`` (see :mod:`plvm_model.lease`); use it as a context manager."""
+        """The folder's lease for ``run_id`` (see :mod:`plvm_model.store.lease`); use it as a context manager."""
         return Lease.take(self.fs, self.root, self.uri, run_id, command, expiry_s)
 
     def is_table(self) -> bool:
@@ -211,7 +206,7 @@ class OutputTable:
                 self.fs.makedirs(self.staging(run_id), exist_ok=True)
                 self.fs.pipe_file(path, data.getvalue())
                 # the rows keep the name of the run that wrote them, under a new key
-                key = hashlib.sha1(f"{name} {run_id}".encode()).hexdigest()[:20]
+                key = key_of(f"{name} {run_id}")
                 rewritten.append(Staged(path, part_name(run_of(name), key), kept.num_rows))
         if not removes and not staged:
             return None
