@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ from pydantic import Field, model_validator
 from operators.base import Resources, Stage, StageConfig
 from operators.rows import fail, injected_tokens, output_columns, row_pixels, to_table
 from plvm_model.store.output_schema import ErrorKind
-from plvm_model.engines import GenerationRequest, make_engine
+from plvm_model.engines import EngineOptions, GenerationRequest, make_engine
 from plvm_model.engines.vllm_args import ENGINE_SET, refuse_engine_set
 from plvm_model.store.errors import EngineDead
 from plvm_model.injection import PromptTemplate
@@ -141,21 +142,12 @@ class GenerateConfig(StageConfig):
     resources: Resources = Field(Resources(), description="The engine actors.")
 
     def engine_options(self, model_path: str) -> dict[str, Any]:
-        """The keyword arguments of the configured engine for the LLaVA checkpoint at ``model_path``."""
-        options: dict[str, Any] = dict(
-            model_path=model_path,
-            template=PromptTemplate(**self.template.model_dump()),
-            image_aspect=self.image_aspect,
-            max_new_tokens=self.max_new_tokens,
-            dtype=self.dtype,
-            quantization=self.quantization,
-            device=self.device,
-            concept_style=self.concept_style,
-            concept_slots=self.concept_slots,
-        )
-        if self.engine == "vllm":
-            options["engine_args"] = self.vllm.llm_args()
-        return options
+        """The arguments of the configured engine (:func:`plvm_model.engines.make_engine`, after its kind) for the
+        LLaVA checkpoint at ``model_path``: the options both engines take and, for vllm, ``vllm.LLM``'s."""
+        shared = {f.name for f in fields(EngineOptions)} - {"template"}
+        options = EngineOptions(template=PromptTemplate(**self.template.model_dump()), **self.model_dump(include=shared))
+        vllm = {"engine_args": self.vllm.llm_args()} if self.engine == "vllm" else {}
+        return {"model_path": model_path, "options": options, **vllm}
 
     def prompts(self) -> list[str]:
         return ([self.caption] if self.caption else []) + list(self.questions)

@@ -57,9 +57,9 @@ def untrained_vector(hidden: int, seed: int = 42) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def trainer(tiny_models):
-    options = GenerateConfig().engine_options(str(tiny_models.llava))
-    return MyVLMTrainer(str(tiny_models.llava), template=options["template"], image_aspect="pad",
-                        concept_style=options["concept_style"], dtype="float32", device="cpu")  # fmt: skip
+    options = GenerateConfig().engine_options(str(tiny_models.llava))["options"]
+    return MyVLMTrainer(str(tiny_models.llava), template=options.template, image_aspect="pad",
+                        concept_style=options.concept_style, dtype="float32", device="cpu")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from plvm_model.concept_token import check_servable, concept_key, decode_with_names, plan_slots, tokenize_plvm
 from plvm_model.injection import ConceptTokens, PromptTemplate, TokenizedPrompt, plvm_concepts, tokenize
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What both engines take from the config's ``generate`` section, as one object (the vllm engine also takes
+    ``vllm.LLM``'s own arguments beside it)."""
+
+    template: PromptTemplate
+    image_aspect: str
+    """``pad`` (to a square, LLaVA-1.5's way) or ``crop`` (the processor's centre crop)."""
+    max_new_tokens: int
+    dtype: str
+    quantization: str | None
+    device: str
+    concept_style: str
+    """``plvm`` (a concept token per person) or ``sentence``."""
+    concept_slots: int
+    """``plvm`` style: concept tokens the engine holds at once."""
 
 
 @dataclass
@@ -167,16 +185,3 @@ class LlavaEngine:
     def generate(self, requests: list[GenerationRequest]) -> list[str]:
         """The answers' text, each emitted concept token written as its person's name."""
         return [decode_with_names(ids, names, self.prompter.decode) for ids, names in self._generate(requests)]
-
-
-def make_engine(kind: str, **options: Any) -> Engine:
-    """The engine named ``kind`` (``transformers`` or ``vllm``) built with its config options."""
-    if kind == "transformers":
-        from plvm_model.engines.transformers_engine import TransformersEngine
-
-        return TransformersEngine(**options)
-    if kind == "vllm":
-        from plvm_model.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(**options)
-    raise ValueError(f"unknown engine {kind!r}; available: transformers, vllm")

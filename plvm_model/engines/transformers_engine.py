@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from plvm_model.engines.base import LlavaEngine, LlavaPrompter, SlotBatch
-from plvm_model.injection import ConceptTokens, PromptTemplate, TokenizedPrompt, splice
+from plvm_model.engines.base import EngineOptions, LlavaEngine, LlavaPrompter, SlotBatch
+from plvm_model.injection import ConceptTokens, TokenizedPrompt, splice
 
 QUANTIZATIONS = ("8bit", "4bit")
 
@@ -65,29 +65,18 @@ class SlotMask:
 class TransformersEngine(LlavaEngine):
     name = "transformers"
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        template: PromptTemplate,
-        image_aspect: str,
-        max_new_tokens: int,
-        dtype: str,
-        quantization: str | None,
-        device: str,
-        concept_style: str,
-        concept_slots: int,
-    ) -> None:
+    def __init__(self, model_path: str, options: EngineOptions) -> None:
         from transformers import LlavaForConditionalGeneration
         from transformers.utils import logging
 
         logging.set_verbosity_error()
         logging.disable_progress_bar()
-        self.prompter = LlavaPrompter(model_path, template, image_aspect, concept_style)
-        self.concept_slots = concept_slots
-        self.max_new_tokens = max_new_tokens
-        self.dtype = getattr(torch, dtype)
-        quantization_config = _quantization_config(quantization)
+        self.prompter = LlavaPrompter(model_path, options.template, options.image_aspect, options.concept_style)
+        self.concept_slots = options.concept_slots
+        self.max_new_tokens = options.max_new_tokens
+        self.dtype = getattr(torch, options.dtype)
+        device = options.device
+        quantization_config = _quantization_config(options.quantization)
         self.model = LlavaForConditionalGeneration.from_pretrained(
             model_path,
             dtype=self.dtype,
@@ -98,7 +87,7 @@ class TransformersEngine(LlavaEngine):
             self.model.to(device)
         self.device = torch.device(device)
         self.model_name = Path(model_path).name
-        if concept_style == "plvm":
+        if options.concept_style == "plvm":
             self._add_slots()
 
     @torch.inference_mode()

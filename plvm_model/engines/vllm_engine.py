@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from plvm_model.engines.base import LlavaEngine, LlavaPrompter, SlotBatch
+from plvm_model.engines.base import EngineOptions, LlavaEngine, LlavaPrompter, SlotBatch
 from plvm_model.engines.llava_parts import LlavaEncoders, text_only_checkpoint
 from plvm_model.engines.vllm_args import refuse_engine_set
 from plvm_model.engines.vllm_slots import SLOT_WRITER
-from plvm_model.injection import ConceptTokens, PromptTemplate, splice
+from plvm_model.injection import ConceptTokens, splice
 
 # Our name -> vLLM's quantization method, per platform.
 GPU_QUANTIZATIONS = {"fp8": "fp8", "4bit": "bitsandbytes", "bitsandbytes": "bitsandbytes"}
@@ -47,21 +47,9 @@ def vllm_quantization(quantization: str | None, on_cpu: bool, dtype: str) -> str
 class VLLMEngine(LlavaEngine):
     name = "vllm"
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        template: PromptTemplate,
-        image_aspect: str,
-        max_new_tokens: int,
-        dtype: str,
-        quantization: str | None,
-        device: str,
-        concept_style: str,
-        concept_slots: int,
-        engine_args: dict[str, Any],
-    ) -> None:
+    def __init__(self, model_path: str, options: EngineOptions, engine_args: dict[str, Any] | None = None) -> None:
         """``engine_args`` go to ``vllm.LLM`` as they are, except those the engine sets itself (refused)."""
+        engine_args = engine_args or {}
         refuse_engine_set(engine_args)
         from transformers.utils import logging
 
@@ -69,23 +57,24 @@ class VLLMEngine(LlavaEngine):
         from vllm import LLM, SamplingParams
         from vllm.platforms import current_platform
 
-        self.prompter = LlavaPrompter(model_path, template, image_aspect, concept_style)
-        self.concept_slots = concept_slots
-        slots = concept_slots if concept_style == "plvm" else 0
-        self.encoders = LlavaEncoders(model_path, dtype=getattr(torch, dtype), device=device)
+        self.prompter = LlavaPrompter(model_path, options.template, options.image_aspect, options.concept_style)
+        self.concept_slots = options.concept_slots
+        slots = options.concept_slots if options.concept_style == "plvm" else 0
+        dtype = options.dtype
+        self.encoders = LlavaEncoders(model_path, dtype=getattr(torch, dtype), device=options.device)
         self.llm = LLM(
             model=str(text_only_checkpoint(model_path, extra_rows=slots)),
             tokenizer=model_path,
             enable_prompt_embeds=True,
             dtype=dtype,
-            quantization=vllm_quantization(quantization, current_platform.is_cpu(), dtype),
+            quantization=vllm_quantization(options.quantization, current_platform.is_cpu(), dtype),
             seed=0,
             worker_extension_cls=SLOT_WRITER if slots else "",
             **engine_args,
         )
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         # Concept tokens lie beyond the tokenizer: our code turns them into names (LlavaEngine.generate)
-        self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=slots == 0)
+        self.sampling = SamplingParams(temperature=0.0, max_tokens=options.max_new_tokens, detokenize=slots == 0)
         self.vocabulary = list(range(self.prompter.vocab))
         self.model_name = Path(model_path).name
 
