@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.machine import Meter, header  # noqa: E402
 from operators.decode import decode_image  # noqa: E402
 from pipelines.config import Config, load_config  # noqa: E402
-from pipelines.runtime import init_ray  # noqa: E402
+from pipelines.runner.runtime import init_ray  # noqa: E402
 from plvm_model.concepts import ConceptEncoder  # noqa: E402
 from plvm_model.engines import GenerationRequest  # noqa: E402
 from plvm_model.injection import ConceptTokens  # noqa: E402

@@ -36,9 +36,10 @@ from benchmarks.machine import Meter, header  # noqa: E402
 from operators.decode import decode_image  # noqa: E402
 from operators.read import IMAGE_EXTENSIONS  # noqa: E402
 from operators.rows import to_table  # noqa: E402
-from pipelines.caption import dataset, naming_stages  # noqa: E402
+from pipelines.runner.execute import execute  # noqa: E402
+from pipelines.stage_lists import naming_stages  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
-from pipelines.runtime import init_ray  # noqa: E402
+from pipelines.runner.runtime import init_ray  # noqa: E402
 from plvm_model.store.banks import BankStore  # noqa: E402
 
 
@@ -63,7 +64,8 @@ def loop(config, paths: list[str], refs: list[np.ndarray]) -> int:
 
 def pipeline(config, paths: list[str]) -> int:
     listing = to_table([{"path": p, "user_id": "bench"} for p in paths], ["path", "user_id"])
-    ds = dataset(config, listing, naming_stages).select_columns(["concepts"])
+    steps = naming_stages(config)
+    ds = execute(listing, steps, config.ray, config.run, config.tasks.batch_size).select_columns(["concepts"])
     return sum(len(c or []) for batch in ds.iter_batches(batch_format="pyarrow") for c in batch["concepts"].to_pylist())
 
 

@@ -10,7 +10,7 @@ fresh child process (its peak RSS is its own), it times:
 
 - **lookup**: what each index-lookup worker of a caption run holds, the user's current rows
   with each content hash's row (``operators.index_lookup``);
-- **cohort**: the cohort scales over the user's whole index (``pipelines.cohort``), what every
+- **cohort**: the cohort scales over the user's whole index (``operators.cohort``), what every
   caption run with cohort normalization computes in the driver before matching;
 - **rematch naming**: ``pipelines.rematch.rename`` over an output of the N photos, the part of
   ``plvm rematch`` before the LLM (the cohort included).
@@ -36,9 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import header  # noqa: E402
-from operators.banks import BankSource  # noqa: E402
+from plvm_model.store.banks import BankSource  # noqa: E402
 from operators.index_lookup import _known  # noqa: E402
-from pipelines.cohort import IndexCohort, cohort_scales  # noqa: E402
+from operators.cohort import IndexCohort, cohort_scales  # noqa: E402
 from pipelines.config import Config, load_config  # noqa: E402
 from pipelines.rematch import rename  # noqa: E402
 from plvm_model.store.banks import BankStore  # noqa: E402

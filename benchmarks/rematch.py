@@ -43,7 +43,7 @@ from pipelines.caption import caption  # noqa: E402
 from pipelines.config import Config, load_config  # noqa: E402
 from pipelines.enroll import enroll  # noqa: E402
 from pipelines.rematch import RematchSummary, rematch  # noqa: E402
-from pipelines.runtime import init_ray  # noqa: E402
+from pipelines.runner.runtime import init_ray  # noqa: E402
 
 USER = "bench"
 

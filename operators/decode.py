@@ -15,12 +15,10 @@ import struct
 import warnings
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field
 
-from operators.base import Resources, Stage, StageConfig
-from operators.rows import map_rows
+from operators.base import Resources, RowStage, Stage, StageConfig
 from plvm_model.store.output_schema import ErrorKind, RowError
 
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
@@ -89,30 +87,40 @@ def decode_image(data: bytes, max_side: int, max_pixels: int) -> tuple[np.ndarra
     return np.asarray(image, dtype=np.uint8), width, height
 
 
-class Decode:
-    """data -> pixels, pixels_width, pixels_height, width, height (for rows without pixels yet).
+class Decode(RowStage):
+    """data -> pixels, pixels_width, pixels_height, width, height (for rows without pixels yet); the bytes go."""
 
-    ``for_faces``: the decode before detection, which passes by the photos whose faces came from
-    the face index and keeps ``data`` for the decode before the LLM (the run reads each photo once).
-    """
+    needs = ("data",)
+    adds = ("width", "height", "pixels", "pixels_width", "pixels_height")
+    drops = ("data",)
 
-    def __init__(self, config: DecodeConfig, for_faces: bool = False) -> None:
-        self.config, self.for_faces = config, for_faces
+    def __init__(self, config: DecodeConfig) -> None:
+        self.config = config
 
-    def _decode(self, row: dict) -> None:
-        if row.get("pixels") is not None or (self.for_faces and row.get("faces") is not None):
+    def skips(self, row: dict) -> bool:
+        return row.get("pixels") is not None
+
+    def process(self, row: dict) -> None:
+        if self.skips(row):
             return
         pixels, row["width"], row["height"] = decode_image(row["data"], self.config.max_side, self.config.max_pixels)
         row["pixels_height"], row["pixels_width"] = pixels.shape[:2]
         row["pixels"] = pixels.tobytes()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows(batch, self._decode, add=DECODED, drop=[] if self.for_faces else ["data"])
+        self.stat_update("decoded")
 
 
-DECODED = ("width", "height", "pixels", "pixels_width", "pixels_height")
+class DecodeForFaces(Decode):
+    """The decode before detection: it passes by the photos whose faces came from the face index, and keeps
+    ``data`` for the decode before the LLM (the run reads each photo once)."""
+
+    drops = ()
+
+    def skips(self, row: dict) -> bool:
+        return super().skips(row) or row.get("faces") is not None
 
 
 def stage(config: DecodeConfig, tasks: Resources, for_faces: bool = False) -> Stage:
-    drops = () if for_faces else ("data",)
-    return Stage("decode", Decode, (config, for_faces), tasks, needs=("data",), adds=DECODED, drops=drops)
+    """The decode stage; ``for_faces``: the one before detection (``decode_for_faces``)."""
+    if for_faces:
+        return Stage.of("decode_for_faces", DecodeForFaces, (config,), tasks)
+    return Stage.of("decode", Decode, (config,), tasks)

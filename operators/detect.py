@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
 from pydantic import Field
 
-from operators.base import Resources, Stage, StageConfig
-from operators.rows import face_record, map_rows, row_pixels
+from operators.base import Resources, RowStage, Stage, StageConfig
+from operators.rows import face_record, row_pixels
 from plvm_model.faces import MTCNNDetector
 
 
@@ -19,9 +18,12 @@ class DetectConfig(StageConfig):
     )
 
 
-class DetectFaces:
+class DetectFaces(RowStage):
     """pixels -> faces (box, score, landmarks in the original photo's pixels), left to right; a row whose faces
     came from the face index is passed by."""
+
+    needs = ("pixels", "width")
+    adds = ("faces",)
 
     def __init__(self, config: DetectConfig) -> None:
         import torch
@@ -31,16 +33,14 @@ class DetectFaces:
             long_side=config.long_side, min_face_size=config.min_face_size, score_threshold=config.score_threshold
         )
 
-    def _detect(self, row: dict) -> None:
+    def process(self, row: dict) -> None:
         if row.get("faces") is not None:  # from the face index
             return
         scale = row["width"] / row["pixels_width"]
         row["faces"] = [face_record(f.scaled(scale)) for f in self.detector.detect(row_pixels(row))]
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows(batch, self._detect, add=["faces"])
+        self.stat_update("photos")
+        self.stat_update("faces", len(row["faces"]))
 
 
 def stage(config: DetectConfig) -> Stage:
-    return Stage("detect", DetectFaces, (config,), config.resources, needs=("pixels", "width"), adds=("faces",),
-                 actors=True)  # fmt: skip
+    return Stage.of("detect", DetectFaces, (config,), config.resources, actors=True)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from pydantic import Field
 
-from operators.base import Resources, Stage, StageConfig
-from operators.rows import embedded, map_rows
+from operators.base import Resources, RowStage, Stage, StageConfig
+from operators.rows import embedded
 from plvm_model.faces import make_embedder
 
 
@@ -23,26 +22,26 @@ class EmbedConfig(StageConfig):
     resources: Resources = Field(Resources(), description="The embedder actors.")
 
 
-class EmbedFaces:
-    """chips -> each face's ``embedding`` (inside ``faces``)."""
+class EmbedFaces(RowStage):
+    """chips -> each face's ``embedding`` (inside ``faces``); the chips go."""
+
+    needs = ("faces", "chips")
+    drops = ("chips",)
 
     def __init__(self, config: EmbedConfig) -> None:
         # dlib runs without torch: this actor does not import it (seconds of CPU per actor)
         self.embedder = make_embedder(config.kind, **config.options)
 
-    def _embed(self, row: dict) -> None:
+    def process(self, row: dict) -> None:
         if embedded(row):  # no face, or faces from the face index
             return
         shape = self.embedder.chip_shape
         chips = [[np.frombuffer(chip, np.uint8).reshape(shape) for chip in face] for face in row["chips"]]
         for face, vector in zip(row["faces"], self.embedder.describe(chips), strict=True):
             face["embedding"] = vector.tolist()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows(batch, self._embed)
+        self.stat_update("faces", len(chips))
 
 
 def stage(config: EmbedConfig) -> Stage:
     """Adds each face's ``embedding`` (inside ``faces``) from the chips of the align stage, which it drops."""
-    return Stage("embed", EmbedFaces, (config,), config.resources, needs=("faces", "chips"), drops=("chips",),
-                 actors=True)  # fmt: skip
+    return Stage.of("embed", EmbedFaces, (config,), config.resources, actors=True)

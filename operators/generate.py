@@ -7,7 +7,7 @@ photos marked ``engine_timeout`` (retryable; counted against the run's failure b
 the run moves on; the next batch first waits (at most ``timeout_s`` again) for the engine
 to come back, and if it does not, the engine is dead (:class:`EngineDead`) and the run
 stops. Any other exception of the engine is a failure of the system, handled by the stage
-loop (``pipelines.stages``), never turned into row errors here.
+loop (``pipelines.runner.loop``), never turned into row errors here.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from operators.base import Resources, Stage, StageConfig
+from operators.base import Resources, RowStage, Stage, StageConfig
 from operators.rows import fail, injected_tokens, output_columns, row_pixels, to_table
-from plvm_model.store.output_schema import ErrorKind
 from plvm_model.engines import EngineOptions, GenerationRequest, make_engine
 from plvm_model.engines.vllm_args import ENGINE_SET, refuse_engine_set
-from plvm_model.store.errors import EngineDead
 from plvm_model.injection import PromptTemplate
+from plvm_model.store.errors import EngineDead
+from plvm_model.store.output_schema import ErrorKind
 
 log = logging.getLogger(__name__)
 PROJECT = Path(__file__).resolve().parent.parent
@@ -149,8 +149,10 @@ class GenerateConfig(StageConfig):
         vllm = {"engine_args": self.vllm.llm_args()} if self.engine == "vllm" else {}
         return {"model_path": model_path, "options": options, **vllm}
 
-    def prompts(self) -> list[str]:
-        return ([self.caption] if self.caption else []) + list(self.questions)
+    def prompts(self, questions: list[str] | None = None) -> list[str]:
+        """What the engine is asked about a photo: the caption prompt, then ``questions`` (a row's own, as
+        evaluation asks them), else the configured questions."""
+        return ([self.caption] if self.caption else []) + list(self.questions if questions is None else questions)
 
     def runtime_env(self) -> dict | None:
         """Ray's runtime environment for the engine's actors (None: the pipeline's own)."""
@@ -169,8 +171,13 @@ class GenerateConfig(StageConfig):
         return env
 
 
-class Generate:
-    """pixels + injected -> caption, answers, model, engine."""
+class Generate(RowStage):
+    """pixels + injected -> caption, answers, model, engine; the pixels and the concepts go."""
+
+    needs = ("pixels", "injected")
+    adds = ("caption", "answers", "model", "engine")
+    drops = ("pixels", "injected")
+    optional = ("questions",)
 
     def __init__(self, config: GenerateConfig, model_path: str) -> None:
         import torch
@@ -208,16 +215,18 @@ class Generate:
             raise
 
     def _answer(self, rows: list[dict]) -> None:
-        prompts = self.config.prompts()
+        asked = [self.config.prompts(row.get("questions")) for row in rows]
         requests = [
-            GenerationRequest(row_pixels(row), prompt, injected_tokens(row)) for row in rows for prompt in prompts
-        ]
+            GenerationRequest(row_pixels(row), prompt, injected_tokens(row)) for row, prompts in zip(rows, asked)
+            for prompt in prompts
+        ]  # fmt: skip
         texts = iter(self.generate(requests) if requests else [])
-        for row in rows:
+        for row, prompts in zip(rows, asked):
             answers = [next(texts) for _ in prompts]
             if self.config.caption:
-                row["caption"] = answers.pop(0)
-            row["answers"] = [{"question": q, "answer": a} for q, a in zip(self.config.questions, answers)]
+                row["caption"], prompts, answers = answers[0], prompts[1:], answers[1:]
+            row["answers"] = [{"question": q, "answer": a} for q, a in zip(prompts, answers)]
+        self.stat_update("prompts", len(requests))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -230,14 +239,11 @@ class Generate:
                 fail(row, ErrorKind.ENGINE_TIMEOUT, f"{row['path']}: {error}")
         for row in rows:
             row["model"], row["engine"] = self.engine.model_name, self.engine.name
-        return to_table(rows, output_columns(batch, GENERATED, ["pixels", "injected"]))
-
-
-GENERATED = ("caption", "answers", "model", "engine")
+        return to_table(rows, output_columns(batch, self.adds, self.drops))
 
 
 def stage(config: GenerateConfig, model_path: str) -> Stage:
-    return Stage(
-        "generate", Generate, (config, model_path), config.resources, needs=("pixels", "injected"), adds=GENERATED,
-        drops=("pixels", "injected"), actors=True, runtime_env=config.runtime_env(), restarts=False,
+    return Stage.of(
+        "generate", Generate, (config, model_path), config.resources, actors=True, runtime_env=config.runtime_env(),
+        restarts=False,
     )  # fmt: skip

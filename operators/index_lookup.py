@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from operators.base import Resources, Stage
-from operators.rows import as_row_faces, map_rows
+from operators.base import Resources, RowStage, Stage
+from operators.rows import as_row_faces
 from plvm_model.store.face_index import SCHEMA, IndexSource
 
 
@@ -49,22 +49,22 @@ def _known(source: IndexSource, user_id: str) -> _Known:
     return _CACHE[key]
 
 
-class IndexLookup:
+class IndexLookup(RowStage):
     """content_hash + user_id -> faces, width, height and indexed, for photos the index holds."""
+
+    needs = ("path", "user_id", "content_hash")
+    adds = ("width", "height", "faces", "indexed")
 
     def __init__(self, source: IndexSource) -> None:
         self.source = source
 
-    def _lookup(self, row: dict) -> None:
+    def process(self, row: dict) -> None:
         found = _known(self.source, row["user_id"]).get(row["content_hash"])
         row["indexed"] = found is not None and found["path"] == row["path"]
         if found is not None:
             row["width"], row["height"], row["faces"] = found["width"], found["height"], found["faces"]
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows(batch, self._lookup, add=["width", "height", "faces", "indexed"])
+            self.stat_update("known")
 
 
 def stage(source: IndexSource, tasks: Resources) -> Stage:
-    return Stage("index_lookup", IndexLookup, (source,), tasks, needs=("path", "user_id", "content_hash"),
-                 adds=("width", "height", "faces", "indexed"))  # fmt: skip
+    return Stage.of("index_lookup", IndexLookup, (source,), tasks)

@@ -10,7 +10,7 @@ measured on its user's cohort: the bank's other concepts and every face of the u
 photos in the run farther than ``cohort_min_distance`` from the concept (see
 ``plvm_model.faces.matching.cohort_scale``). It needs all of a user's faces first, so the
 pipeline embeds every photo before it matches any (the cohort barrier,
-``pipelines.cohort``). A concept without a cohort falls back to the raw ``threshold``.
+``operators.cohort``). A concept without a cohort falls back to the raw ``threshold``.
 The rule itself is :class:`plvm_model.faces.matching.MatchRule`.
 """
 
@@ -19,13 +19,11 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
 from pydantic import Field
 
-from operators.banks import BankCache, BankSource
-from operators.base import FromRun, Resources, Stage, StageConfig
-from operators.rows import map_rows
+from operators.base import FromRun, Resources, RowStage, Stage, StageConfig
 from plvm_model.faces.matching import MatchRule
+from plvm_model.store.banks import BankCache, BankSource
 
 
 class MatchConfig(StageConfig):
@@ -68,8 +66,11 @@ Scales = dict[tuple[str, str], float]
 """(user_id, concept_id) -> cohort scale."""
 
 
-class MatchFaces:
+class MatchFaces(RowStage):
     """faces (with embeddings) + user_id -> each face's concept, concept_id, distance; ``concepts``."""
+
+    needs = ("user_id", "faces")
+    adds = ("concepts",)
 
     def __init__(
         self,
@@ -82,7 +83,7 @@ class MatchFaces:
         self.scales = scales or {}
         self.banks = BankCache(banks, embedder_space)
 
-    def _match(self, row: dict) -> None:
+    def process(self, row: dict) -> None:
         bank = self.banks.get(row["user_id"])
         faces = [f for f in row["faces"] if f.get("embedding") is not None]
         row["concepts"] = []
@@ -99,13 +100,11 @@ class MatchFaces:
                 concept = bank.concepts[match.concept]
                 face["concept"], face["concept_id"] = concept.name, concept.concept_id
                 row["concepts"].append(concept.name)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows(batch, self._match, add=["concepts"])
+        self.stat_update("named", len(row["concepts"]))
 
 
 def stage(config: MatchConfig, banks: BankSource, embedder_space: str, tasks: Resources) -> Stage:
     """The match stage; with cohort normalization its scales come from the cohort barrier."""
     scales = FromRun("scales") if config.normalization == "cohort" else None
     args = (config, banks, embedder_space, scales)
-    return Stage("match", MatchFaces, args, tasks, needs=("user_id", "faces"), adds=("concepts",))
+    return Stage.of("match", MatchFaces, args, tasks)

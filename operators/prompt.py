@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 
-import pyarrow as pa
 from pydantic import Field
 
-from operators.banks import BankCache, BankSource
-from operators.base import Resources, Stage, StageConfig
-from operators.rows import injected_record, map_rows
+from operators.base import Resources, RowStage, Stage, StageConfig
+from operators.rows import injected_record
+from plvm_model.store.banks import BankCache, BankSource
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +24,11 @@ class PromptConfig(StageConfig):
     )
 
 
-class ChooseConcepts:
+class ChooseConcepts(RowStage):
     """faces (matched) -> injected (name, soft tokens, head weight)."""
+
+    needs = ("user_id", "faces")
+    adds = ("injected",)
 
     def __init__(
         self,
@@ -37,7 +39,7 @@ class ChooseConcepts:
         self.max_concepts = config.max_concepts
         self.banks = BankCache(banks, aligner=aligner)
 
-    def _choose(self, row: dict) -> None:
+    def process(self, row: dict) -> None:
         matched = [f for f in row["faces"] if f.get("concept_id")]
         chosen = sorted(matched, key=lambda f: f["distance"])[: self.max_concepts]
         if len(chosen) < len(matched):
@@ -49,11 +51,9 @@ class ChooseConcepts:
         chosen.sort(key=lambda f: f["box"][0])
         concepts = {c.concept_id: c for c in self.banks.get(row["user_id"]).concepts} if chosen else {}
         row["injected"] = [injected_record(concepts[face["concept_id"]]) for face in chosen]
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows(batch, self._choose, add=["injected"])
+        self.stat_update("injected", len(chosen))
 
 
 def stage(config: PromptConfig, banks: BankSource, aligner: str, tasks: Resources) -> Stage:
     args = (config, banks, aligner)
-    return Stage("prompt", ChooseConcepts, args, tasks, needs=("user_id", "faces"), adds=("injected",))
+    return Stage.of("prompt", ChooseConcepts, args, tasks)

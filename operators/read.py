@@ -22,14 +22,14 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from operators.base import Resources, Stage, StageConfig
-from plvm_model.store.input_scope import InputScope
-from operators.rows import fail, map_rows, to_table
-from plvm_model.store.output_schema import ErrorKind, RowError
+from operators.base import Resources, RowStage, Stage, StageConfig
+from operators.rows import fail, to_table
 from plvm_model.store import storage
-from plvm_model.store.ids import validate_user_id
 from plvm_model.store.errors import InputError, InputNotFound
 from plvm_model.store.face_index import content_hash
+from plvm_model.store.ids import validate_user_id
+from plvm_model.store.input_scope import InputScope
+from plvm_model.store.output_schema import ErrorKind, RowError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_EXTENSIONS = (".parquet", ".csv")
@@ -195,14 +195,17 @@ def _read_manifest(
     return rows
 
 
-class ReadBytes:
+class ReadBytes(RowStage):
     """path -> data (the file's bytes), content_hash (their SHA-256: the photo's key in the face index)."""
+
+    needs = ("path",)
+    adds = ("data", "content_hash")
 
     def __init__(self, config: ReadConfig, storage_options: storage.StorageOptions | None = None) -> None:
         self.config = config
         self.storage_options = storage_options
 
-    def _read(self, row: dict) -> None:
+    def process(self, row: dict) -> None:
         fs, path = storage.filesystem(row["path"], self.storage_options)
         try:
             size = fs.size(path)
@@ -214,10 +217,8 @@ class ReadBytes:
         if not row["data"]:
             raise RowError(ErrorKind.EMPTY_FILE, "file is empty (0 bytes)")
         row["content_hash"] = content_hash(row["data"])
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return map_rows(batch, self._read, add=["data", "content_hash"])
+        self.stat_update("bytes", len(row["data"]))
 
 
 def stage(config: ReadConfig, storage_options: storage.StorageOptions | None, tasks: Resources) -> Stage:
-    return Stage("read", ReadBytes, (config, storage_options), tasks, needs=("path",), adds=("data", "content_hash"))
+    return Stage.of("read", ReadBytes, (config, storage_options), tasks)

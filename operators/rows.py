@@ -11,6 +11,7 @@ stage; any other exception is a failure of the system, which the stage loop hand
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from plvm_model.faces import Face
-from plvm_model.store.output_schema import EMBEDDING, FACE_OUTPUT, OUTPUT_TYPES, ErrorKind, RowError
 from plvm_model.injection import ConceptTokens
+from plvm_model.store.output_schema import EMBEDDING, FACE_OUTPUT, OUTPUT_TYPES, ErrorKind, RowError
 
 FACE = pa.struct([*FACE_OUTPUT[:3], EMBEDDING, *FACE_OUTPUT[3:]])
 """A face: box (x1, y1, x2, y2) and landmarks in pixels of the original photo (after EXIF rotation)."""
@@ -54,12 +55,40 @@ COLUMNS: dict[str, pa.DataType] = {
     "chips": pa.list_(pa.list_(pa.binary())),
     "concepts": OUTPUT_TYPES["concepts"],
     "injected": pa.list_(INJECTED),
+    "questions": pa.list_(pa.string()),
+    "stats": pa.map_(pa.string(), pa.float64()),
     **{c: OUTPUT_TYPES[c] for c in ("caption", "answers", "model", "engine", "error", "error_kind")},
 }
 """Every column a row may carry, with its type."""
 
 LISTING = ("index", "path", "user_id", "error", "error_kind")
 """The columns of the input listing, which the first stage receives."""
+
+STATS = "stats"
+"""The column of the stages' counters: each batch's counts (``<stage>.<counter>``) in one of its rows, null in the
+others, so that they travel with the rows (a batch that Ray retries replaces its counts with its rows) and add up
+at the end."""
+
+
+def stats_of(table: pa.Table) -> Counter:
+    """The sum of the counters in ``table``'s stats column (none if it has none)."""
+    total: Counter = Counter()
+    if STATS in table.column_names:
+        for counts in table.column(STATS).to_pylist():
+            for key, value in counts or ():
+                total[key] += value
+    return total
+
+
+def with_stats(table: pa.Table, counts: Counter) -> pa.Table:
+    """``table`` with ``counts`` added to its stats column, all of them in its first row (unchanged if it has no
+    stats column, or no row)."""
+    if STATS not in table.column_names or not table.num_rows:
+        return table
+    merged = stats_of(table)
+    merged.update(counts)
+    column = pa.array([list(merged.items())] + [None] * (table.num_rows - 1), COLUMNS[STATS])
+    return table.set_column(table.schema.get_field_index(STATS), STATS, column)
 
 
 def to_table(rows: list[dict[str, Any]], columns: Iterable[str]) -> pa.Table:

@@ -15,17 +15,20 @@ from __future__ import annotations
 import io
 import posixpath
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from operators.base import Resources, Stage, StageConfig
-from plvm_model.store.output_table import OutputTable, part_name
-from plvm_model.store.output_schema import OUTPUT, output_schema
+from operators.base import Resources, RowStage, Stage, StageConfig
+from operators.rows import COLUMNS, STATS, stats_of, with_stats
 from plvm_model.store import storage
 from plvm_model.store.ids import batch_key
+from plvm_model.store.output_schema import OUTPUT, output_schema
+from plvm_model.store.output_table import OutputTable, part_name
 
 
 class OutputConfig(StageConfig):
@@ -45,10 +48,22 @@ class OutputConfig(StageConfig):
         "may be taken over by another run, when its heartbeat is older than this.",
     )
 
+    def parts(self, rows: int) -> int:
+        """How many parts a run of ``rows`` photos writes (at least one)."""
+        return max(1, -(-rows // self.rows_per_file))
+
 
 @dataclass
-class WriteParts:
-    """Internal rows -> one staged Parquet part per batch; returns (staged path, final name, rows) per part."""
+class WriteParts(RowStage):
+    """Internal rows -> one staged Parquet part per batch; returns (staged path, final name, rows, stats) per part.
+
+    The part's stats are its rows' (every stage's counts that came with them) and what it holds: faces, named
+    faces and rows by error kind (``write.faces``, ``write.named``, ``write.error_kind.<kind>``), which the run's
+    summary adds up over the parts it committed.
+    """
+
+    needs = ("index", *OUTPUT)
+    adds = ("staged", "name", "rows", STATS)
 
     uri: str
     run_id: str
@@ -69,12 +84,26 @@ class WriteParts:
     def __call__(self, batch: pa.Table) -> pa.Table:
         folder = OutputTable(self.uri, self.storage_options)
         key = batch_key(batch.column("index").to_pylist())
+        rows = self.to_output(batch)
         data = io.BytesIO()
-        pq.write_table(self.to_output(batch), data)
+        pq.write_table(rows, data)
         staged = posixpath.join(folder.staging(self.run_id), f"{key}.{uuid.uuid4().hex[:8]}.tmp")
         folder.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
         folder.fs.pipe_file(staged, data.getvalue())
-        return pa.table({"staged": [staged], "name": [part_name(self.run_id, key)], "rows": [batch.num_rows]})
+        part = {"staged": [staged], "name": [part_name(self.run_id, key)], "rows": [batch.num_rows], STATS: [None]}
+        return with_stats(pa.table(part, schema=PART), stats_of(batch) + self.holds(rows))
+
+    @staticmethod
+    def holds(rows: pa.Table) -> Counter:
+        """What a part of output rows holds: faces, named faces, rows by error kind."""
+        kinds = rows.column("error_kind").drop_null().value_counts().to_pylist()
+        return Counter({"write.faces": pc.sum(pc.list_value_length(rows.column("faces"))).as_py() or 0,
+                        "write.named": pc.sum(pc.list_value_length(rows.column("concepts"))).as_py() or 0,
+                        **{f"write.error_kind.{k['values']}": k["counts"] for k in kinds}})  # fmt: skip
+
+
+PART = pa.schema([("staged", pa.string()), ("name", pa.string()), ("rows", pa.int64()), (STATS, COLUMNS[STATS])])
+"""The write stage's rows: one per part it staged."""
 
 
 def stage(config: OutputConfig, run_id: str, storage_options: storage.StorageOptions | None, tasks: Resources,
@@ -84,6 +113,4 @@ def stage(config: OutputConfig, run_id: str, storage_options: storage.StorageOpt
     concurrency = min(tasks.concurrency, parts)
     resources = tasks.model_copy(update={"batch_size": config.rows_per_file, "concurrency": concurrency})
     args = (config.uri, run_id, storage_options, config.face_embeddings)
-    return Stage(
-        "write", WriteParts, args, resources, needs=("index", *OUTPUT), adds=("staged", "name", "rows"), keeps_rows=False
-    )
+    return Stage.of("write", WriteParts, args, resources, keeps_rows=False)

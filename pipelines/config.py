@@ -23,50 +23,18 @@ from operators.decode import DecodeConfig
 from operators.detect import DetectConfig
 from operators.embed import EmbedConfig
 from operators.generate import GenerateConfig
-from operators.indexing import IndexConfig
+from operators.index import IndexConfig
 from operators.match import MatchConfig
 from operators.prompt import PromptConfig
 from operators.read import InputConfig, ReadConfig
 from operators.write import OutputConfig
+from pipelines.runner.settings import RayConfig, RunConfig
 from plvm_model.store.errors import ConfigError
 
 if TYPE_CHECKING:  # the Aligner's module imports torch, which a command that only reads a config does not need
     from plvm_model.aligner import AlignerShape
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class RayConfig(StageConfig):
-    address: str | None = Field(
-        None,
-        description="null: start a Ray for this run on this machine (bound to 127.0.0.1); else a cluster address.",
-    )
-    num_cpus: int | None = Field(None, description="CPUs of the local Ray (null: all).")
-    metrics: bool = Field(
-        False,
-        description="Whether the local Ray records and exports its metrics (for Prometheus); off, as it runs no "
-        "dashboard, since every Ray process pays for them in CPU. A cluster's own setting is never changed.",
-    )
-    no_progress_timeout_s: float = Field(1800.0, description="Fail the run if no stage makes progress for this long.")
-    progress: Literal["auto", "bar", "lines", "off"] = Field(
-        "auto", description="`auto`: Ray's progress bars on a terminal, periodic lines otherwise."
-    )
-    progress_interval_s: float = Field(30.0, gt=0, description="Seconds between progress lines.")
-
-
-class RunConfig(StageConfig):
-    """How a run treats failures of the system (not input faults, which are always rows with an error)."""
-
-    max_failed_fraction: float = Field(
-        0.0, ge=0, le=1,
-        description="Share of a run's photos that may fail in the system (a stage's unexpected exception, an engine "
-        "timeout) before the run fails. 0: the first unexpected exception stops the run, after its retries; above "
-        "0: such photos get a retryable row error and the run fails at its end only past this share.",
-    )  # fmt: skip
-    retries: int = Field(
-        1, ge=0, description="Times Ray Data retries a stage's batch after an unexpected exception (a worker that dies is "
-        "retried by Ray as always)."
-    )
 
 
 class ModelsConfig(StageConfig):

@@ -30,17 +30,17 @@ from typing import Literal, get_args
 import numpy as np
 
 from operators.rows import row_pixels, to_table, working_faces
-from pipelines.caption import face_stages
-from pipelines.caption_eval import mentions
+from pipelines.stage_lists import face_stages
 from pipelines.config import Config
-from pipelines.json_input import read_json_file
-from pipelines.stages import InProcess
-from plvm_model.store.banks import Bank, BankStore, Concept
-from plvm_model.store.ids import validate_user_id
+from pipelines.evaluation.captions import mentions
+from pipelines.runner.loop import InProcess
 from plvm_model.concepts import ConceptEncoder
-from plvm_model.store.errors import BankError, InputError
 from plvm_model.faces import Face, embedder_class
 from plvm_model.injection import PromptTemplate
+from plvm_model.store.banks import Bank, BankStore, Concept
+from plvm_model.store.errors import BankError, InputError
+from plvm_model.store.ids import validate_user_id
+from plvm_model.store.storage import read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +218,10 @@ class Enroller:
 
     def train_myvlm(self, name: str, images: list[np.ndarray], captions: list[str]):
         """MyVLM's training of ``name``'s vector on the photos and captions, with a progress bar of the loss."""
+        import torch
         from tqdm import tqdm
 
         from plvm_model.myvlm import Example, MyVLMTrainer
-
-        import torch
 
         settings = self.config.myvlm
         if settings.threads:

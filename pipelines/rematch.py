@@ -17,25 +17,26 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators import read
-from operators.banks import BankSource, BankVersions
+from operators.cohort import IndexCohort, cohort_scales
 from operators.match import MatchFaces
-from plvm_model.store.ids import new_run_id
-from plvm_model.store.output_table import OutputTable, Staged, keys
 from operators.rows import as_row_faces, to_table
-from plvm_model.store.output_schema import BANK_ERRORS, output_schema
-from pipelines.caption import answering_stages, check_banks, dataset, run_failure
-from pipelines.cohort import IndexCohort, cohort_scales
-from pipelines.config import Config, ModelPaths
-from pipelines.stages import Step
+from pipelines.config import Config
+from pipelines.pinned import pin_banks
+from pipelines.runner.counters import by_stage, stage_lines, totals
+from pipelines.runner.execute import execute
+from pipelines.runner.failures import results
+from pipelines.stage_lists import llm_stages
+from plvm_model.faces import embedder_class
+from plvm_model.store.banks import BankSource, BankVersions
 from plvm_model.store.errors import InputNotFound, RowCountMismatch
 from plvm_model.store.face_index import FaceIndex, IndexSource
-from plvm_model.faces import embedder_class
+from plvm_model.store.ids import new_run_id
+from plvm_model.store.output_schema import BANK_ERRORS, output_schema
+from plvm_model.store.output_table import OutputTable, Staged, keys
 
 Photo = tuple[str, str]
 """(path, user_id): a photo's identity in the output."""
@@ -46,7 +47,7 @@ class RematchSummary:
     run_id: str
     photos: int
     """Current rows of the output's users that were looked at: rows without an error, and rows whose error came
-    from the user's bank (``operators.rows.BANK_ERRORS``: no bank, an empty one, one of another embedder)."""
+    from the user's bank (``plvm_model.store.output_schema.BANK_ERRORS``: no bank, an empty one, one of another embedder)."""
     not_indexed: int = 0
     """Rows looked at whose path the face index does not hold: left as they are."""
     changed: int = 0
@@ -60,6 +61,8 @@ class RematchSummary:
     banks: BankVersions = field(default_factory=dict)
     version: int | None = None
     """The output table's version that the rematch committed (None: nothing changed, no commit)."""
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Each stage's counters over the rows written (as a caption run's summary has them)."""
 
     def lines(self) -> list[str]:
         """The summary as printed at the end of a rematch."""
@@ -70,14 +73,7 @@ class RematchSummary:
         if self.not_indexed:
             lines.append(f"{self.not_indexed} photos are not in the face index and keep their rows "
                          "(plvm caption --overwrite indexes them)")  # fmt: skip
-        return [*lines, f"wall {self.wall_s:.1f} s (naming the faces {self.naming_s:.1f} s)"]
-
-
-def llm_stages(config: Config, models: ModelPaths, run_id: str, parts: int, banks: BankVersions) -> list[Step]:
-    """For photos whose faces are already named: read, then the caption pipeline's answering stages."""
-    source = BankSource(config.bank, config.storage, banks)
-    answering = answering_stages(config, models, run_id, parts, source)
-    return [read.stage(config.read, config.storage, config.tasks), *answering]
+        return [*lines, *stage_lines(self.stages), f"wall {self.wall_s:.1f} s (naming the faces {self.naming_s:.1f} s)"]
 
 
 NAMING_ROWS = 4096
@@ -136,16 +132,14 @@ def rematch(config: Config, output_uri: str, user: str | None = None) -> Rematch
     run_id = new_run_id()
     with output.lease(run_id, "rematch", config.output.lease_expiry_s) as lease:
         started = time.monotonic()
-        output.discard_staging()
-        output.open(output_schema(config.output.face_embeddings))
-        output.vacuum()
+        output.prepare(output_schema(config.output.face_embeddings))
         current = output.read(["path", "user_id", "concepts", "error", "error_kind"])
         bank_error = pc.is_in(current.column("error_kind"), value_set=pa.array(BANK_ERRORS))
         current = current.filter(pc.or_kleene(pc.is_null(current.column("error")), bank_error))
         if user is not None:
             current = current.filter(pc.equal(current.column("user_id"), user))
         users = sorted(set(current.column("user_id").to_pylist()))
-        banks = check_banks(users, config)
+        banks = pin_banks(users, config)
         naming = time.monotonic()
         todo, missing = rename(config, current, users, banks)
         summary = RematchSummary(run_id, current.num_rows, missing, todo.num_rows, banks=banks,
@@ -153,19 +147,14 @@ def rematch(config: Config, output_uri: str, user: str | None = None) -> Rematch
         if todo.num_rows:
             changed = set(keys(todo))
             todo = todo.append_column("index", pa.array(range(todo.num_rows), pa.int64()))
-            parts = max(1, -(-todo.num_rows // config.output.rows_per_file))
-            stages = partial(llm_stages, models=config.model_paths(), run_id=run_id, parts=parts, banks=banks)
+            parts = config.output.parts(todo.num_rows)
+            steps = llm_stages(config, config.model_paths(), run_id, parts, banks)
             staged: list[Staged] = []
-            try:
-                for part in dataset(config, todo, stages).iter_rows():
-                    lease.check()
-                    staged.append(Staged(**part))
-            except Exception as error:
-                failure = run_failure(error)
-                if failure is None:
-                    raise
-                raise failure from error
+            for part in results(execute(todo, steps, config.ray, config.run, config.tasks.batch_size)):
+                lease.check()
+                staged.append(Staged(**part))
             summary.rows = sum(p.rows for p in staged)
+            summary.stages = by_stage(totals(staged))
             if summary.rows != todo.num_rows:
                 raise RowCountMismatch(f"rematch {run_id} wrote {summary.rows} rows for {todo.num_rows} photos; "
                                        "nothing was committed")  # fmt: skip

@@ -8,23 +8,19 @@ output; ``plvm eval recognition --report`` draws the evaluation's false matches 
 from __future__ import annotations
 
 import html
-import io
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from operators.decode import decode_image
-from plvm_model.store.output_table import OutputTable
 from plvm_model.store import storage
-from plvm_model.store.errors import InputError, InputNotFound
+from plvm_model.store.output_table import caption_rows
 
 if TYPE_CHECKING:  # the evaluation imports torch and Ray, which `plvm show` does not need
-    from pipelines.evaluate import RecognitionResult
+    from pipelines.evaluation.recognition import RecognitionResult
 
 THUMB = 360
 SHEET_COLUMNS = 4
@@ -123,27 +119,6 @@ vertical-align:top}} img{{max-width:{THUMB}px}} figcaption{{font-size:13px}}</st
     index = out / "index.html"
     index.write_text(page)
     return index
-
-
-def caption_rows(results: str, storage_options: storage.StorageOptions | None) -> pa.Table:
-    """The rows of a caption run's output (a folder of part files, or one Parquet file), sorted by path.
-
-    An output that does not exist, or a folder without a part file, is an error naming it, not an
-    empty table: a mistyped output would otherwise be an empty report and exit 0.
-    """
-    fs, path = storage.filesystem(results, storage_options)
-    if not fs.exists(path):
-        raise InputNotFound(f"{results} does not exist (give a caption run's output folder or one of its part files)")
-    if fs.isfile(path):
-        if not path.endswith(".parquet"):
-            raise InputError(f"{results} is a file, not a caption run's output folder or Parquet part")
-        table = pq.read_table(io.BytesIO(fs.cat_file(path)))
-    else:
-        folder = OutputTable(results, storage_options)
-        if not folder.part_files():
-            raise InputError(f"{results} holds no rows: no part-*.parquet file (is it a caption run's output?)")
-        table = folder.read()
-    return table.sort_by("path")
 
 
 def caption_report(results: str, out_dir: str, limit: int, storage_options: storage.StorageOptions | None) -> Path:

@@ -143,3 +143,8 @@ def decode_with_names(token_ids: list[int], names: dict[int, str], decode: Calla
             run.append(token)
     flush()
     return text.strip()
+
+
+def mentions(text: str, name: str) -> bool:
+    """Whether ``text`` holds ``name`` as a whole word (or words), case ignored."""
+    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE) is not None

@@ -31,7 +31,7 @@ sys.path[:0] = [str(HERE), str(REPO)]
 from conftest import DATA  # noqa: E402
 from s3_endpoint import CREDENTIALS, free_port, moto_endpoint  # noqa: E402
 
-from pipelines.ray_processes import session_processes, stop  # noqa: E402
+from pipelines.runner.ray_processes import session_processes, stop  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

@@ -41,7 +41,7 @@ def ray_local():
     import ray
 
     from pipelines.config import RayConfig
-    from pipelines.runtime import init_ray
+    from pipelines.runner.runtime import init_ray
 
     init_ray(RayConfig(num_cpus=2, no_progress_timeout_s=300, progress="off"))
     yield ray
@@ -67,3 +67,11 @@ def make_config(tmp_path: Path, **sections):
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return Config.model_validate(data)
+
+
+def one_batch(engine, requests):
+    """``requests`` as one of the engine's slot batches (a ValueError if their concepts need more slots than it has)."""
+    groups = engine.slot_batches(requests)
+    if len(groups) > 1:
+        raise ValueError(f"these requests need {len(groups)} batches of {engine.concept_slots} concept slots")
+    return groups[0][1]

@@ -15,9 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_config, photo
-from operators.banks import BankCache, BankSource
+from plvm_model.store.banks import BankCache, BankSource
 from plvm_model.store.output_schema import RowError
-from pipelines.caption import caption, caption_stages, check_banks
+from pipelines.caption import caption
+from pipelines.pinned import pin_banks
+from pipelines.stage_lists import caption_stages
 from pipelines.cli import run
 from pipelines.enroll import Enroller
 from plvm_model.store.banks import BankError, Concept, BankStore, Bank, encode, version_file
@@ -268,4 +270,4 @@ def test_a_run_reads_the_bank_versions_pinned_at_its_start(tmp_path, yollava, ti
     assert summary.matched == 0, "Thao was enrolled after the run pinned version 1"
     record = json.loads((tmp_path / "out" / "_runs" / f"{summary.run_id}.json").read_text())
     assert record["banks"] == {"kim": 1}
-    assert check_banks(["kim"], config) == {"kim": 2}
+    assert pin_banks(["kim"], config) == {"kim": 2}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_config, photo
+from conftest import make_config, one_batch, photo
 from operators.generate import GenerateConfig
 from plvm_model.concepts import ConceptEncoder, aligner_shape
 from plvm_model.engines import GenerationRequest
@@ -119,7 +119,7 @@ def layout_cases(concepts) -> list[GenerationRequest]:
 def test_the_engine_builds_plvms_token_layout(engine, concepts):
     prompter = engine.prompter
     requests = layout_cases(concepts)
-    batch = engine.one_batch(requests)
+    batch = one_batch(engine, requests)
     prepared = engine.prepare(batch)
     table = engine.model.get_input_embeddings().weight
     assert batch.concept_ids[0] == [prompter.vocab], "concept tokens follow the vocabulary"
@@ -151,7 +151,7 @@ def test_a_question_with_the_concept_token_needs_exactly_one_concept(engine, con
 
 def test_the_concept_tokens_logit_is_the_hidden_state_times_its_head_weight(engine, concepts):
     requests = layout_cases(concepts)[:2]
-    batch = engine.one_batch(requests)
+    batch = one_batch(engine, requests)
     engine.write_slots(batch.rows)
     inputs = engine.prepare(batch)
     with torch.no_grad():
@@ -170,7 +170,7 @@ def test_the_concept_tokens_logit_is_the_hidden_state_times_its_head_weight(engi
 def winning(engine: TransformersEngine, request: GenerationRequest) -> ConceptTokens:
     """``request``'s first concept with a head weight along the first step's final hidden state, long enough to
     beat every word of the vocabulary."""
-    inputs = engine.prepare(engine.one_batch([request]))
+    inputs = engine.prepare(one_batch(engine, [request]))
     with torch.no_grad():
         out = engine.model.model(
             inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, pixel_values=inputs.pixel_values
@@ -191,7 +191,7 @@ def test_a_concept_token_that_wins_is_emitted_and_written_as_the_name(tiny_model
         GenerationRequest(image, question, [concepts["Viruss"]]),
         GenerationRequest(image, question, []),
     ]
-    batch = engine.one_batch(requests)
+    batch = one_batch(engine, requests)
     ids = engine.generate_ids(requests)
     thao_id = batch.concept_ids[0][0]
     assert ids[0][0] == thao_id, "the concept token wins the first step"

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, make_config, photo
 from pipelines.cli import run
-from pipelines.evaluate import (
+from pipelines.evaluation.recognition import (
     Decision,
     RecognitionResult,
     best_threshold,

@@ -22,7 +22,8 @@ from operators.prompt import ChooseConcepts
 from plvm_model.store.output_table import read_output
 from operators.rows import COLUMNS, as_row_faces, face_vectors, to_table
 from pipelines import cli
-from pipelines.caption import caption, caption_stages
+from pipelines.caption import caption
+from pipelines.stage_lists import caption_stages
 from pipelines.enroll import enroll
 from plvm_model.store.errors import IndexCorrupt
 from plvm_model.store.face_index import SCHEMA, SCHEMA_VERSION, FaceIndex, content_hash

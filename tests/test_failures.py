@@ -20,7 +20,8 @@ from operators.detect import DetectFaces
 from operators.generate import Generate
 from plvm_model.store.output_schema import ErrorKind
 from plvm_model.store.output_table import keys, read_output
-from pipelines.caption import caption, caption_stages
+from pipelines.caption import caption
+from pipelines.stage_lists import caption_stages
 from pipelines.enroll import enroll
 from plvm_model.store.errors import EXIT_CODES, RunFailed
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import photo
+from conftest import one_batch, photo
 from operators.generate import GenerateConfig, TemplateConfig
 from plvm_model.concepts import ConceptEncoder, aligner_shape
 from plvm_model.engines import GenerationRequest
@@ -94,7 +94,7 @@ def test_the_embeddings_reaching_the_llm_are_the_aligners_output(engine, concept
     finally:
         hook.remove()
     prefill = seen[0]
-    batch = engine.prepare(engine.one_batch(requests))
+    batch = engine.prepare(one_batch(engine, requests))
     assert prefill.shape == batch.inputs_embeds.shape
     for row, request in enumerate(requests):
         prompt, offset = batch.prompts[row], batch.offsets[row]
@@ -117,7 +117,7 @@ def test_another_concept_changes_the_logits(engine, concepts, yollava):
         request = GenerationRequest(
             image, "Who is this?", [ConceptTokens("Thao", soft_tokens, concepts["Thao"].head_weight)]
         )
-        batch = engine.prepare(engine.one_batch([request]))
+        batch = engine.prepare(one_batch(engine, [request]))
         with torch.no_grad():
             out = engine.model(
                 inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values

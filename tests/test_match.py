@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from operators.banks import BankSource
+from plvm_model.store.banks import BankSource
 from operators.match import MatchConfig, MatchFaces
-from pipelines.cohort import cohort_scales
+from operators.cohort import cohort_scales
 from operators.rows import to_table
 from plvm_model.store.banks import Concept, BankStore, Bank
 from plvm_model.faces.matching import cohort_scale

@@ -14,17 +14,18 @@ from conftest import make_config, photo
 from PIL import Image
 
 from operators import match, prompt
-from operators.banks import BankSource
+from plvm_model.store.banks import BankSource
 from operators.generate import GenerateConfig
 from operators.rows import injected_tokens, to_table
 from plvm_model.store.output_schema import output_schema
 from plvm_model.store.output_table import read_output
-from pipelines.caption import caption, face_stages
-from pipelines.caption_eval import mentions, score_captions
+from pipelines.caption import caption
+from pipelines.stage_lists import face_stages
+from pipelines.evaluation.captions import mentions, score_captions
 from pipelines.cli import run
 from pipelines.config import MyVLMConfig
 from pipelines.enroll import EnrollError, enroll, training_captions
-from pipelines.stages import InProcess
+from pipelines.runner.loop import InProcess
 from plvm_model.store.banks import BankError, Concept, BankStore, Bank
 from plvm_model.engines import GenerationRequest
 from plvm_model.engines.transformers_engine import TransformersEngine

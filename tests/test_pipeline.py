@@ -18,7 +18,7 @@ from test_decode import _png_claiming as png_claiming
 from plvm_model.store.output_table import read_output
 from pipelines.caption import caption
 from pipelines.enroll import enroll
-from pipelines.runtime import ACTOR_RESTART_NOTICE
+from pipelines.runner.runtime import ACTOR_RESTART_NOTICE
 from plvm_model.store.banks import BankStore, Bank
 
 

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from operators.banks import BankSource
+from plvm_model.store.banks import BankSource
 from operators.prompt import ChooseConcepts, PromptConfig
 from operators.rows import injected_tokens
 from operators.rows import to_table

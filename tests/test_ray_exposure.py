@@ -15,7 +15,7 @@ from conftest import make_config, photo
 from test_resilience import caption_command, photos
 
 from pipelines.enroll import enroll
-from pipelines.ray_processes import OWNER_FILE, owner_mark, stop, stop_leftovers
+from pipelines.runner.ray_processes import OWNER_FILE, owner_mark, stop, stop_leftovers
 
 
 def loopback(ip: str) -> bool:

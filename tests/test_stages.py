@@ -16,8 +16,9 @@ from conftest import make_config, photo
 from operators.base import Resources, Stage
 from operators.decode import decode_image
 from operators.rows import LISTING, to_table, working_faces
-from pipelines.caption import face_stages, naming_stages
-from pipelines.stages import Barrier, Guarded, InProcess, apply, calls, drop_early, joined
+from pipelines.stage_lists import face_stages, naming_stages
+from operators.base import Barrier, joined
+from pipelines.runner.loop import Guarded, InProcess, apply, calls, drop_early
 from plvm_model.faces import DlibEmbedder
 
 # Ray's workers cannot import the tests: the batch functions below travel by value.

@@ -107,7 +107,7 @@ def test_an_output_on_s3_is_probed_before_any_work_and_read_by_show(tmp_path, yo
         with pytest.raises(OutputUnwritable, match="output s3://nobucket/run cannot be written"):
             caption(missing)
         assert not fs.exists("nobucket"), "the probe never creates a bucket"
-        from pipelines.preflight import check_output
+        from pipelines.runner.preflight import check_output
 
         check_output("s3://results/run", options)
         assert fs.ls("results", refresh=True) == [], "the probe object is removed"

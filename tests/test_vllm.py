@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import ray.cloudpickle
 import torch
 from PIL import Image
 
-from conftest import REPO, make_config, photo
+import conftest
+from conftest import REPO, make_config, one_batch, photo
 from test_concept_token import expected_rows, layout_cases, myvlm_concept, plvm_layout, winning
 from operators.generate import GenerateConfig
 from plvm_model.store.output_table import read_output
@@ -34,6 +36,8 @@ LOCAL_VLLM = {
         "enforce_eager": True,
     },
 }
+
+ray.cloudpickle.register_pickle_by_value(conftest)  # one_batch travels by value to the engine's actor
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +110,7 @@ def test_vllm_builds_plvms_token_layout(vllm_engine, reference, concepts, ray_lo
     requests = layout_cases(concepts)
 
     def prepared(engine):
-        batch = engine.one_batch(requests)
+        batch = one_batch(engine, requests)
         return batch.concept_ids, engine.prepare(batch)
 
     concept_ids, embeds = ray_local.get(vllm_engine.__ray_call__.remote(prepared))
@@ -125,7 +129,7 @@ def test_vllms_logit_of_a_concept_token_is_the_hidden_state_times_its_head_weigh
     vllm_engine, reference, concepts, ray_local
 ):
     requests = layout_cases(concepts)[:2]
-    batch = reference.one_batch(requests)
+    batch = one_batch(reference, requests)
     inputs = reference.prepare(batch)
     with torch.no_grad():
         hidden = reference.model.model(
@@ -165,14 +169,14 @@ def test_vllm_emits_a_winning_concept_token_as_the_name(vllm_engine, reference, 
         GenerationRequest(image, question, [concepts["Viruss"]]),
     ]
     got = ray_local.get(vllm_engine.generate_ids.remote(requests))
-    slots = ray_local.get(vllm_engine.__ray_call__.remote(lambda engine: engine.one_batch(requests).concept_ids))
+    slots = ray_local.get(vllm_engine.__ray_call__.remote(lambda engine: one_batch(engine, requests).concept_ids))
 
     def named(ids: list[int], request: GenerationRequest, concept_ids: list[int]) -> list:
         """``ids`` with each concept token as its person's name: a concept's slot depends on the batch it is in."""
         names = dict(zip(concept_ids, (c.name for c in request.concepts)))
         return [names.get(i, i) for i in ids]
 
-    alone = [(reference.generate_ids([r])[0], reference.one_batch([r]).concept_ids[0]) for r in requests]
+    alone = [(reference.generate_ids([r])[0], one_batch(reference, [r]).concept_ids[0]) for r in requests]
     assert [named(ids, r, own) for ids, r, own in zip(got, requests, slots)] == [
         named(ids, r, own) for (ids, own), r in zip(alone, requests)
     ]

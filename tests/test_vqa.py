@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import make_config, photo
 from pipelines.cli import run
-from pipelines.vqa import load_items, model_choice, position_choice
+from pipelines.evaluation.vqa import load_items, model_choice, position_choice
 
 SIDES = {"A": "left", "B": "middle", "C": "right"}
 

@@ -161,13 +161,6 @@ class LlavaEngine:
             out.append((group.requests, SlotBatch(members, ids, rows)))
         return out
 
-    def one_batch(self, requests: list[GenerationRequest]) -> SlotBatch:
-        """``requests`` as one batch (a ValueError if their concepts need more slots than the engine has)."""
-        groups = self.slot_batches(requests)
-        if len(groups) > 1:
-            raise ValueError(f"these requests need {len(groups)} batches of {self.concept_slots} concept slots")
-        return groups[0][1]
-
     def _generate(self, requests: list[GenerationRequest]) -> list[tuple[list[int], dict[int, str]]]:
         """Per request: the new token ids and the names of the concept tokens among them."""
         out: list = [None] * len(requests)

@@ -25,8 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plvm_model.store import storage
-from plvm_model.store.ids import validate_user_id
 from plvm_model.store.errors import IndexCorrupt
+from plvm_model.store.ids import validate_user_id
 
 SCHEMA_VERSION = 1
 VERSION_KEY, EMBEDDER_KEY = b"plvm.index_schema_version", b"plvm.embedder"

@@ -310,6 +310,14 @@ class Lease:
 
 
 def held_by(fs: fsspec.AbstractFileSystem, root: str, run_id: str) -> bool:
-    """Whether the lease of the output folder ``root`` names ``run_id`` (a check before committing a part)."""
+    """Whether the lease of the output folder ``root`` names ``run_id``."""
     found = lease_file(fs, posixpath.join(root, LEASE)).read()
     return found is not None and json.loads(found[0]).get("run_id") == run_id
+
+
+def ensure_held(fs: fsspec.AbstractFileSystem, root: str, uri: str, run_id: str, what: str) -> None:
+    """Raise :class:`LeaseLost` unless ``run_id`` holds the lease of the output folder ``root`` (``uri``): the check
+    before ``what`` (a part of the output or of the face index) is committed, so that a run whose lease was taken
+    over commits nothing beside the new holder."""
+    if not held_by(fs, root, run_id):
+        raise LeaseLost(f"run {run_id} no longer holds the lease of {uri}; {what} not committed")

@@ -29,7 +29,6 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import cached_property
 
 import pyarrow as pa
@@ -38,11 +37,11 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable, Schema
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 
-from plvm_model.store.output_schema import RETRYABLE, output_schema
 from plvm_model.store import storage
-from plvm_model.store.errors import ConfigError, LeaseLost
+from plvm_model.store.errors import ConfigError, InputError, InputNotFound
 from plvm_model.store.ids import key_of
-from plvm_model.store.lease import Lease, held_by
+from plvm_model.store.lease import Lease, ensure_held
+from plvm_model.store.output_schema import RETRYABLE, output_schema
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,8 @@ class Staged:
     staged: str
     name: str
     rows: int
+    stats: list[tuple[str, float]] | None = None
+    """The counts of the stages that made its rows (``operators.rows.STATS``)."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,17 @@ class OutputTable:
                 "pass --overwrite"
             )
 
+    def prepare(self, schema: pa.Schema, overwrite: bool = False) -> list[str]:
+        """What every command that writes into the output does first, under its lease: remove what killed
+        commands left (staging folders, and parts renamed but never committed), and :meth:`open` the table.
+        The paths removed, each logged."""
+        removed = self.discard_staging()
+        self.open(schema, overwrite=overwrite)
+        removed += self.vacuum()
+        for path in removed:
+            log.warning("%s: removed %s, left by a command that did not finish", self.uri, path)
+        return removed
+
     def _add(self, name: str, rows: int | None = None) -> AddAction:
         """The add action of the part ``name`` in the folder (its rows read from its footer unless given)."""
         path = posixpath.join(self.root, name)
@@ -174,8 +186,7 @@ class OutputTable:
         """Rename staged parts to their final names (checking the lease first); their add actions."""
         adds = []
         for part in staged:
-            if not held_by(self.fs, self.root, run_id):  # taken over: commit nothing beside the new holder
-                raise LeaseLost(f"run {run_id} no longer holds the lease of {self.uri}; part {part.name} not committed")
+            ensure_held(self.fs, self.root, self.uri, run_id, f"part {part.name}")
             self.fs.mv(part.staged, posixpath.join(self.root, part.name))
             adds.append(self._add(part.name, part.rows))
         return adds
@@ -294,3 +305,24 @@ def _commit(operation: str, run_id: str | None = None) -> CommitProperties:
 def read_output(uri: str, storage_options: storage.StorageOptions | None = None, columns=None) -> pa.Table:
     """The current rows under ``uri``."""
     return OutputTable(uri, storage_options).read(columns)
+
+
+def caption_rows(results: str, storage_options: storage.StorageOptions | None) -> pa.Table:
+    """The rows of a caption run's output (a folder of part files, or one Parquet file), sorted by path.
+
+    An output that does not exist, or a folder without a part file, is an error naming it, not an
+    empty table: a mistyped output would otherwise be an empty report and exit 0.
+    """
+    fs, path = storage.filesystem(results, storage_options)
+    if not fs.exists(path):
+        raise InputNotFound(f"{results} does not exist (give a caption run's output folder or one of its part files)")
+    if fs.isfile(path):
+        if not path.endswith(".parquet"):
+            raise InputError(f"{results} is a file, not a caption run's output folder or Parquet part")
+        table = pq.read_table(io.BytesIO(fs.cat_file(path)))
+    else:
+        folder = OutputTable(results, storage_options)
+        if not folder.part_files():
+            raise InputError(f"{results} holds no rows: no part-*.parquet file (is it a caption run's output?)")
+        table = folder.read()
+    return table.sort_by("path")

@@ -7,16 +7,18 @@ chain (environment, profile, instance metadata).
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import uuid
+from pathlib import Path
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from plvm_model.store.errors import ConfigError
+from plvm_model.store.errors import ConfigError, InputError, InputNotFound, PlvmError
 
 StorageOptions = dict[str, dict[str, Any]]
 
@@ -184,3 +186,14 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
     except FileExistsError:
         return False
     return True
+
+
+def read_json_file(path: str | Path, what: str, invalid: type[PlvmError] = InputError) -> Any:
+    """The JSON value in ``path``; :class:`InputNotFound` if it does not exist, ``invalid`` if it is not JSON
+    (both naming it as ``what``, e.g. "captions file")."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputNotFound(f"{what} {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise invalid(f"{what} {path} is not valid JSON: {error}") from None

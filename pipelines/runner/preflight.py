@@ -8,8 +8,7 @@ from __future__ import annotations
 import posixpath
 import uuid
 
-from operators.base import Stage
-from pipelines.stages import Step
+from operators.base import Stage, Step
 from plvm_model.store import storage
 from plvm_model.store.errors import OutputUnwritable, ResourcesUnavailable
 
@@ -61,7 +60,7 @@ def check_resources(steps: list[Step]) -> None:
         if not isinstance(step, Stage):
             continue
         r = step.resources
-        # as pipelines.stages.apply asks Ray: GPUs only for an actor pool's actors
+        # as pipelines.runner.loop.apply asks Ray: GPUs only for an actor pool's actors
         asked = {"CPU": r.num_cpus, "GPU": r.num_gpus if step.actors else 0.0}
         unit = "actor" if step.actors else "task"
         for name, amount in asked.items():

@@ -1,22 +1,24 @@
 """Applying a list of stages: one loop, the column contract, and the error policy.
 
 A pipeline is a list of steps: :class:`operators.base.Stage` descriptors, and
-:class:`Barrier` steps that need the whole dataset at once (the cohort barrier).
+:class:`operators.base.Barrier` steps that need the whole dataset at once (the cohort barrier).
 :func:`apply` checks, before anything runs, that every stage's needed columns come from
 the listing or an earlier stage, then maps each stage over the dataset as its descriptor
 says (tasks or an actor pool, its resources). A column that a later step drops leaves the
-rows as soon as no step needs it any more (:func:`drop_early`), and stages :func:`joined`
+rows as soon as no step needs it any more (:func:`drop_early`), and stages ``operators.base.joined``
 into one batch call keep what passes between them out of Ray's object store: the caption
 pipeline decodes, detects and aligns in the detect actor, so that a photo's pixels never
 leave it. :class:`InProcess` runs the same stages in this process, without Ray (enrollment's
 few photos).
 
 Every stage's batch function is wrapped in :class:`Guarded`, which checks the columns it
-needs and that it returns one row per row, and applies the error policy:
+needs and adds and that it returns one row per row, counts what the stage did (its rows,
+seconds, the row errors it gave by kind, and the batch function's own counters) into the
+rows' stats column when they carry one (``operators.rows.STATS``), and applies the error policy:
 
-- an *input fault* (``operators.rows.RowError``) is already that row's error;
+- an *input fault* (``plvm_model.store.output_schema.RowError``) is already that row's error;
 - any other exception is a *failure of the system*. With ``run.max_failed_fraction`` 0 (the
-  default) the batch fails with :class:`StageFailed`, Ray retries it ``run.retries`` times,
+  default) the batch fails with :class:`pipelines.runner.failures.StageFailed`, Ray retries it ``run.retries`` times,
   and then the run stops; the driver reports the stage, the photos and the first traceback.
   With a budget above 0 the batch is run again photo by photo and each photo that still
   fails gets a ``stage_failed`` row error (retryable); the driver fails the run at the end
@@ -29,44 +31,24 @@ needs and that it returns one row per row, and applies the error policy:
 
 from __future__ import annotations
 
+import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from ray.data.exceptions import UserCodeException
+import pyarrow.compute as pc
 from ray.util.annotations import RayDeprecationWarning
 
-from operators.base import FromRun, Resources, Stage
-from operators.rows import fail, output_columns, to_table
-from plvm_model.store.output_schema import ErrorKind
+from operators.base import Barrier, FromRun, Resources, Stage, Step
+from operators.rows import STATS, fail, output_columns, to_table, with_stats
+from pipelines.runner.failures import StageFailed
 from plvm_model.store.errors import RunFailed
-
-
-class StageFailed(UserCodeException):
-    """What a stage's batch raises when it fails in the system: the stage, its photos and the traceback.
-
-    Ray Data retries it (its message carries :attr:`MARK`) unless it carries a :class:`RunFailed`
-    (``fatal``: a dead engine), and raises it in the driver as it is (``raise_original_map_exception``),
-    where :func:`cause_of` finds it. It is a ``UserCodeException`` so that Ray reports it as the
-    user's error, not its own.
-    """
-
-    MARK = "failed on a batch of"
-    """In the message of every retryable one: what Ray Data's ``retried_map_errors`` matches."""
-
-    def __init__(self, stage: str, paths: list[str], detail: str, fatal: RunFailed | None = None) -> None:
-        super().__init__(stage, paths, detail, fatal)
-        self.stage, self.paths, self.detail, self.fatal = stage, paths, detail, fatal
-
-    def __str__(self) -> str:
-        if self.fatal is not None:
-            return f"stage {self.stage} stopped the run: {self.fatal}"
-        first = self.paths[0] if self.paths else "?"
-        return f"stage {self.stage} {self.MARK} {len(self.paths)} photos (the first: {first}):\n{self.detail}"
+from plvm_model.store.output_schema import ErrorKind
 
 
 def _where(error: BaseException) -> str:
@@ -92,6 +74,7 @@ class Guarded:
         if missing:
             raise ValueError(f"stage {self.stage.name} got a batch without the columns {missing}")
         paths = batch.column("path").to_pylist() if "path" in batch.column_names else []
+        started = time.perf_counter()
         try:
             out = self.udf(batch)
         except RunFailed as error:
@@ -102,7 +85,27 @@ class Guarded:
             out = self._row_by_row(batch)
         if self.stage.keeps_rows and out.num_rows != batch.num_rows:
             raise ValueError(f"stage {self.stage.name} returned {out.num_rows} rows for {batch.num_rows}")
-        return out.drop_columns([c for c in self.stage.drops if c in out.column_names])
+        unmade = [c for c in self.stage.adds if c not in out.column_names]
+        if unmade:
+            raise ValueError(f"stage {self.stage.name} returned a batch without the columns {unmade} it adds")
+        out = out.drop_columns([c for c in self.stage.drops if c in out.column_names])
+        return with_stats(out, self._counts(batch, out, time.perf_counter() - started))
+
+    def _counts(self, batch: pa.Table, out: pa.Table, seconds: float) -> Counter:
+        """What the stage did to ``batch``: its rows, seconds, the row errors it gave by kind (``<stage>.errors.<kind>``)
+        and its batch function's own counters, each under the stage's name."""
+        if STATS not in out.column_names:
+            return Counter()
+        own = self.udf.take_stats() if hasattr(self.udf, "take_stats") else Counter()
+        counts = Counter({f"{self.stage.name}.{key}": value for key, value in own.items()})
+        counts[f"{self.stage.name}.rows"] += batch.num_rows
+        counts[f"{self.stage.name}.seconds"] += seconds
+        if self.stage.keeps_rows and "error_kind" in out.column_names:
+            before = batch.column("error_kind") if "error_kind" in batch.column_names else pa.nulls(batch.num_rows)
+            new = out.column("error_kind").filter(pc.is_null(before))
+            for kind in new.drop_null().value_counts().to_pylist():
+                counts[f"{self.stage.name}.errors.{kind['values']}"] += kind["counts"]
+        return counts
 
     def _row_by_row(self, batch: pa.Table) -> pa.Table:
         """Each row alone; a row that still fails keeps its columns and gets a ``stage_failed`` error."""
@@ -119,21 +122,6 @@ class Guarded:
                 # the stage's own columns too (null): a batch whose every row failed still has them
                 parts.append(to_table([failed], output_columns(row, self.stage.adds, self.stage.drops)))
         return pa.concat_tables(parts, promote_options="permissive")
-
-
-@dataclass(frozen=True)
-class Barrier:
-    """A step that needs every row of the run at once: ``run(dataset, values)`` returns the dataset (now
-    materialized) and may put into ``values`` what later stages take as :class:`FromRun` arguments. The
-    dataset it gets has lost ``drops`` already."""
-
-    name: str
-    run: Callable[[Any, dict[str, Any]], Any]
-    needs: tuple[str, ...]
-    drops: tuple[str, ...] = ()
-
-
-Step = Stage | Barrier
 
 
 def check_columns(steps: Iterable[Step], columns: Iterable[str]) -> None:
@@ -158,13 +146,6 @@ def drop_early(steps: list[Step]) -> list[Step]:
                 steps[users[-1]] = replace(last, drops=(*last.drops, column))
                 steps[j] = step = replace(step, drops=tuple(c for c in step.drops if c != column))
     return steps
-
-
-def joined(*stages: Stage) -> list[Stage]:
-    """``stages`` as one batch call: each batch goes through all of them in turn, in the workers of the one that
-    runs in actors (if any; else as tasks, with the last one's resources). What one adds and a later one drops
-    (see :func:`drop_early`) never leaves that call."""
-    return [replace(stage, joins_next=True) for stage in stages[:-1]] + [replace(stages[-1], joins_next=False)]
 
 
 def calls(steps: list[Step]) -> list[Barrier | tuple[Stage, ...]]:
@@ -214,8 +195,9 @@ def _joined_class(stages: tuple[Stage, ...]) -> type:
     return type("+".join(stage.udf.__name__ for stage in stages), (Joined,), {"__module__": __name__})
 
 
-def apply(ds, steps: list[Step], tolerate: bool, retries: int):
-    """``ds`` through ``steps`` on Ray (see the module)."""
+def apply(ds, steps: list[Step], tolerate: bool, retries: int, max_tasks: int | None = None):
+    """``ds`` through ``steps`` on Ray (see the module); a stage of tasks runs at most ``max_tasks`` at once (the
+    dataset's blocks: a small run starts no idle workers, and Ray does not warn)."""
     import ray.data
 
     values: dict[str, Any] = {}  # what barriers hand on to later stages' FromRun arguments
@@ -235,7 +217,7 @@ def apply(ds, steps: list[Step], tolerate: bool, retries: int):
             compute = ray.data.ActorPoolStrategy(size=resources.concurrency)
             udf, options = _joined_class(call), {"fn_constructor_args": args, "num_gpus": resources.num_gpus or None}
         else:
-            compute = ray.data.TaskPoolStrategy(size=resources.concurrency)
+            compute = ray.data.TaskPoolStrategy(size=min(resources.concurrency, max_tasks or resources.concurrency))
             udf, options = _joined_class(call)(*args), {}
         with warnings.catch_warnings():
             # Ray 2.60 takes max_restarts only among its ray_remote_args, which it marks deprecated without
@@ -265,16 +247,3 @@ class InProcess:
     def __call__(self, batch: pa.Table) -> pa.Table:
         check_columns(self.steps, batch.column_names)
         return self.joined(batch)
-
-
-def cause_of(error: BaseException, *types: type[BaseException]) -> BaseException | None:
-    """The first exception of ``types`` in ``error``'s chain of causes (Ray wraps what a task raised: its
-    ``RayTaskError`` is also an instance of the cause's class, and holds the cause itself as ``cause``)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        for candidate in (getattr(error, "cause", None), error):
-            if isinstance(candidate, types):
-                return candidate
-        error = error.__cause__ or error.__context__ or getattr(error, "cause", None)
-    return None

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.banks import BankCache, BankSource
+from operators.base import Barrier
 from operators.match import MatchConfig, Scales
 from operators.rows import as_row_faces, face_vectors, to_table
-from plvm_model.store.output_schema import RowError
-from pipelines.stages import Barrier
+from plvm_model.store.banks import BankCache, BankSource
 from plvm_model.store.face_index import IndexSource
+from plvm_model.store.output_schema import RowError
 
 SCALE_SCHEMA = pa.schema([("user_id", pa.string()), ("concept_id", pa.string()), ("scale", pa.float64())])
 

@@ -15,12 +15,11 @@ from datetime import UTC, datetime
 import pyarrow as pa
 from pydantic import Field
 
-from operators.base import Resources, Stage, StageConfig
+from operators.base import Resources, RowStage, Stage, StageConfig
 from plvm_model.store import storage
-from plvm_model.store.ids import batch_key
-from plvm_model.store.errors import LeaseLost
 from plvm_model.store.face_index import SCHEMA, IndexSource
-from plvm_model.store.lease import held_by
+from plvm_model.store.ids import batch_key
+from plvm_model.store.lease import ensure_held
 
 
 class IndexConfig(StageConfig):
@@ -42,17 +41,19 @@ class IndexConfig(StageConfig):
         return self.uri or storage.join(output_uri, "_faces")
 
 
-class IndexFaces:
-    """Commits the batch's newly found faces to the user's face index; returns the batch as it is."""
+class IndexFaces(RowStage):
+    """Commits the batch's newly found faces to the user's face index; returns the batch as it is. Batches of
+    ``tasks.batch_size`` rows (larger ones would merge the run's blocks, and the later stages would lose their
+    parallelism): one part per batch and user."""
+
+    needs = ("index", "path", "user_id", "content_hash", "width", "height", "faces", "indexed")
 
     def __init__(self, source: IndexSource, output_uri: str, run_id: str) -> None:
         self.source, self.output_uri, self.run_id = source, output_uri, run_id
 
     def _check_lease(self) -> None:
         fs, root = storage.filesystem(self.output_uri, self.source.storage_options)
-        if not held_by(fs, root, self.run_id):  # taken over: commit nothing beside the new holder
-            raise LeaseLost(f"run {self.run_id} no longer holds the lease of {self.output_uri}; face index part "
-                            "not committed")  # fmt: skip
+        ensure_held(fs, root, self.output_uri, self.run_id, "face index part")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         by_user: dict[str, list[dict]] = defaultdict(list)
@@ -72,11 +73,9 @@ class IndexFaces:
             for user, rows in sorted(by_user.items()):
                 table = pa.Table.from_pylist(rows, schema=SCHEMA)
                 index.write(user, f"{self.run_id}-{key}", table, self.source.embedder, before_commit=self._check_lease)
+                self.stat_update("indexed", table.num_rows)
         return batch
 
 
 def stage(source: IndexSource, output_uri: str, run_id: str, tasks: Resources) -> Stage:
-    """Batches of ``tasks.batch_size`` rows (larger ones would merge the run's blocks, and the later stages would
-    lose their parallelism): one part per batch and user."""
-    needs = ("index", "path", "user_id", "content_hash", "width", "height", "faces", "indexed")
-    return Stage("index", IndexFaces, (source, output_uri, run_id), tasks, needs=needs)
+    return Stage.of("index", IndexFaces, (source, output_uri, run_id), tasks)

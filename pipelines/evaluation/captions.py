@@ -16,19 +16,15 @@ every recognised name.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from pipelines.json_input import read_json_file
+from plvm_model.concept_token import mentions
 from plvm_model.store import storage
 from plvm_model.store.errors import InputError
-
-
-def mentions(text: str, name: str) -> bool:
-    """Whether ``text`` holds ``name`` as a whole word (or words), case ignored."""
-    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE) is not None
+from plvm_model.store.output_table import caption_rows
+from plvm_model.store.storage import read_json_file
 
 
 @dataclass
@@ -124,8 +120,6 @@ def evaluate_captions(
     results: str, truth_path: str | None, storage_options: storage.StorageOptions | None
 ) -> CaptionScores:
     """The scores of a caption run's output (a folder or one Parquet file)."""
-    from pipelines.report import caption_rows
-
     table = caption_rows(results, storage_options)
     if truth_path is None:
         return score_captions(table, None, "recognised")

@@ -9,10 +9,11 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
-from pipelines.config import RayConfig
-from pipelines.ray_processes import claim, stop_leftovers
+from pipelines.runner.ray_processes import claim, stop_leftovers
+from pipelines.runner.settings import RayConfig
 
 log = logging.getLogger(__name__)
+
 
 ACTOR_RESTART_NOTICE = "has constructor arguments in the object store and max_restarts > 0"
 """Ray core's notice, logged once per process (ray-project/ray#57733), on the first actor of any Ray Data
@@ -43,7 +44,7 @@ _TOKEN_AUTH_ON = _DropRecords("Token authentication is enabled for this Ray clus
 def init_ray(config: RayConfig) -> None:
     """Join ``config.address`` (or ``RAY_ADDRESS``, set inside a Ray job), else start a private Ray on loopback.
 
-    The private Ray is claimed as this process's (``pipelines.ray_processes``), and before it
+    The private Ray is claimed as this process's (``pipelines.runner.ray_processes``), and before it
     starts, the processes that killed runs left are stopped. A no-op when Ray is
     already up in this process.
     """

@@ -21,14 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from operators.decode import decode_image
 from pipelines.config import Config
 from pipelines.enroll import Enroller
-from pipelines.evaluate import ask, face_table, match_as
-from pipelines.json_input import read_json_file
+from pipelines.evaluation.stages import Question, ask, face_table, match_as
 from plvm_model.concept_token import CONCEPT_TOKEN
-from plvm_model.engines import GenerationRequest
 from plvm_model.store.errors import InputError, InputNotFound
+from plvm_model.store.storage import read_json_file
 
 POSITION_QUESTION = re.compile(r"\b(where|position|located|which side)\b", re.IGNORECASE)
 _WORDS = {
@@ -139,10 +137,10 @@ def vqa(config: Config, questions: str | Path, root: str | Path | None = None) -
         for ref in references:
             for row in match_as(config, faces, users[ref], space)[0]:
                 matched[(ref, row["path"])] = row
-        concepts = {ref: enroller.store.load(users[ref]).concepts[0].tokens() for ref in references}
+        concepts = {ref: enroller.store.load(users[ref]).concepts[0] for ref in references}
 
     answers: list[dict] = [{} for _ in items]
-    requests, asked = [], []
+    questions, asked = [], []
     for n, item in enumerate(items):
         row = matched[(item.reference, item.photo)]
         if row["error"]:
@@ -154,14 +152,14 @@ def vqa(config: Config, questions: str | Path, root: str | Path | None = None) -
             if choice is not None:
                 answers[n] = {"choice": choice, "source": "face box", "text": None}
                 continue
-        image, _, _ = decode_image(Path(item.photo).read_bytes(), config.decode.max_side, config.decode.max_pixels)
         question = prompt_for(item, names[item.reference], config.generate.concept_style)
-        requests.append(GenerationRequest(image, question, [concepts[item.reference]]))
+        questions.append(Question(item.photo, concepts[item.reference], question))
         asked.append(n)
-    if requests:
-        texts = ask(config, requests)
-        for n, text in zip(asked, texts):
-            answers[n] = {"choice": model_choice(text, items[n].choices), "source": "model", "text": text}
+    for n, answer in zip(asked, ask(config, questions) if questions else []):
+        if answer.error is not None:
+            answers[n] = {"choice": None, "source": "unreadable photo", "text": answer.error}
+        else:
+            answers[n] = {"choice": model_choice(answer.text, items[n].choices), "source": "model", "text": answer.text}
     tally = Counter()
     for item, answer in zip(items, answers):
         answer["right"] = answer["choice"] == item.answer

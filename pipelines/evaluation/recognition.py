@@ -23,31 +23,21 @@ from __future__ import annotations
 
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
 from scipy.stats import mannwhitneyu
 
-from operators.banks import BankSource
-from operators.decode import decode_image
-from operators.generate import Generate
-from operators.match import MatchFaces
 from operators.read import IMAGE_EXTENSIONS
-from operators.rows import to_table
-from plvm_model.store.output_schema import RowError
-from pipelines.caption import dataset, face_stages
-from pipelines.cohort import cohort_scales
+from pipelines.evaluation.stages import Question, ask, face_table, match_as
 from pipelines.config import Config
 from pipelines.enroll import Enroller, EnrollError, FacePolicy
-from pipelines.stages import Step
 from plvm_model.concept_token import CONCEPT_TOKEN
-from plvm_model.engines import GenerationRequest
-from plvm_model.store.errors import ConfigError, InputError, InputNotFound
 from plvm_model.faces.matching import MatchRule, distance_matrix
-from plvm_model.injection import ConceptTokens
+from plvm_model.store.banks import Concept
+from plvm_model.store.errors import ConfigError, InputError, InputNotFound
 
 Protocol = Literal["single", "bank"]
 Judge = Literal["face", "model"]
@@ -140,79 +130,28 @@ def roc_auc(positive: list[float], negative: list[float]) -> float:
     return float(u / (len(positive) * len(negative)))
 
 
-def face_stages_without_pixels(config: Config) -> list[Step]:
-    """The face stages, the last of them declaring that the pixels go: evaluation reads none, so they leave at
-    their last reader (``pipelines.stages.drop_early``: the align stage, inside the detect actor)."""
-    *steps, last = face_stages(config)
-    return [*steps, replace(last, drops=(*last.drops, "pixels"))]
-
-
-def face_table(config: Config, paths: list[str]) -> pa.Table:
-    """The photos' rows after the pipeline's read, decode, detect, align and embed stages (on Ray)."""
-    import ray
-
-    listing = to_table([{"path": p, "user_id": "eval"} for p in paths], ["path", "user_id"])
-    ds = dataset(config, listing, face_stages_without_pixels)
-    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
-
-
-def match_as(config: Config, faces: pa.Table, user: str, space: str) -> tuple[list[dict], dict]:
-    """The match stage's rows for ``faces`` taken as ``user``'s photos (against ``config.bank``), and its cohort scales."""
-    batch = faces.set_column(
-        faces.schema.get_field_index("user_id"), "user_id", pa.array([user] * faces.num_rows, pa.string())
-    )
-    banks = BankSource(config.bank, config.storage)
-    scales = cohort_scales(batch, config.match, banks, embedder_space=space) if config.match.rule().cohort else {}
-    return MatchFaces(config.match, banks, embedder_space=space, scales=scales)(batch).to_pylist(), scales
-
-
-def ask(config: Config, requests: list[GenerationRequest]) -> list[str]:
-    """The configured engine's answers to ``requests``, from one generate actor (as the caption run builds it),
-    in batches of the stage's ``batch_size``."""
-    import ray
-
-    generate = config.generate
-    runtime_env = generate.runtime_env()
-    actor = (
-        ray.remote(Generate)
-        .options(num_cpus=generate.resources.num_cpus, num_gpus=generate.resources.num_gpus,
-                 **({"runtime_env": runtime_env} if runtime_env else {}))
-        .remote(generate, config.model_paths().llava)
-    )  # fmt: skip
-    size = generate.resources.batch_size
-    texts: list[str] = []
-    try:
-        for start in range(0, len(requests), size):
-            texts += ray.get(actor.generate.remote(requests[start : start + size]))
-    finally:  # an engine error must not leave the engine's actor (and its memory) behind
-        ray.kill(actor)
-    return texts
-
-
 def says_yes(answer: str) -> bool:
     """Whether the model's answer is yes: its first "yes" or "no" is "yes" (neither: no)."""
     found = _YES_NO.search(answer)
     return found is not None and found.group(1).lower() == "yes"
 
 
-def model_decisions(config: Config, people: dict[str, ConceptTokens], photos: dict[str, str]) -> list[Decision]:
+def model_decisions(config: Config, people: dict[str, Concept], photos: dict[str, str]) -> list[Decision]:
     """PLVM's protocol: each person's concept injected into every photo, the model asked whether they are in it."""
     style = config.generate.concept_style
-    pairs, requests = [], []
-    for path in photos:
-        try:
-            image, width, height = decode_image(Path(path).read_bytes(), config.decode.max_side, config.decode.max_pixels)
-        except RowError as error:
-            raise InputError(f"{path}: {error}") from None
-        for name, concept in people.items():
-            question = JUDGE_QUESTION if style == "plvm" else JUDGE_QUESTION.replace(CONCEPT_TOKEN, name)
-            requests.append(GenerationRequest(image, question, [concept]))
-            pairs.append((name, path, width, height))
-    answers = ask(config, requests)
+    questions = [
+        Question(path, concept, JUDGE_QUESTION if style == "plvm" else JUDGE_QUESTION.replace(CONCEPT_TOKEN, name))
+        for path in photos for name, concept in people.items()
+    ]  # fmt: skip
+    answers = ask(config, questions)
+    for answer in answers:
+        if answer.error is not None:
+            raise InputError(answer.error)
     return [
-        Decision(person=name, photo=path, positive=photos[path] == name, predicted=says_yes(answer), distance=None,
-                 score=0.0 if says_yes(answer) else 1.0, width=width, height=height, answer=answer)
-        for (name, path, width, height), answer in zip(pairs, answers)
+        Decision(person=q.concept.name, photo=q.photo, positive=photos[q.photo] == q.concept.name,
+                 predicted=says_yes(a.text), distance=None, score=0.0 if says_yes(a.text) else 1.0, width=a.width,
+                 height=a.height, answer=a.text)
+        for q, a in zip(questions, answers)
     ]  # fmt: skip
 
 
@@ -246,7 +185,7 @@ def recognition(
             raise InputError(f"no person of {directory} could be enrolled ({reasons})")
         photos = {photo: person.name for person in people for photo in person.photos}
         if judge == "model":
-            concepts = {name: enroller.store.load(user).concepts[0].tokens() for name, user in users.items()}
+            concepts = {name: enroller.store.load(user).concepts[0] for name, user in users.items()}
             decisions = model_decisions(config, concepts, photos)
             return _score(protocol, 0.5, decisions, [], face_policy, skipped, judge)
         faces = face_table(config, list(photos))

@@ -1,0 +1,39 @@
+"""``plvm enroll``: a person added to a user's bank."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipelines.cli.common import add_face_policy, command, config_of
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from pipelines.enroll import Enroller, EnrollError, enroll, read_captions
+
+    if (args.method == "myvlm") != (args.captions is not None):
+        raise EnrollError("--captions CAPTIONS.json goes with --method myvlm, and only with it")
+    faces = {"face_index": args.face, "face_policy": args.face_policy}
+    if args.method == "myvlm":
+        captions = read_captions(args.captions)
+        result = Enroller(config_of(args)).enroll_myvlm(args.user, args.name, args.images, captions, **faces)
+    else:
+        result = enroll(config_of(args), args.user, args.name, args.images, **faces)
+    verb = "enrolled" if result.created else "extended" if result.added else "already enrolled from these photos:"
+    print(f"{verb} {result.name!r} ({result.method}, {result.concept_id}) for user {result.user_id!r}: "
+          f"{result.references} reference photo(s), bank version {result.version} ({result.bank})")  # fmt: skip
+    return 0
+
+
+def add(sub) -> None:
+    """Declare these commands under ``sub``."""
+    s = command(sub, "enroll", cmd_enroll, "add a named person to a user's concept bank from reference photos")
+    s.add_argument("--bank", help="root URI of the concept banks (default: the config's bank)")
+    s.add_argument("--user", required=True, help="the user whose bank gets the concept")
+    s.add_argument("--name", required=True, help="the person's name, as captions will say it")
+    s.add_argument("--face", type=int, help="which face of a reference photo with several (0 = leftmost)")
+    s.add_argument("--method", choices=["plvm", "myvlm"], default="plvm",
+                   help="plvm: the Aligner's soft tokens of the first photo, no training (the default); myvlm: a "
+                        "concept vector trained on the photos and their --captions (config section myvlm)")  # fmt: skip
+    s.add_argument("--captions", help="MyVLM: JSON object, each photo's file name -> its caption naming the person")
+    add_face_policy(s)
+    s.add_argument("images", nargs="+", help="reference photos (paths or URIs); MyVLM: its 3-5 training photos")
