@@ -95,7 +95,7 @@ def test_a_stale_lease_is_taken_over(tmp_path, stale, caplog):
 
 RACER = """
 import json, os, sys, time
-from plvm_model import lease, storage
+from plvm_model.store import lease, storage
 from plvm_model.store.errors import OutputLocked
 uri, options, run_id, go, done = sys.argv[1], json.loads(sys.argv[2]), *sys.argv[3:]
 fs, root = storage.filesystem(uri, options)

@@ -172,6 +172,14 @@ def test_show_exits_0_every_time_with_pyarrow_threads_at_work(tmp_path):
         assert done.stdout.count("[Kim]  Kim smiles.") == 3
 
 
+def command_line(process: psutil.Process) -> list[str]:
+    """The process's command line; none once it has exited (a zombie's cannot be read)."""
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
 def test_ctrl_c_stops_a_run_with_exit_code_130_and_stops_its_ray(tmp_path, yollava, tiny_models):
     config = make_config(tmp_path, input={"user": "kim"})
     command, env = caption_command(tmp_path, config, photos(4), "kim")
@@ -181,7 +189,7 @@ def test_ctrl_c_stops_a_run_with_exit_code_130_and_stops_its_ray(tmp_path, yolla
     deadline = time.monotonic() + 300
     while run.poll() is None and time.monotonic() < deadline:  # until the run's actors are at work
         family = driver.children(recursive=True)
-        if any("MapBatches(" in " ".join(p.cmdline()) for p in family if p.is_running()):
+        if any("MapBatches(" in " ".join(command_line(p)) for p in family):
             break
         time.sleep(0.2)
     assert run.poll() is None, "the run was still going when interrupted"

@@ -13,7 +13,7 @@ from operators.match import MatchFaces
 from operators.rows import injected_record, to_table
 from pipelines.config import Config
 from pipelines.runner.execute import execute
-from pipelines.runner.failures import results
+from pipelines.runner.failures import as_run_failure, results
 from pipelines.stage_lists import asking_stages, face_stages_without_pixels
 from plvm_model.store.banks import BankSource, Concept
 
@@ -25,7 +25,8 @@ def face_table(config: Config, paths: list[str]) -> pa.Table:
     listing = to_table([{"path": p, "user_id": "eval"} for p in paths], ["path", "user_id"])
     steps = face_stages_without_pixels(config)
     ds = execute(listing, steps, config.ray, config.run, config.tasks.batch_size)
-    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    with as_run_failure():
+        return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
 def match_as(config: Config, faces: pa.Table, user: str, space: str) -> tuple[list[dict], dict]:

@@ -5,11 +5,12 @@ here. Any other exception of a stage fails its batch with :class:`StageFailed`, 
 retries ``run.retries`` times (its message carries :attr:`StageFailed.MARK`) unless it carries a
 :class:`RunFailed` (a dead engine, a model that cannot load). In the driver, :func:`run_failure`
 finds the failure behind what Ray raised, and :func:`results` iterates a dataset's rows with every
-failure of the run raised as a :class:`RunFailed` (exit code 3).
+failure of the run raised as a :class:`RunFailed` (exit code 3), as :func:`as_run_failure` raises them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -74,11 +75,12 @@ def run_failure(error: BaseException) -> RunFailed | None:
     return None
 
 
-def results(ds) -> Iterator[dict[str, Any]]:
-    """The rows of the Ray dataset ``ds`` as they come; a failure of the run in a stage raised as its
-    :class:`RunFailed`."""
+@contextlib.contextmanager
+def as_run_failure() -> Iterator[None]:
+    """Within the block, a failure of the run that Ray raises (a stage's, a dead actor's) is raised as its
+    :class:`RunFailed`; anything else goes on as it is."""
     try:
-        yield from ds.iter_rows()
+        yield
     except RunFailed:
         raise
     except Exception as error:
@@ -86,3 +88,10 @@ def results(ds) -> Iterator[dict[str, Any]]:
         if failure is None:
             raise
         raise failure from error
+
+
+def results(ds) -> Iterator[dict[str, Any]]:
+    """The rows of the Ray dataset ``ds`` as they come; a failure of the run in a stage raised as its
+    :class:`RunFailed`."""
+    with as_run_failure():
+        yield from ds.iter_rows()
