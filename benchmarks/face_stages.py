@@ -13,7 +13,7 @@ the ratios pipeline/loop, and the pipeline's CPU by kind of process. With ``--ro
 sides run R times, in turn, and the median of each ratio is printed too: on a shared virtual
 machine one run's CPU seconds vary by 10% and more. Ray's own cost (its scheduler, system
 actors, worker start-up) goes with wall time and start-up rather than with photos, so short
-runs show a higher ratio: the default, 200 photos, is the README's figure.
+runs show a higher ratio: the default, 200 photos, is the figure in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import Meter, header  # noqa: E402
+from benchmarks.machine import Meter, Recorder, add_results_option, header  # noqa: E402
 from operators.decode import decode_image  # noqa: E402
 from operators.read import IMAGE_EXTENSIONS  # noqa: E402
 from operators.rows import to_table  # noqa: E402
@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--side", choices=("loop", "pipeline"), help=argparse.SUPPRESS)
     parser.add_argument("--photos-file", help=argparse.SUPPRESS)
     parser.add_argument("--banks", help=argparse.SUPPRESS)
+    add_results_option(parser)
     args = parser.parse_args()
     if args.side:
         return run_side(args.side, args.photos_file, args.config, args.banks)
@@ -136,6 +137,7 @@ def main() -> None:
         photos_file = Path(work) / "photos.txt"
         photos_file.write_text("\n".join(photos))
 
+        record = Recorder(__file__, args.results)
         print(header("Face stages: the Ray pipeline against a single-process loop (`benchmarks/face_stages.py`)"))
         print(f"- command: `{' '.join(['benchmarks/face_stages.py', *sys.argv[1:]])}`")
         print(f"- {len(photos)} photos ({len(photos) // args.repeat} repeated {args.repeat} times), {len(refs)} people "
@@ -170,6 +172,7 @@ def main() -> None:
         cpu, pss = median(lambda a, b: b.cpu / a.cpu), median(lambda a, b: b.peak_pss / a.peak_pss)
         print(f"- median of the {len(rounds)} rounds, pipeline / loop: CPU per photo **{cpu:.2f}x**, peak PSS "
               f"**{pss:.1f}x**, peak RSS {median(lambda a, b: b.peak / a.peak):.1f}x")
+    record.write()
 
 if __name__ == "__main__":
     main()

@@ -35,9 +35,9 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import header  # noqa: E402
+from benchmarks.machine import Recorder, add_results_option, header  # noqa: E402
 from plvm_model.store.banks import BankSource  # noqa: E402
-from operators.index_lookup import _known  # noqa: E402
+from operators.index_lookup import known_rows  # noqa: E402
 from operators.cohort import IndexCohort, cohort_scales  # noqa: E402
 from pipelines.config import Config, load_config  # noqa: E402
 from pipelines.rematch import rename  # noqa: E402
@@ -72,7 +72,7 @@ def run_step(step: str, config: Config, n: int) -> str:
     index = FaceIndex(config.index.root(config.output.uri))
     source = IndexSource(index.uri, None, space, {USER: tuple(index.parts(USER))})
     if step == "lookup":
-        return f"{len(_known(source, USER).at)} photos"
+        return f"{len(known_rows(source, USER).at)} photos"
     if step == "cohort":
         scales = cohort_scales(IndexCohort(source, (USER,)).faces(), config.match, BankSource(config.bank), space)
         return f"{len(scales)} scales"
@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
+    add_results_option(parser)
     args = parser.parse_args()
     if args.step:
         work = Path(args.work)
@@ -107,6 +108,7 @@ def main() -> None:
     from pipelines.enroll import Enroller  # torch, which the steps do not need
 
     refs = sorted(Path(args.data).glob("*/ref_img.jpg"))
+    record = Recorder(__file__, args.results)
     print(header("Naming from the face index at archive scale (`benchmarks/index_naming.py`)"))
     print("\n| photos | step | seconds | peak RSS, MiB | found |\n|---|---|---|---|---|")
     for n in args.photos:
@@ -124,6 +126,7 @@ def main() -> None:
                 seconds, peak, found = out.split(maxsplit=2)
                 print(f"| {n} | {step} | {float(seconds):.1f} | {int(peak) / 1024:.0f} | {found.strip()} |", flush=True)
 
+    record.write()
 
 if __name__ == "__main__":
     main()

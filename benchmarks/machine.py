@@ -8,9 +8,11 @@ is only comparable with one taken under a similar load.
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +23,8 @@ from typing import Self
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+"""The one file of measured figures: each benchmark's newest ones, in a section it writes."""
 
 
 def cpu_model() -> str:
@@ -57,6 +61,58 @@ def header(title: str) -> str:
         f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; commit {commit()}",
         f"- load average before the run (1, 5, 15 min): {load}",
     ])  # fmt: skip
+
+
+def add_results_option(parser) -> None:
+    """``--results FILE``: where the benchmark writes its section of figures (``-``: nowhere)."""
+    parser.add_argument("--results", default=str(RESULTS),
+                        help=f"the results file this benchmark writes its section into (default {RESULTS.name}; -: none)")  # fmt: skip
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+class Recorder:
+    """From its start, what the benchmark prints is printed and kept; :meth:`write` writes it as the section of
+    ``script`` (``benchmarks/NAME.py``) in the results file ``results`` (None or ``-``: nowhere), in place of that
+    section's older figures; the other benchmarks' sections stay as they are. A benchmark that fails before
+    :meth:`write` writes nothing."""
+
+    def __init__(self, script: str, results: str | None) -> None:
+        self.name, self.results = f"benchmarks/{Path(script).name}", results
+        self.captured = io.StringIO()
+        sys.stdout = _Tee(sys.__stdout__, self.captured)
+
+    def write(self) -> None:
+        sys.stdout = sys.__stdout__
+        if self.results not in (None, "-"):
+            write_section(Path(self.results), self.name, self.captured.getvalue())
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace (or add) the section ``## name`` of the Markdown file ``path`` with ``body``."""
+    heading = f"## {name}"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    section = f"{heading}\n<!-- written by {name} -->\n\n{body.strip()}\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    if start is None:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        text = "".join(lines[:start]) + section + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
+    path.write_text(text)
 
 
 def process_tree() -> list[psutil.Process]:

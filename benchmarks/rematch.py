@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import Meter, header, process_kind, process_tree  # noqa: E402
+from benchmarks.machine import Meter, Recorder, add_results_option, header, process_kind, process_tree  # noqa: E402
 from operators.read import IMAGE_EXTENSIONS  # noqa: E402
 from pipelines.caption import caption  # noqa: E402
 from pipelines.config import Config, load_config  # noqa: E402
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--newcomer", type=int, help="photos of the person enrolled afterwards (default N / 5)")
     parser.add_argument("--nightly", type=int, default=10, help="new photos of the nightly run (default 10)")
     parser.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
+    add_results_option(parser)
     args = parser.parse_args()
     files = sorted(p for p in Path(args.photos).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     folders = sorted({f.parent for f in files if f.stem == "ref_img"})
@@ -128,6 +129,7 @@ def main() -> None:
             enroll(first, USER, ref.parent.name, [str(ref)])
         newcomer = refs[-1]
 
+        record = Recorder(__file__, args.results)
         print(header("An archive: full run, rematch, full run again, nightly run (`benchmarks/rematch.py`)"))
         print(f"- command: `{' '.join(['benchmarks/rematch.py', *sys.argv[1:]])}`")
         print(f"- {args.n} photos (copies of {sum(map(len, people))} under {args.photos}, each with its own bytes), "
@@ -159,6 +161,7 @@ def main() -> None:
           f"{args.nightly} photos' share of the full run: **{nightly.cpu / share:.2f}x**; the difference, "
           f"{nightly.cpu - share:.1f} CPU s, is the run's fixed cost (start-up, reading the index and the output)")
 
+    record.write()
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Stage 3b, align: each new face's aligned chips, the embedder's input, cut out of the photo.
 
-The caption pipeline runs it in the detect actor's batch call (``pipelines.runner.loop.joined``), where the
+The caption pipeline runs it in the detect actor's batch call (``operators.base.joined``), where the
 photo's pixels are: the chips (by default two 150 px chips a face, 135 KB) go on to the embed actors
 instead of the whole photo (megabytes), and the pixels never enter Ray's object store.
 """

@@ -87,7 +87,7 @@ class Stage:
     runtime_env: dict[str, Any] | None = None
     """Ray's runtime environment of the stage's workers (another Python, environment variables)."""
     joins_next: bool = False
-    """Runs in the next stage's workers, in the same batch call (``pipelines.runner.loop.joined``): a column it adds
+    """Runs in the next stage's workers, in the same batch call (:func:`joined`): a column it adds
     that a later stage of the call drops never enters Ray's object store."""
     restarts: bool = True
     """Whether Ray starts an actor again when its process dies, and gives it the batch again; false where the

@@ -35,7 +35,7 @@ _CACHE: dict[tuple[str, str, tuple[str, ...]], _Known] = {}
 """What this worker process read: (index root, user, pinned parts) -> the user's current rows."""
 
 
-def _known(source: IndexSource, user_id: str) -> _Known:
+def known_rows(source: IndexSource, user_id: str) -> _Known:
     """The current index rows of ``user_id``, at the parts the run pinned."""
     parts = source.pinned.get(user_id, ())
     key = (source.uri, user_id, parts)
@@ -59,7 +59,7 @@ class IndexLookup(RowStage):
         self.source = source
 
     def process(self, row: dict) -> None:
-        found = _known(self.source, row["user_id"]).get(row["content_hash"])
+        found = known_rows(self.source, row["user_id"]).get(row["content_hash"])
         row["indexed"] = found is not None and found["path"] == row["path"]
         if found is not None:
             row["width"], row["height"], row["faces"] = found["width"], found["height"], found["faces"]

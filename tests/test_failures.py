@@ -167,7 +167,7 @@ def test_an_engine_whose_process_dies_stops_the_run_and_resume_finishes_it(tmp_p
 
 
 def test_every_error_kind_and_exit_code_is_in_the_readme():
-    readme = (REPO / "README.md").read_text()
+    readme = "".join((REPO / "docs" / page).read_text() for page in ("output.md", "cli.md"))
     for kind in ErrorKind:
         assert f"| `{kind}` | {kind.meaning} |" in readme, f"README lacks the error kind {kind}"
     for code, meaning in EXIT_CODES.items():

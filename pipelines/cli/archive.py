@@ -140,7 +140,7 @@ def add(sub) -> None:
     again.add_argument("--resume", action="store_true", help="skip photos that earlier runs already wrote")
     again.add_argument("--overwrite", action="store_true", help="remove earlier runs' output first")
     s.add_argument("--retry-errors", action="store_true",
-                   help="write again the rows whose error is retryable (see the README); implies --resume")  # fmt: skip
+                   help="write again the rows whose error is retryable (see docs/output.md); implies --resume")  # fmt: skip
     s.add_argument("--rebuild-index", action="store_true",
                    help="drop the face index's damaged parts first; their photos are detected again")  # fmt: skip
 

@@ -36,7 +36,7 @@ class _DropRecords(logging.Filter):
 _PROGRESS_BARS_OFF = _DropRecords("Progress bars disabled.", "Progress bars for operators disabled.")
 
 # Ray's notice that it turned token authentication on for the new local Ray, logged on every start: on is what
-# the embedded Ray should be (see the README's Security), and setting RAY_AUTH_MODE=token ourselves instead does
+# the embedded Ray should be (see docs/deployment.md, Security), and setting RAY_AUTH_MODE=token ourselves instead does
 # not reach Ray's configuration once ray is imported (its GCS then refuses the driver).
 _TOKEN_AUTH_ON = _DropRecords("Token authentication is enabled for this Ray cluster.")
 

@@ -6,7 +6,7 @@ tip, mouth corners) fall in such a chip; a face is aligned by the least-squares 
 transform of its MTCNN points onto the template. On held-out people this second alignment
 carries information dlib's 5-point predictor misses (profiles, small faces), and the mean of
 the descriptors of both chips separates people better than either
-(``scripts/fit_chip_template.py`` measures the template; the README gives the figures).
+(``scripts/fit_chip_template.py`` measures the template; docs/evaluation.md gives the figures).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The project's exceptions: one hierarchy under :class:`PlvmError`, each class with its exit code.
 
 The ``plvm`` command catches :class:`PlvmError` and prints its one-line message with
-``exit_code``; anything else is a bug and keeps its traceback. The README's exit-code table
+``exit_code``; anything else is a bug and keeps its traceback. The exit-code table of docs/cli.md
 is checked against :data:`EXIT_CODES` by a test.
 """
 
