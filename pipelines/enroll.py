@@ -32,8 +32,8 @@ import numpy as np
 from operators.rows import row_pixels, to_table, working_faces
 from pipelines.stage_lists import face_stages
 from pipelines.config import Config
-from pipelines.evaluation.captions import mentions
 from pipelines.runner.loop import InProcess
+from plvm_model.concept_token import mentions
 from plvm_model.concepts import ConceptEncoder
 from plvm_model.faces import Face, embedder_class
 from plvm_model.injection import PromptTemplate

@@ -16,6 +16,19 @@ os.environ.setdefault("PLVM_CACHE", str(REPO / ".cache" / "plvm"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+LOCAL_VLLM = {
+    "engine": "vllm",
+    "vllm": {
+        "python": str(VLLM_PYTHON),
+        "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"},
+        "max_model_len": 1024,
+        "enforce_eager": True,
+    },
+}
+"""The vllm engine's settings on this machine: vllm-cpu in its own environment, in process, eager."""
+
+
 def photo(person: str, name: str) -> str:
     return str(DATA / person / name)
 
@@ -48,6 +61,26 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_joined(ray_local) -> dict[str, str]:
+    """The environment variables of a ``plvm`` subprocess that runs on the session's Ray (``RAY_ADDRESS``) instead of
+    starting one of its own: for the tests about something else than the embedded Ray (a kill, a race, a command's
+    output), each such subprocess is a driver of the session's Ray, which saves a Ray's start and stop."""
+    return {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+
+
+VLLM_MODULES = ("test_vllm", "test_myvlm")
+"""The modules whose tests use the session's vLLM engine."""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """With pytest-xdist (``make test`` runs ``-n auto --dist loadgroup``), the tests of a module run in one worker,
+    so that its module-scoped runs are made once, and the modules that use the session's vLLM engine share one."""
+    for item in items:
+        name = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("vllm" if name in VLLM_MODULES else name))
+
+
 def make_config(tmp_path: Path, **sections):
     """A config on the tiny models with small resources, banks and output under ``tmp_path``; its inputs
     may be the sample photos and ``tmp_path`` (the manifests of the tests list both)."""
@@ -75,3 +108,46 @@ def one_batch(engine, requests):
     if len(groups) > 1:
         raise ValueError(f"these requests need {len(groups)} batches of {engine.concept_slots} concept slots")
     return groups[0][1]
+
+
+@pytest.fixture(scope="session")
+def vllm_env():
+    """The vllm engine's section of the config as the pipeline runs it on this machine (vllm-cpu in .venv-vllm)."""
+    from operators.generate import GenerateConfig
+
+    if not VLLM_PYTHON.exists():
+        pytest.skip("no .venv-vllm: `scripts/setup.sh --vllm` builds the vllm-cpu environment")
+    return GenerateConfig.model_validate(LOCAL_VLLM)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(vllm_env, tiny_models, ray_local):
+    """The engine as the generate stage builds it, with vLLM options (max_logprobs, logprobs_mode) from
+    ``engine_args``, and two concept slots (a batch of three people is served in two parts); loaded once for the
+    session's tests."""
+    from operators.generate import GenerateConfig
+    from plvm_model.engines.vllm_engine import VLLMEngine
+
+    vllm = LOCAL_VLLM["vllm"] | {"engine_args": {"max_logprobs": 3, "logprobs_mode": "raw_logits"}}
+    config = GenerateConfig.model_validate(LOCAL_VLLM | {"max_new_tokens": 12, "vllm": vllm, "concept_slots": 2})
+    remote = ray_local.remote(VLLMEngine).options(num_cpus=0.5, runtime_env=config.runtime_env())
+    actor = remote.remote(**config.engine_options(str(tiny_models.llava)))
+    yield actor
+    ray_local.kill(actor)
+
+
+@pytest.fixture(scope="session")
+def concepts(tiny_models, yollava):
+    """PLVM concepts of three sample people, encoded by the tiny DINOv2 and Aligner."""
+    import numpy as np
+    from PIL import Image
+
+    from plvm_model.concepts import ConceptEncoder, aligner_shape
+    from plvm_model.injection import ConceptTokens
+
+    encoder = ConceptEncoder(str(tiny_models.dinov2), str(tiny_models.aligner), aligner_shape(tiny_models.aligner))
+    out = {}
+    for name, person in (("Thao", "thao"), ("Viruss", "viruss"), ("Tien", "thuytien")):
+        soft, head = encoder.encode(np.asarray(Image.open(photo(person, "ref_img.jpg")).convert("RGB")), None)
+        out[name] = ConceptTokens(name, soft, head)
+    return out

@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import test_vllm
 import torch
-from conftest import make_config, photo
+from conftest import LOCAL_VLLM, make_config, photo
 from PIL import Image
 
 from operators import match, prompt
@@ -21,7 +20,8 @@ from plvm_model.store.output_schema import output_schema
 from plvm_model.store.output_table import read_output
 from pipelines.caption import caption
 from pipelines.stage_lists import face_stages
-from pipelines.evaluation.captions import mentions, score_captions
+from pipelines.evaluation.captions import score_captions
+from plvm_model.concept_token import mentions
 from pipelines.cli import run
 from pipelines.config import MyVLMConfig
 from pipelines.enroll import EnrollError, enroll, training_captions
@@ -33,8 +33,6 @@ from plvm_model.faces import embedder_class
 from plvm_model.injection import ConceptTokens
 from plvm_model.myvlm import Example, MyVLMTrainer, llava_identity
 
-# the vLLM engine as tests/test_vllm.py runs it, and its PLVM concepts
-vllm_env, vllm_engine, concepts = test_vllm.vllm_env, test_vllm.vllm_engine, test_vllm.concepts
 THAO = [photo("thao", f"{i}.jpg") for i in range(3)]
 CAPTION = "Thao is smiling."
 # Sizes for the tiny random LLaVA (2 layers, hidden 128): one vector can steer the first words of one short
@@ -255,7 +253,7 @@ def test_the_vllm_engine_serves_a_mixed_bank_as_the_transformers_engine_does(mix
     config, _, photos = mixed_bank
     outputs = {}
     for engine in ("transformers", "vllm"):
-        generate = GenerateConfig.model_validate(config.generate.model_dump() | test_vllm.LOCAL_VLLM | {"engine": engine})
+        generate = GenerateConfig.model_validate(config.generate.model_dump() | LOCAL_VLLM | {"engine": engine})
         output = config.output.model_copy(update={"uri": str(tmp_path / engine)})
         run_config = config.model_copy(update={"generate": generate, "output": output})
         assert caption(run_config).rows == len(photos)

