@@ -61,14 +61,6 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def ray_joined(ray_local) -> dict[str, str]:
-    """The environment variables of a ``plvm`` subprocess that runs on the session's Ray (``RAY_ADDRESS``) instead of
-    starting one of its own: for the tests about something else than the embedded Ray (a kill, a race, a command's
-    output), each such subprocess is a driver of the session's Ray, which saves a Ray's start and stop."""
-    return {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-
-
 VLLM_MODULES = ("test_vllm", "test_myvlm")
 """The modules whose tests use the session's vLLM engine."""
 

@@ -169,12 +169,11 @@ def test_a_holder_whose_lease_was_taken_over_stops_writing(tmp_path):
     assert out.part_files() == [] and not list(tmp_path.glob("part-*")), "nothing was committed or published"
 
 
-def test_two_runs_started_at_once_into_one_output_write_each_photo_once(tmp_path, yollava, tiny_models, ray_joined):
+def test_two_runs_started_at_once_into_one_output_write_each_photo_once(tmp_path, yollava, tiny_models):
     config = make_config(tmp_path)
     enroll(config, "kim", "Thao", [photo("thao", "ref_img.jpg")])
     paths = photos(1)
     command, env = caption_command(tmp_path, config, paths, "kim")
-    env |= ray_joined
     runs = [subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]  # fmt: skip
     results = [(r.wait(timeout=600), *r.communicate()) for r in runs]

@@ -78,7 +78,7 @@ def test_rematch_after_enrolling_replaces_only_the_photos_that_now_name_the_pers
     assert (again["changed"], again["version"]) == (0, None) and data_commits(out, version) == ["rematch"]
 
 
-def test_a_killed_rematch_leaves_the_previous_version_current_and_whole(tmp_path, yollava, tiny_models, ray_joined):
+def test_a_killed_rematch_leaves_the_previous_version_current_and_whole(tmp_path, yollava, tiny_models, ray_local):
     # one photo per part and slow answers: the rematch stages its parts over seconds, the kill lands before its commit
     small = {"concurrency": 1, "num_cpus": 0.25, "threads": 1, "batch_size": 1}
     config, paths = archive(tmp_path, "lee", output={"rows_per_file": 1},
@@ -87,7 +87,6 @@ def test_a_killed_rematch_leaves_the_previous_version_current_and_whole(tmp_path
     before, version = by_path(str(out)), DeltaTable(str(out)).version()
     enroll(config, "lee", "Viruss", [photo("viruss", "ref_img.jpg")])
     command, env = caption_command(tmp_path, config, paths, "lee")
-    env |= ray_joined
     command = [*command[:3], "rematch", *command[4:], str(out)]
 
     rematch = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True,

@@ -84,7 +84,7 @@ def test_a_killed_actor_is_replaced_and_every_row_is_written_once(tmp_path, yoll
     assert sum("Viruss" in r["concepts"] for r in rows) >= 5
 
 
-def test_an_interrupted_run_is_completed_by_resume_without_duplicates(tmp_path, yollava, tiny_models, ray_joined):
+def test_an_interrupted_run_is_completed_by_resume_without_duplicates(tmp_path, yollava, tiny_models):
     # small generate batches of longer answers: the parts are written over seconds, so the kill lands part-way
     small = {"concurrency": 1, "num_cpus": 0.25, "threads": 1, "batch_size": 2}
     config = make_config(tmp_path, output={"rows_per_file": 2}, ray={"num_cpus": 2, "progress": "off"},
@@ -92,7 +92,6 @@ def test_an_interrupted_run_is_completed_by_resume_without_duplicates(tmp_path, 
     enroll(config, "lee", "Thao", [photo("thao", "ref_img.jpg")])
     paths = photos(8)
     command, env = caption_command(tmp_path, config, paths, "lee")
-    env |= ray_joined
     out = Path(config.output.uri)
 
     run = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True,
