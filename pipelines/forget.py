@@ -265,8 +265,10 @@ class Forget:
         needles = {"the name": self.name.encode(), **vectors}
         roots = [(self.banks.fs, self.banks.folder(self.user))]
         for output in self.outputs:
+            inside = storage.join(output, "")  # the index and people table under the output are searched with it
             for uri in {output, self.config.index.root(output), self.config.people.root(output)}:
-                roots.append(storage.filesystem(uri, self.config.storage))
+                if uri == output or not uri.startswith(inside):
+                    roots.append(storage.filesystem(uri, self.config.storage))
         found = [hit for fs, root in roots for hit in traces.search(fs, [root], needles)]
         if found:
             where = "; ".join(sorted({f"{label} in {path}" for path, label in found})[:10])

@@ -62,29 +62,34 @@ def user_of(user: str) -> str:
         raise InputError(str(error)) from None
 
 
-def indexed_faces(config: Config, output_uri: str, user: str, bank_version: int | None = None) -> IndexedFaces:
+def indexed_faces(config: Config, output_uri: str, user: str, bank_version: int | None = None,
+                  unnamed: set[FaceKey] | frozenset = frozenset()) -> IndexedFaces:  # fmt: skip
     """The user's indexed faces, each named (its concept id) against the bank (newest, or ``bank_version``) with
-    the cohort scales over the whole index, as a rematch names them; forgotten faces (an empty descriptor) left
-    out."""
+    the cohort scales over the whole index, as a rematch names them, but the photos whose faces are all in
+    ``unnamed`` (known to be nobody's at this bank version); forgotten faces (an empty descriptor) left out."""
     space = embedder_class(config.embed.kind).space
     index = FaceIndex(config.index.root(output_uri), config.storage)
     rows = index.read(user, space)
     faces = as_row_faces(rows.column("faces"))
     banks = BankSource(config.bank, config.storage, {} if bank_version is None else {user: bank_version})
     bank = BankStore(config.bank, config.storage).load(user, bank_version)
-    named = None
-    if bank is not None and bank.concepts and rows.num_rows:
+    listed = faces.to_pylist()
+    hashes = rows.column("content_hash").to_pylist()
+    todo = [i for i, (digest, photo) in enumerate(zip(hashes, listed))
+            if any((digest, n) not in unnamed for n in range(len(photo or [])))]  # fmt: skip
+    if bank is not None and bank.concepts and todo:
         scales = None
         if config.match.normalization == "cohort":
             source = IndexSource(index.uri, config.storage, space, {user: tuple(index.parts(user))})
             scales = cohort_scales(IndexCohort(source, (user,)).faces(), config.match, banks, space)
-        nulls = pa.nulls(rows.num_rows, pa.string())
-        table = pa.table({"path": rows.column("path"), "user_id": pa.array([user] * rows.num_rows, pa.string()),
-                          "faces": faces, "error": nulls, "error_kind": nulls})  # fmt: skip
-        named = MatchFaces(config.match, banks, space, scales)(table).column("faces")
+        at = pa.array(todo, pa.int64())
+        nulls = pa.nulls(len(todo), pa.string())
+        table = pa.table({"path": rows.column("path").take(at), "user_id": pa.array([user] * len(todo), pa.string()),
+                          "faces": faces.take(at), "error": nulls, "error_kind": nulls})  # fmt: skip
+        for i, photo in zip(todo, MatchFaces(config.match, banks, space, scales)(table).column("faces").to_pylist()):
+            listed[i] = photo
     keys, vectors, paths, boxes, scores, concepts = [], [], [], [], [], []
-    listed = (named if named is not None else faces).to_pylist()
-    for digest, path, photo in zip(rows.column("content_hash").to_pylist(), rows.column("path").to_pylist(), listed):
+    for digest, path, photo in zip(hashes, rows.column("path").to_pylist(), listed):
         for number, face in enumerate(photo or []):
             if not face["embedding"]:
                 continue
@@ -226,10 +231,17 @@ def suggest(config: Config, output_uri: str, user: str, full: bool = False) -> S
     store = PeopleStore(config.people.root(output_uri), config.storage)
     space = embedder_class(config.embed.kind).space
     with banks.lease(user, run_id, "people suggest", config.output.lease_expiry_s):
-        faces = indexed_faces(config, output_uri, user)
+        bank = banks.load(user)
+        version = bank.version if bank is not None else 0
+        people = store.load(user, space)
+        # at the bank version of the last run, the faces it took as nobody's are nobody's still: not named again
+        same = not full and people.version and people.bank_version == version
+        nobodys = frozenset(f for c in people.clusters.values() if c.status in ("open", "unclustered") for f in c.faces)
+        faces = indexed_faces(config, output_uri, user, version, nobodys if same else frozenset())
         for _ in range(COMMIT_ATTEMPTS):
             people = store.load(user, space)
             new_faces = recluster(config, people, faces, full)
+            people.bank_version = version
             if store.commit(people):
                 break
         else:

@@ -120,7 +120,8 @@ def rename(config: Config, rows: pa.Table, users: list[str], banks: BankVersions
             named = matcher(table.slice(start, NAMING_ROWS))
             photos = zip(named.column("path").to_pylist(), named.column("user_id").to_pylist())
             after = zip(before[start:], named.column("concepts").to_pylist(), named.column("error").to_pylist(), photos)
-            keep = [error is None and (sorted(new) != old or photo in forced) for old, new, error, photo in after]
+            # a forced photo is written again even with an error of the bank (the last person forgotten: empty)
+            keep = [photo in forced or (error is None and sorted(new) != old) for old, new, error, photo in after]
             changed.append(named.filter(pa.array(keep, pa.bool_())))
     return pa.concat_tables(changed), missing
 

@@ -269,8 +269,10 @@ def test_forget_leaves_no_file_holding_the_name_or_the_vectors(archive, capsys):
     assert summary["outputs"][0]["rows"] == len(ARCHIVE["thao"]) + len(NIGHTLY["thao"])
     assert not archive.report.exists(), "the report the tool wrote is gone"
     rows = rows_by_path(archive.out)
-    assert all(r["concepts"] == [] and r["error"] is None for r in rows.values())
-    searched = [p for p in archive.root.rglob("*") if p.is_file() and "other" not in p.parts]
+    assert all(r["concepts"] == [] for r in rows.values()) and len(rows) == len(paths_of(ARCHIVE) + paths_of(NIGHTLY))
+    thao = paths_of({"thao": ARCHIVE["thao"] + NIGHTLY["thao"]})
+    assert all(rows[p]["error_kind"] == "empty_bank" for p in thao), "written again as a run with the bank now empty"
+    searched = [p for p in archive.root.rglob("*") if p.is_file()]
     assert any("_delta_log" in p.parts for p in searched) and any(p.suffix == ".parquet" for p in searched)
     found = [(str(p), i) for p in searched for i, n in enumerate(needles) if n in decoded(p)]
     assert found == [], "no file under the output, the bank, the index or the people table holds the name or a vector"

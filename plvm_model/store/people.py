@@ -13,7 +13,8 @@
     created_at, updated_at    timestamp[us, UTC]
 
 and, in the file's metadata, ``plvm.people_schema_version``, ``plvm.user_id``, ``plvm.version``,
-``plvm.embedder`` (the descriptor space of the faces) and ``plvm.next_id``. The table holds no
+``plvm.embedder`` (the descriptor space of the faces), ``plvm.next_id`` and ``plvm.bank_version`` (the bank
+version the faces were named against). The table holds no
 names and no vectors: the faces are references into the face index, a person a concept id of
 the bank. A commit writes the next version with :func:`storage.create_exclusive` (compare-and-swap, as
 the banks do); the versions older than the one before it are then removed (readers take the newest).
@@ -100,6 +101,8 @@ class People:
     next_id: int = 1
     version: int = 0
     """0: not written yet."""
+    bank_version: int = -1
+    """The version of the user's bank the faces were named against (-1: unknown)."""
 
     def suggestions(self) -> list[Cluster]:
         """The open clusters, largest first (then by id)."""
@@ -206,7 +209,7 @@ def encode(people: People) -> bytes:
     }
     metadata = {"plvm.people_schema_version": str(SCHEMA_VERSION), "plvm.user_id": people.user_id,
                 "plvm.version": str(people.version), "plvm.embedder": people.embedder,
-                "plvm.next_id": str(people.next_id)}  # fmt: skip
+                "plvm.next_id": str(people.next_id), "plvm.bank_version": str(people.bank_version)}  # fmt: skip
     sink = io.BytesIO()
     pq.write_table(pa.table(rows, schema=SCHEMA.with_metadata(metadata)), sink)
     return sink.getvalue()
@@ -217,7 +220,8 @@ def decode(data: bytes, user_id: str, version: int) -> People:
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     if meta.get("plvm.people_schema_version") != str(SCHEMA_VERSION) or meta.get("plvm.user_id") != user_id:
         raise InputError(f"version {version} of user {user_id!r}'s people table is not one this program wrote")
-    people = People(user_id, meta.get("plvm.embedder", ""), {}, int(meta["plvm.next_id"]), version)
+    people = People(user_id, meta.get("plvm.embedder", ""), {}, int(meta["plvm.next_id"]), version,
+                    int(meta.get("plvm.bank_version", "-1")))
     for row in table.to_pylist():
         cluster = Cluster(
             row["cluster_id"], row["status"], [(f["content_hash"], f["face"]) for f in row["faces"]],
