@@ -55,8 +55,10 @@ USER = "bench"
 SAMPLE = REPO.parent / "shared" / "data" / "yollava-humans"
 HELD_OUT = REPO.parent / "data-plvm" / "validation_recognition"
 SAMPLE_PEOPLE = ("phuc-map", "thao", "thuytien", "viruss", "willinvietnam")
-SETTINGS = [(0.42, 3), (0.38, 3), (0.46, 3), (0.42, 2)]
-"""(eps, min_samples): the configured one first (checked below), then the others compared."""
+NIGHTLY = 10
+"""Photos a night in the incremental rows."""
+THRESHOLDS = (0.44, 0.42, 0.46)
+"""The configured threshold (``people.threshold``) first, then two others compared."""
 SPACE = "dlib-resnet-v1"
 
 
@@ -121,56 +123,65 @@ def assignment(people: People, faces) -> dict[int, int]:
     return {at[k]: c.cluster_id for c in people.clusters.values() if c.cluster_id != UNCLUSTERED for k in c.faces}
 
 
-def with_settings(config: Config, eps: float, min_samples: int) -> Config:
-    people = config.people.model_copy(update={"eps": eps, "min_samples": min_samples, "join_eps": eps - 0.02})
+def with_settings(config: Config, threshold: float) -> Config:
+    people = config.people.model_copy(update={"threshold": threshold, "join_threshold": threshold - 0.02})
     return config.model_copy(update={"people": people})
 
 
-def quality_rows(name: str, config: Config) -> None:
-    from pipelines.people import candidates
-
-    faces = indexed_faces(config, config.output.uri, USER, bank_version=0)
-    truth = labels(faces)
-    pool = set(candidates(config, faces).tolist())
-    scored = [i for i in range(len(truth)) if truth[i] is not None and i in pool]
-    people_n = len({truth[i] for i in scored})
-    filtered = sum(1 for i in range(len(truth)) if truth[i] is not None and i not in pool)
-    print(f"\n**{name}**: {len(faces.keys)} faces in {len(set(faces.paths))} photos, {len(scored)} labelled faces "
-          f"of {people_n} people scored ({filtered} labelled faces under the size or score limits left out)\n")  # fmt: skip
-    print("| eps | min_samples | run | pairwise precision | pairwise recall | unclustered | clusters |")
-    print("|---|---|---|---|---|---|---|")
-    halves = {}
-    for path in sorted(set(faces.paths)):
-        person_photos = sorted(p for p in set(faces.paths) if Path(p).parent == Path(path).parent)
-        halves[path] = person_photos.index(path) < (len(person_photos) + 1) // 2
-    for eps, min_samples in SETTINGS:
-        settings = with_settings(config, eps, min_samples)
-        people = People(USER, SPACE)
-        recluster(settings, people, faces, full=True)
-        assigned = assignment(people, faces)
-        row = (eps, min_samples, "full", *pairwise(assigned, truth, scored))
-        unclustered = sum(i not in assigned for i in scored) / len(scored)
-        clusters = len([c for c in people.clusters.values() if c.status == "open"])
-        print(f"| {row[0]} | {row[1]} | full | {row[3]:.3f} | {row[4]:.3f} | {unclustered:.3f} | {clusters} |")
-        first = _subset(faces, [halves[p] for p in faces.paths])
-        people = People(USER, SPACE)
-        recluster(settings, people, first, full=True)
-        recluster(settings, people, faces, full=False)
-        assigned = assignment(people, faces)
-        precision, recall = pairwise(assigned, truth, scored)
-        unclustered = sum(i not in assigned for i in scored) / len(scored)
-        clusters = len([c for c in people.clusters.values() if c.status == "open"])
-        print(f"| {eps} | {min_samples} | half, then incremental | {precision:.3f} | {recall:.3f} | "
-              f"{unclustered:.3f} | {clusters} |")  # fmt: skip
-    keys_rows(config, faces, truth, halves)
-
-
-def _subset(faces, keep: list[bool]):
+def subset(faces, keep: list[bool]):
+    """The faces where ``keep`` is true."""
     from pipelines.people import IndexedFaces
 
     at = [i for i, k in enumerate(keep) if k]
     return IndexedFaces([faces.keys[i] for i in at], faces.vectors[at], [faces.paths[i] for i in at],
                         faces.boxes[at], faces.scores[at], [faces.concepts[i] for i in at], faces.rows)  # fmt: skip
+
+
+def quality_rows(name: str, config: Config, faces, truth: list[str | None]) -> None:
+    """The table of one group of people (see the module)."""
+    from sklearn.cluster import DBSCAN
+
+    from pipelines.people import candidates
+
+    pool = set(candidates(config, faces).tolist())
+    scored = [i for i in range(len(truth)) if truth[i] is not None and i in pool]
+    filtered = sum(1 for i in range(len(truth)) if truth[i] is not None and i not in pool)
+    print(f"\n**{name}**: {len(faces.keys)} faces in {len(set(faces.paths))} photos, {len(scored)} labelled faces of "
+          f"{len({truth[i] for i in scored})} people scored ({filtered} labelled faces under the size or score limits "
+          "left out)\n")  # fmt: skip
+    print("| clustering | run | pairwise precision | pairwise recall | unclustered | clusters |")
+    print("|---|---|---|---|---|---|")
+    photos = sorted(set(faces.paths))
+    first = {p: sorted(q for q in photos if Path(q).parent == Path(p).parent).index(p) % 2 == 0 for p in photos}
+    for threshold in THRESHOLDS:
+        settings = with_settings(config, threshold)
+        label = f"whispers {threshold}" + (" (configured)" if threshold == config.people.threshold else "")
+        people = People(USER, SPACE)
+        recluster(settings, people, faces, full=True)
+        row(label, "full", assignment(people, faces), truth, scored)
+        people = People(USER, SPACE)
+        recluster(settings, people, subset(faces, [first[p] for p in faces.paths]), full=True)
+        recluster(settings, people, faces, full=False)
+        row(label, "half, then the rest incremental", assignment(people, faces), truth, scored)
+        people = People(USER, SPACE)
+        recluster(settings, people, subset(faces, [first[p] for p in faces.paths]), full=True)
+        later = [p for p in photos if not first[p]]
+        for end in range(NIGHTLY, len(later) + NIGHTLY, NIGHTLY):
+            seen = set(later[:end])
+            recluster(settings, people, subset(faces, [first[p] or p in seen for p in faces.paths]), full=False)
+        row(label, f"half, then the rest {NIGHTLY} photos a night", assignment(people, faces), truth, scored)
+    candidates_ = sorted(pool)
+    found = DBSCAN(eps=0.42, min_samples=3).fit_predict(faces.vectors[candidates_])
+    assigned = {i: int(label) for i, label in zip(candidates_, found) if label >= 0}
+    row("DBSCAN eps 0.42, min_samples 3 (scikit-learn)", "full", assigned, truth, scored)
+    keys_rows(config, faces, truth, first)
+
+
+def row(label: str, run: str, assigned: dict[int, int], truth, scored: list[int]) -> None:
+    precision, recall = pairwise(assigned, truth, scored)
+    unclustered = sum(i not in assigned for i in scored) / len(scored)
+    clusters = len(set(assigned.values()))
+    print(f"| {label} | {run} | {precision:.3f} | {recall:.3f} | {unclustered:.3f} | {clusters} |")
 
 
 def keys_rows(config: Config, faces, truth: list[str | None], halves: dict[str, bool]) -> None:
@@ -206,19 +217,29 @@ def keys_rows(config: Config, faces, truth: list[str | None], halves: dict[str, 
 
 
 def quality(args) -> None:
-    sets = dict(s.split("=", 1) for s in args.set) if args.set else {
-        "the sample people (tuned on)": str(SAMPLE), "PLVM validation_recognition people not tuned on": str(HELD_OUT)}
     print(header("Suggested people: cluster quality (`benchmarks/people.py quality`)"))
     config = load_config(args.config)
-    print(f"- configured: people.eps {config.people.eps}, min_samples {config.people.min_samples}, join_eps "
-          f"{config.people.join_eps}, min_face_px {config.people.min_face_px}, min_score {config.people.min_score}")
-    for name, folder in sets.items():
-        work = Path(args.work) / Path(folder).name
-        skip = SAMPLE_PEOPLE if Path(folder) == HELD_OUT else ()
+    print(f"- configured: people.threshold {config.people.threshold}, min_size {config.people.min_size}, "
+          f"join_threshold {config.people.join_threshold}, min_face_px {config.people.min_face_px}, min_score "
+          f"{config.people.min_score}; the thresholds were chosen on the sample people and on half A of the held-out "
+          "people (the even ones in name order); half B (the odd ones) was never tuned on")  # fmt: skip
+    for folder, skip in ((Path(args.sample), ()), (Path(args.held_out), SAMPLE_PEOPLE)):
+        work = Path(args.work) / folder.name
         conf = load_config(args.config, bank=str(work / "banks"), output__uri=str(work / "out"))
         if not FaceIndex(conf.index.root(conf.output.uri)).parts(USER):
-            build_index(conf, Path(folder), skip)
-        quality_rows(name, conf)
+            build_index(conf, folder, skip)
+        faces = indexed_faces(conf, conf.output.uri, USER, bank_version=0)
+        truth = labels(faces)
+        if skip:
+            people = sorted({Path(p).parent.name for p in faces.paths})
+            halves = {"A": set(people[0::2]), "B": set(people[1::2])}
+            for half, name in (("B", "never tuned on"), ("A", "tuned on")):
+                keep = [Path(p).parent.name in halves[half] for p in faces.paths]
+                part = subset(faces, keep)
+                quality_rows(f"PLVM validation_recognition, half {half} ({name})", conf, part,
+                             [t for t, k in zip(truth, keep) if k])  # fmt: skip
+        else:
+            quality_rows("the sample people (tuned on)", conf, faces, truth)
 
 
 def synthetic(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -296,7 +317,9 @@ def scale(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["quality", "scale", "step"])
-    parser.add_argument("--set", nargs="*", help="NAME=DIR of a set in the PLVM/YoLLaVA layout (default: the two)")
+    parser.add_argument("--sample", default=str(SAMPLE), help="the tuning set (PLVM/YoLLaVA layout)")
+    parser.add_argument("--held-out", default=str(HELD_OUT),
+                        help="PLVM's validation_recognition folder (its sample people are left out)")  # fmt: skip
     parser.add_argument("--work", default=str(REPO / ".cache" / "plvm" / "people-benchmark"),
                         help="where the sets' face indexes are built once")  # fmt: skip
     parser.add_argument("--faces", type=int, nargs="+", default=[200, 20000])

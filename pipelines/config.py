@@ -86,15 +86,13 @@ class PeopleConfig(StageConfig):
         None, description="Root of the people tables (per user: the clusters). null: `OUTPUT/_people`, beside the "
         "face index."
     )
-    eps: float = Field(
-        0.42, gt=0, description="DBSCAN's radius: faces at most this far apart (dlib distance) are neighbours."
+    threshold: float = Field(
+        0.44, gt=0, description="Faces at most this far apart (dlib distance) are joined in the graph that Chinese "
+        "whispers clusters."
     )
-    min_samples: int = Field(
-        3, ge=1, description="DBSCAN's core: a face with this many faces (itself included) within `eps` starts or "
-        "grows a cluster; also the smallest cluster."
-    )
-    join_eps: float = Field(
-        0.40, gt=0, description="A new face joins the open cluster of its nearest clustered face at most this far "
+    min_size: int = Field(3, ge=1, description="The smallest cluster; faces of smaller groups stay unclustered.")
+    join_threshold: float = Field(
+        0.42, gt=0, description="A new face joins the open cluster of its nearest clustered face at most this far "
         "away (the incremental pass)."
     )
     min_face_px: float = Field(

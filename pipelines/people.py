@@ -177,7 +177,7 @@ def recluster(config: Config, people: People, faces: IndexedFaces, full: bool) -
         before = {key: c.cluster_id for c in people.clusters.values() if c.status == "open" for key in c.faces}
         for c in [c for c in people.clusters.values() if c.status == "open"]:
             c.faces = []
-        labels = clustering.dbscan(faces.vectors[fresh], settings.eps, settings.min_samples)
+        labels = clustering.whispers(faces.vectors[fresh], settings.threshold, settings.min_size)
         taken: set[int] = set()
         found = sorted(set(labels.tolist()) - {-1}, key=lambda label: -int((labels == label).sum()))
         for label in found:
@@ -201,12 +201,15 @@ def recluster(config: Config, people: People, faces: IndexedFaces, full: bool) -
         earlier = [at[key] for key in noise.faces]
         grown = clustering.grow(faces.vectors[clustered].reshape(-1, faces.vectors.shape[1]), labels,
                                 faces.vectors[earlier].reshape(-1, faces.vectors.shape[1]),
-                                faces.vectors[new].reshape(-1, faces.vectors.shape[1]), settings.eps,
-                                settings.join_eps, settings.min_samples)  # fmt: skip
+                                faces.vectors[new].reshape(-1, faces.vectors.shape[1]), settings.threshold,
+                                settings.join_threshold, settings.min_size)  # fmt: skip
         for i, label in enumerate(grown.joined.tolist()):
             if label >= 0:
                 people.clusters[label].faces.append(faces.keys[new[i]])
         moved: set[FaceKey] = set()
+        for i, label in grown.adopted:
+            people.clusters[label].faces.append(noise.faces[i])
+            moved.add(noise.faces[i])
         for new_members, old_members in grown.formed:
             cluster = people.new_cluster()
             cluster.faces = [faces.keys[new[i]] for i in new_members] + [noise.faces[i] for i in old_members]

@@ -1,17 +1,20 @@
 """Clustering the faces nobody named into suggested people, as photo managers do (Immich, PhotoPrism).
 
-Faces are dlib descriptors (Euclidean distance; one person's faces lie within about 0.5 of
-each other, different persons' 0.5-0.7 apart). The clustering is scikit-learn's DBSCAN: a
-face with at least ``min_samples`` faces (itself included) within ``eps`` is a core face, and
-a cluster is the core faces that reach each other through such neighbourhoods, with the
-faces within ``eps`` of them. Faces no cluster takes stay unclustered.
+Faces are dlib descriptors (Euclidean distance; one person's faces lie mostly within 0.45 of
+each other, different persons' 0.45-0.8 apart). The clustering is dlib's Chinese whispers
+(``dlib.chinese_whispers``, as dlib's own face clustering example) over the graph whose edges
+join the faces at most ``threshold`` apart: each face takes the label most of its neighbours
+hold, round after round, so a cluster is a densely joined group, and a chain of single edges
+(what merges two people in DBSCAN, a single-linkage method) does not hold two groups together.
+Groups smaller than ``min_size`` stay unclustered.
 
 Incremental (:func:`grow`): clusters keep their ids and faces; a new face joins the open
-cluster of its nearest clustered face when that face is within ``join_eps``; the new faces
-left form new clusters by DBSCAN over them and the earlier unclustered faces near them. Only
-a new face can make a face a core one, so DBSCAN over the new faces, their neighbours and
-those neighbours' neighbours finds every cluster the new faces make: the work grows with the
-new faces, not with the archive.
+cluster of its nearest clustered face when that face is within ``join_threshold``. The new
+faces left are clustered by Chinese whispers with the faces near them: earlier unclustered
+faces within ``threshold`` (and their own neighbours) and every face of the clusters that a
+face of theirs is within ``threshold`` of. A group that holds clustered faces joins their
+cluster (the one most of them are in), with the earlier unclustered faces in it; a group
+without, of at least ``min_size`` faces, is a new cluster. The work grows with the new faces, not with the archive.
 """
 
 from __future__ import annotations
@@ -53,13 +56,27 @@ def within(queries: np.ndarray, points: np.ndarray, eps: float) -> np.ndarray:
     return np.flatnonzero(found)
 
 
-def dbscan(vectors: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
-    """scikit-learn's DBSCAN labels (-1: unclustered), numbered from 0 in order of first appearance."""
+def edges(vectors: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """The pairs of faces at most ``threshold`` apart (i < j), and each face with itself."""
+    out = [(i, i) for i in range(len(vectors))]
+    for start in range(0, len(vectors), CHUNK):
+        block = distances(vectors[start : start + CHUNK], vectors)
+        rows, cols = np.nonzero(block <= threshold)
+        out.extend((int(start + r), int(c)) for r, c in zip(rows, cols) if start + r < c)
+    return out
+
+
+def whispers(vectors: np.ndarray, threshold: float, min_size: int) -> np.ndarray:
+    """dlib's Chinese whispers over the graph of faces at most ``threshold`` apart: labels from 0, -1 for the faces
+    of groups smaller than ``min_size``."""
     if len(vectors) == 0:
         return np.zeros(0, np.int64)
-    from sklearn.cluster import DBSCAN
+    import dlib
 
-    return DBSCAN(eps=eps, min_samples=min_samples, metric="euclidean").fit_predict(np.asarray(vectors, np.float32))
+    found = np.asarray(dlib.chinese_whispers(edges(np.asarray(vectors, np.float32), threshold)), np.int64)
+    labels, sizes = np.unique(found, return_counts=True)
+    big = {int(label): n for n, label in enumerate(labels[sizes >= min_size])}
+    return np.asarray([big.get(int(label), -1) for label in found], np.int64)
 
 
 @dataclass(frozen=True)
@@ -67,9 +84,11 @@ class Grown:
     """What :func:`grow` made of the new faces."""
 
     joined: np.ndarray
-    """For each new face, the label of the clustered face it joined (-1: none)."""
+    """For each new face, the label of the cluster it joined (-1: none)."""
+    adopted: list[tuple[int, int]]
+    """Earlier unclustered faces that joined a cluster with new faces: (index, label)."""
     formed: list[tuple[np.ndarray, np.ndarray]]
-    """Each new cluster: its new faces' indices and its unclustered faces' indices."""
+    """Each new cluster: its new faces' indices and its earlier unclustered faces' indices."""
     unclustered: np.ndarray
     """The new faces left unclustered."""
 
@@ -79,31 +98,44 @@ def grow(
     labels: np.ndarray,
     unclustered: np.ndarray,
     new: np.ndarray,
-    eps: float,
-    join_eps: float,
-    min_samples: int,
+    threshold: float,
+    join_threshold: float,
+    min_size: int,
 ) -> Grown:
     """The incremental pass: ``new`` faces against the ``clustered`` faces (their clusters' ``labels``) and the
     earlier ``unclustered`` ones (see the module)."""
     distance, at = nearest(new, clustered)
-    joins = distance <= join_eps
+    joins = distance <= join_threshold
     joined = np.where(joins, labels[np.maximum(at, 0)] if len(labels) else -1, -1)
     rest = np.flatnonzero(~joins)
     formed: list[tuple[np.ndarray, np.ndarray]] = []
+    adopted: list[tuple[int, int]] = []
     if not len(rest):
-        return Grown(joined, formed, rest)
-    near = within(new[rest], unclustered, eps)  # unclustered faces a new face may make core
-    border = within(unclustered[near], unclustered, eps) if len(near) else near  # and what those reach
-    old = np.union1d(near, border)
-    pool = np.concatenate([new[rest], unclustered[old]])
-    found = dbscan(pool, eps, min_samples)
-    for label in sorted(set(found.tolist()) - {-1}):
+        return Grown(joined, adopted, formed, rest)
+    near = within(new[rest], unclustered, threshold)  # earlier faces a new face joins
+    reach = within(unclustered[near], unclustered, threshold) if len(near) else near  # and their neighbours
+    old = np.union1d(near, reach)
+    touching = within(np.concatenate([new[rest], unclustered[old]]), clustered, threshold)
+    anchors = np.flatnonzero(np.isin(labels, labels[touching]))  # every face of the clusters they touch
+    pool = np.concatenate([new[rest], unclustered[old], clustered[anchors]])
+    found = whispers(pool, threshold, 1)
+    edge = len(rest) + len(old)
+    for label in sorted(set(found.tolist())):
         members = np.flatnonzero(found == label)
-        new_members = rest[members[members < len(rest)]]
-        if len(new_members):  # a cluster of earlier faces only was one before: never here
-            formed.append((new_members, old[members[members >= len(rest)] - len(rest)]))
+        fresh = rest[members[members < len(rest)]]
+        earlier = old[members[(members >= len(rest)) & (members < edge)] - len(rest)]
+        touched = labels[anchors[members[members >= edge] - edge]]
+        if not len(fresh):  # earlier faces only: as they were
+            continue
+        if len(touched):  # the group holds faces of a cluster: the new and earlier faces join it
+            target = int(np.bincount(touched).argmax())
+            joined[fresh] = target
+            adopted.extend((int(i), target) for i in earlier)
+        elif len(fresh) + len(earlier) >= min_size:
+            formed.append((fresh, earlier))
+    left = np.setdiff1d(rest, np.flatnonzero(joined >= 0))
     taken = np.concatenate([f[0] for f in formed]) if formed else np.zeros(0, np.int64)
-    return Grown(joined, formed, np.setdiff1d(rest, taken))
+    return Grown(joined, adopted, formed, np.setdiff1d(left, taken))
 
 
 def face_quality(box: list[float], score: float, good_px: float) -> float:
