@@ -128,7 +128,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from plvm_model.store.people import PeopleStore
 
     config = config_of(args)
-    users = sorted(set(caption_rows(args.results, config.storage).column("user_id").to_pylist()))
+    users = sorted({u for u in caption_rows(args.results, config.storage).column("user_id").to_pylist() if u})
     fs, root = storage.filesystem(args.results, config.storage)
     folder = fs.isdir(root)
     if folder:  # recorded before it is written: plvm forget finds it even if the report stops half-way
