@@ -79,7 +79,8 @@ def build_index(config: Config, folder: Path, skip: tuple[str, ...]) -> None:
         rows.append({"content_hash": content_hash(Path(row["path"]).read_bytes()), "path": row["path"],
                      "width": row["width"], "height": row["height"], "faces": faces,
                      "indexed_at": datetime.now(UTC), "run_id": "benchmark"})  # fmt: skip
-    FaceIndex(config.index.root(config.output.uri)).write(USER, "benchmark-0", pa.Table.from_pylist(rows, SCHEMA), SPACE)
+    index = FaceIndex(config.index.root(config.output.uri))
+    index.write(USER, "benchmark-0", pa.Table.from_pylist(rows, SCHEMA), SPACE)
 
 
 def labels(faces) -> list[str | None]:
@@ -308,7 +309,8 @@ def scale(args) -> None:
             print(f"| {n} | first run (full) | {first['seconds']:.2f} | {first['peak_kib'] / 1024:.0f} | "
                   f"{first['new']} | {first['clusters']} |")  # fmt: skip
             write_part(config, "synthetic-nightly", vectors[n:], n)
-            for what, label in (("incremental", "nightly: 10 photos, incremental"), ("full", "nightly: full recluster")):
+            for what, label in (("incremental", "nightly: 10 photos, incremental"),
+                                ("full", "nightly: full recluster")):  # fmt: skip
                 got = run(what)
                 print(f"| {n + 20} | {label} | {got['seconds']:.2f} | {got['peak_kib'] / 1024:.0f} | {got['new']} | "
                       f"{got['clusters']} |", flush=True)  # fmt: skip

@@ -88,9 +88,10 @@ class ForgetSummary:
         lines = [f"forget {self.run_id}: a person of user {self.user_id} left the bank (version {self.bank_version}; "
                  f"{self.versions_purged} older versions purged)"]  # fmt: skip
         for o in self.outputs:
+            version = f" (version {o.version})" if o.version else ""
             lines.append(f"{o.output}: {o.faces} faces forgotten in the face index, {o.rows} rows written again"
-                         + (f" (version {o.version})" if o.version else "") + f", {o.clusters} clusters removed, "
-                         f"{len(o.exports)} exports removed" + "".join(f"\n  removed {e}" for e in o.exports))  # fmt: skip
+                         f"{version}, {o.clusters} clusters removed, {len(o.exports)} exports removed")  # fmt: skip
+            lines += [f"  removed {e}" for e in o.exports]
         return [*lines, f"wall {self.wall_s:.1f} s"]
 
     def record(self) -> dict:
@@ -125,7 +126,8 @@ def scrub(rows: pa.Table, faces: set[FaceKey]) -> pa.Table:
             for n, face in enumerate(listed[i] or []):
                 if (digest, n) in faces:
                     face["descriptor"] = []
-    return rows.set_column(rows.schema.get_field_index("faces"), "faces", pa.array(listed, rows.schema.field("faces").type))
+    column = rows.schema.get_field_index("faces")
+    return rows.set_column(column, "faces", pa.array(listed, rows.schema.field("faces").type))
 
 
 class Forget:
@@ -164,8 +166,8 @@ class Forget:
             ids = {c.concept_id for c in concepts}
             named = {o: self.named_rows(o) for o in self.outputs}
             if not versions and not any(len(rows) for rows in named.values()):
-                raise InputError(f"user {self.user!r} has no person named {self.name!r} in {self.banks.location(self.user)}"
-                                 f"{' or ' + ', '.join(self.outputs) if self.outputs else ''}: nothing to forget")  # fmt: skip
+                where = ", ".join([self.banks.location(self.user), *self.outputs])
+                raise InputError(f"user {self.user!r} has no person named {self.name!r} in {where}: nothing to forget")
             newest = max((v for v in versions if v > 0), default=None)
             faces = {o: self.faces_of(o, newest, ids, named[o]) for o in self.outputs}
             for output in self.outputs:  # 1. the index first: nothing named from here on has a descriptor of theirs
@@ -241,8 +243,8 @@ class Forget:
         index = FaceIndex(self.config.index.root(output), self.config.storage)
         rows = index.read(self.user, self.space)
         hashes = {h for h, _ in faces}
-        forced = {(p, self.user) for p, h in zip(rows.column("path").to_pylist(), rows.column("content_hash").to_pylist())
-                  if h in hashes}  # fmt: skip
+        photos = zip(rows.column("path").to_pylist(), rows.column("content_hash").to_pylist())
+        forced = {(p, self.user) for p, h in photos if h in hashes}
         forced |= {(p, self.user) for p in named.column("path").to_pylist()}
         table = OutputTable(output, self.config.storage)
         summary = rematch_held(self.config, table, lease, self.run_id, self.user, frozenset(forced), "forget")

@@ -100,8 +100,8 @@ def indexed_faces(config: Config, output_uri: str, user: str, bank_version: int 
             scores.append(face["score"])
             concepts.append(face.get("concept_id"))
     dim = embedder_class(config.embed.kind).dim
-    return IndexedFaces(keys, np.asarray(vectors, np.float32).reshape(-1, dim), paths,
-                        np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(scores, np.float32), concepts, rows)  # fmt: skip
+    vectors_, boxes_ = np.asarray(vectors, np.float32).reshape(-1, dim), np.asarray(boxes, np.float32).reshape(-1, 4)
+    return IndexedFaces(keys, vectors_, paths, boxes_, np.asarray(scores, np.float32), concepts, rows)
 
 
 @dataclass
@@ -254,7 +254,8 @@ def suggest(config: Config, output_uri: str, user: str, full: bool = False) -> S
     for c in people.suggestions():
         best = c.best
         clusters.append({"id": c.cluster_id, "size": c.size, "quality": round(c.score, 3),
-                         "path": faces.paths[at[best]] if best else None, "face": best[1] if best else None})  # fmt: skip
+                         "path": faces.paths[at[best]] if best else None,
+                         "face": best[1] if best else None})  # fmt: skip
     pool = len(candidates(config, faces))
     named = sum(c is not None for c in faces.concepts)
     return SuggestSummary(run_id, user, len(faces.keys), named, len(faces.keys) - named - pool,

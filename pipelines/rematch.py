@@ -137,8 +137,15 @@ def rematch(config: Config, output_uri: str, user: str | None = None) -> Rematch
         return rematch_held(config, output, lease, run_id, user)
 
 
-def rematch_held(config: Config, output: OutputTable, lease: Lease, run_id: str, user: str | None = None,
-                 forced: frozenset[tuple[str, str]] = frozenset(), operation: str = "rematch") -> RematchSummary:  # fmt: skip
+def rematch_held(
+    config: Config,
+    output: OutputTable,
+    lease: Lease,
+    run_id: str,
+    user: str | None = None,
+    forced: frozenset[tuple[str, str]] = frozenset(),
+    operation: str = "rematch",
+) -> RematchSummary:
     """:func:`rematch` with the output's ``lease`` held by the caller; the ``forced`` photos (path, user_id) are
     written again whatever their names and errors (``plvm forget``)."""
     config = config.model_copy(update={"output": config.output.model_copy(update={"uri": output.uri})})

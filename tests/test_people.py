@@ -163,7 +163,8 @@ def test_merge_joins_two_clusters_and_refuses_bad_ids_changing_nothing(archive, 
     assert source not in clusters and sorted(set(clusters[target])) == ["phuc-map", "willinvietnam"]
     before = archive.files()
     for args, words in (
-        ((str(source), str(target)), f"cluster {source} of {archive.out}/_people/{USER} was merged into cluster {target}"),
+        ((str(source), str(target)),
+         f"cluster {source} of {archive.out}/_people/{USER} was merged into cluster {target}"),
         (("999", str(target)), "has no cluster 999"),
         ((str(target), "--name", "Nobody"), "has no person named 'Nobody'"),
     ):
