@@ -219,6 +219,7 @@ def keys_rows(config: Config, faces, truth: list[str | None], halves: dict[str, 
 
 def quality(args) -> None:
     print(header("Suggested people: cluster quality (`benchmarks/people.py quality`)"))
+    print(f"- command: `{' '.join(['benchmarks/people.py', *sys.argv[1:]])}`; the held-out set: {args.held_out}")
     config = load_config(args.config)
     print(f"- configured: people.threshold {config.people.threshold}, min_size {config.people.min_size}, "
           f"join_threshold {config.people.join_threshold}, min_face_px {config.people.min_face_px}, min_score "
@@ -290,6 +291,7 @@ def enroll_sample(config: Config) -> None:
 
 def scale(args) -> None:
     print(header("Suggested people: an incremental run against a full recluster (`benchmarks/people.py scale`)"))
+    print(f"- command: `{' '.join(['benchmarks/people.py', *sys.argv[1:]])}`")
     print("\n| indexed faces | step | seconds | driver peak RSS, MiB | faces looked at | open clusters |")
     print("|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
