@@ -100,9 +100,8 @@ def test_suggest_clusters_the_unnamed_faces_into_the_true_people(archive, capsys
 
 
 def test_a_nightly_run_adds_new_faces_to_the_clusters_and_keeps_their_ids(archive, capsys):
-    config = archive.config.model_copy(deep=True)
-    config.input.uri = write_manifest(archive.root / "m.csv", paths_of(ARCHIVE) + paths_of(NIGHTLY), USER)
-    caption(config, resume=True)
+    manifest = write_manifest(archive.root / "nightly.csv", paths_of(ARCHIVE) + paths_of(NIGHTLY), USER)
+    caption(make_config(archive.root, input={"uri": manifest}), resume=True)
     before = PeopleStore(archive.config.people.root(archive.out)).load(USER, "")
     code, out, _ = archive.plvm(capsys, "people", "suggest", archive.out, "--user", USER)
     assert code == 0 and "incremental: 3 new faces" in out
@@ -147,9 +146,8 @@ def test_a_rejected_face_is_never_named_that_person_again(archive, capsys, tmp_p
     assert rows[rejected]["concepts"] == [], "the rematch no longer names it"
     assert all(rows[p]["concepts"] == ["Zephyrine"] for p in paths_of({"thao": ARCHIVE["thao"]}))
     # a caption run into another output (its own face index: the photo detected and embedded again) does not either
-    config = archive.config.model_copy(deep=True)
-    config.input.uri = write_manifest(tmp_path / "m.csv", [rejected, photo("thao", "0.jpg")], USER)
-    config.output.uri = str(tmp_path / "other")
+    manifest = write_manifest(tmp_path / "m.csv", [rejected, photo("thao", "0.jpg")], USER)
+    config = make_config(archive.root, input={"uri": manifest}, output={"uri": str(tmp_path / "other")})
     caption(config)
     other = rows_by_path(config.output.uri)
     assert other[rejected]["concepts"] == [] and other[photo("thao", "0.jpg")]["concepts"] == ["Zephyrine"]
