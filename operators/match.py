@@ -48,6 +48,13 @@ class MatchConfig(StageConfig):
     cohort_fraction: float = Field(
         0.02, gt=0, le=1, description="The nearest share of the cohort (at least one) that the scale averages."
     )
+    rejected_radius: float = Field(
+        0.05,
+        ge=0,
+        description="A face at most this far from a face the owner rejected for a person (`plvm people reject`) is "
+        "never named that person: the same face, in any copy of the photo (another person's faces are 0.3 and more "
+        "apart).",
+    )
     cohort_gather_mb: float = Field(
         256,
         ge=0,
@@ -57,9 +64,8 @@ class MatchConfig(StageConfig):
 
     def rule(self) -> MatchRule:
         """The naming rule these settings define."""
-        return MatchRule(
-            self.normalization, self.threshold, self.relative_threshold, self.cohort_min_distance, self.cohort_fraction
-        )
+        return MatchRule(self.normalization, self.threshold, self.relative_threshold, self.cohort_min_distance,
+                         self.cohort_fraction, self.rejected_radius)  # fmt: skip
 
 
 Scales = dict[tuple[str, str], float]
@@ -85,13 +91,14 @@ class MatchFaces(RowStage):
 
     def process(self, row: dict) -> None:
         bank = self.banks.get(row["user_id"])
-        faces = [f for f in row["faces"] if f.get("embedding") is not None]
+        faces = [f for f in row["faces"] if f.get("embedding")]  # a forgotten face's is empty: never named
         row["concepts"] = []
         if not faces:
             return
         vectors = np.asarray([f["embedding"] for f in faces], np.float32)
         scales = [self.scales.get((row["user_id"], c.concept_id)) for c in bank.concepts]
-        matches, distances, scores = self.rule.name(vectors, [c.face_descriptors for c in bank.concepts], scales)
+        references = [c.face_descriptors for c in bank.concepts]
+        matches, distances, scores = self.rule.name(vectors, references, scales, [c.rejections for c in bank.concepts])
         for i, (face, match) in enumerate(zip(faces, matches)):
             nearest = match.concept if match.concept is not None else int(scores[i].argmin())
             face["distance"] = float(distances[i, nearest])

@@ -78,6 +78,42 @@ class MyVLMConfig(StageConfig):
     )
 
 
+class PeopleConfig(StageConfig):
+    """Suggested people (``plvm people suggest``): the faces nobody named, clustered; measured in
+    docs/people.md."""
+
+    uri: str | None = Field(
+        None, description="Root of the people tables (per user: the clusters). null: `OUTPUT/_people`, beside the "
+        "face index."
+    )
+    threshold: float = Field(
+        0.44, gt=0, description="Faces at most this far apart (dlib distance) are joined in the graph that Chinese "
+        "whispers clusters."
+    )
+    min_size: int = Field(3, ge=1, description="The smallest cluster; faces of smaller groups stay unclustered.")
+    join_threshold: float = Field(
+        0.42, gt=0, description="A new face joins the open cluster of its nearest clustered face at most this far "
+        "away (the incremental pass)."
+    )
+    min_face_px: float = Field(
+        40, ge=0, description="Faces whose box's shorter side is smaller (in the photo's pixels) are not clustered."
+    )
+    min_score: float = Field(0.95, ge=0, le=1, description="Faces MTCNN scored lower are not clustered.")
+    good_face_px: float = Field(
+        120, gt=0, description="A face's quality is its score times its shorter side over this, at most 1."
+    )
+    keys: int = Field(
+        5, ge=1, description="Faces of a cluster kept as the person's match keys by `plvm enroll --from-cluster` "
+        "and `plvm people merge --name`."
+    )
+
+    def root(self, output_uri: str) -> str:
+        """The people tables' root for the output ``output_uri``."""
+        from plvm_model.store import storage
+
+        return self.uri or storage.join(output_uri, "_people")
+
+
 @dataclass(frozen=True)
 class ModelPaths:
     llava: str
@@ -116,6 +152,9 @@ class Config(StageConfig):
     prompt: PromptConfig = Field(PromptConfig(), description="Stage 6: the concepts each prompt injects.")
     generate: GenerateConfig = Field(GenerateConfig(), description="Stage 7: captions and answers from LLaVA.")
     myvlm: MyVLMConfig = Field(MyVLMConfig(), description="Training of MyVLM concepts (`plvm enroll --method myvlm`).")
+    people: PeopleConfig = Field(
+        PeopleConfig(), description="Suggested people: the faces nobody named, clustered (`plvm people`)."
+    )
     tasks: Resources = Field(
         Resources(concurrency=2, num_cpus=0.25, batch_size=8),
         description="Resources of the model-free stages (read, decode, match, prompt, write); `concurrency` is the "

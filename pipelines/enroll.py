@@ -30,8 +30,9 @@ from typing import Literal, get_args
 import numpy as np
 
 from operators.rows import row_pixels, to_table, working_faces
-from pipelines.stage_lists import face_stages
 from pipelines.config import Config
+from pipelines.people import change_people, cluster_vectors, paths_of, user_of
+from pipelines.stage_lists import face_stages
 from pipelines.runner.loop import InProcess
 from plvm_model.concept_token import mentions
 from plvm_model.concepts import ConceptEncoder
@@ -39,7 +40,8 @@ from plvm_model.faces import Face, embedder_class
 from plvm_model.injection import PromptTemplate
 from plvm_model.store.banks import Bank, BankStore, Concept
 from plvm_model.store.errors import BankError, InputError
-from plvm_model.store.ids import validate_user_id
+from plvm_model.store.ids import new_run_id, validate_user_id
+from plvm_model.store.people import PeopleStore
 from plvm_model.store.storage import read_json_file
 
 log = logging.getLogger(__name__)
@@ -215,6 +217,47 @@ class Enroller:
             return concept, len(faces.paths), True
 
         return self._commit(bank, name, add)
+
+    def enroll_cluster(self, user_id: str, name: str, output_uri: str, cluster_id: int) -> EnrollResult:
+        """Enroll ``name`` (PLVM) from the open cluster ``cluster_id`` of ``output_uri``'s suggested people: the
+        cluster's best face's photo is the Aligner's reference photo, and its ``people.keys`` best faces (spread over
+        the cluster, best first) are the match keys. The cluster is then marked enrolled. Under the user's bank
+        lease; a name the bank holds is refused (``plvm people merge --name`` adds a cluster to a person)."""
+        user_id, name = user_of(user_id), validate_name(name)
+        store = PeopleStore(self.config.people.root(output_uri), self.config.storage)
+        where = store.location(user_id)
+        run_id = new_run_id()
+        with self.store.lease(user_id, run_id, "enroll --from-cluster", self.config.output.lease_expiry_s):
+            bank = self._load(user_id)
+            if bank.find(name) is not None:
+                raise EnrollError(f"{name!r} is already enrolled for user {user_id!r}: plvm people merge OUTPUT "
+                                  f"{cluster_id} --name {name!r} adds the cluster's faces to them")  # fmt: skip
+            cluster = store.load(user_id, self.space).open_cluster(cluster_id, where)
+            vectors, chosen = cluster_vectors(self.config, output_uri, user_id, cluster)
+            paths = paths_of(self.config, output_uri, user_id, [cluster.faces[i] for i in chosen])
+            row = self.reference_faces(paths[:1])[0]
+            found = working_faces(row)
+            if not found:
+                raise EnrollError(f"{paths[0]}: the cluster's best face is no longer found in its photo")
+            got = np.asarray([f["embedding"] for f in row["faces"]], np.float32)
+            face = int(np.linalg.norm(got - vectors[chosen[0]], axis=1).argmin())
+            soft_tokens, head_weight = self.encoder.encode(row_pixels(row), found[face])
+            concept = Concept(name, vectors[chosen], soft_tokens, head_weight, paths)
+
+            def add(bank: Bank) -> Change:
+                if bank.find(name) is not None:
+                    raise EnrollError(f"{name!r} was enrolled for user {user_id!r} meanwhile")
+                bank.concepts.append(concept)
+                return concept, len(paths), True
+
+            result = self._commit(bank, name, add)
+
+            def enrolled(people) -> None:
+                mine = people.open_cluster(cluster_id, where)
+                mine.status, mine.concept_id = "enrolled", concept.concept_id
+
+            change_people(self.config, output_uri, user_id, enrolled)
+        return result
 
     def train_myvlm(self, name: str, images: list[np.ndarray], captions: list[str]):
         """MyVLM's training of ``name``'s vector on the photos and captions, with a progress bar of the loss."""

@@ -35,6 +35,7 @@ from plvm_model.store.banks import BankSource, BankVersions
 from plvm_model.store.errors import InputNotFound, RowCountMismatch
 from plvm_model.store.face_index import FaceIndex, IndexSource
 from plvm_model.store.ids import new_run_id
+from plvm_model.store.lease import Lease
 from plvm_model.store.output_schema import BANK_ERRORS, output_schema
 from plvm_model.store.output_table import OutputTable, Staged, keys
 
@@ -80,11 +81,12 @@ NAMING_ROWS = 4096
 """Rows named at once by a rematch (the naming holds only their faces as Python objects)."""
 
 
-def rename(config: Config, rows: pa.Table, users: list[str], banks: BankVersions) -> tuple[pa.Table, int]:
+def rename(config: Config, rows: pa.Table, users: list[str], banks: BankVersions,
+           forced: frozenset[tuple[str, str]] = frozenset()) -> tuple[pa.Table, int]:  # fmt: skip
     """``rows`` (current output rows without an error, or with a bank error) named again from the face index: the
-    rows whose set of names changed or whose bank error is gone, with their indexed faces matched and their size,
-    and how many rows the index lacks. The index is joined to the rows column by column, and the faces are named
-    :data:`NAMING_ROWS` rows at a time."""
+    rows whose set of names changed or whose bank error is gone, and the ``forced`` photos (path, user_id) whatever
+    their names, with their indexed faces matched and their size, and how many rows the index lacks. The index is
+    joined to the rows column by column, and the faces are named :data:`NAMING_ROWS` rows at a time."""
     space = embedder_class(config.embed.kind).space
     index = FaceIndex(config.index.root(config.output.uri), config.storage)
     source = IndexSource(index.uri, config.storage, space, {u: tuple(index.parts(u)) for u in users})
@@ -116,8 +118,10 @@ def rename(config: Config, rows: pa.Table, users: list[str], banks: BankVersions
     for table, before in listed:
         for start in range(0, table.num_rows, NAMING_ROWS):
             named = matcher(table.slice(start, NAMING_ROWS))
-            after = zip(before[start:], named.column("concepts").to_pylist(), named.column("error").to_pylist())
-            keep = [error is None and sorted(new) != old for old, new, error in after]
+            photos = zip(named.column("path").to_pylist(), named.column("user_id").to_pylist())
+            after = zip(before[start:], named.column("concepts").to_pylist(), named.column("error").to_pylist(), photos)
+            # a forced photo is written again even with an error of the bank (the last person forgotten: empty)
+            keep = [photo in forced or (error is None and sorted(new) != old) for old, new, error, photo in after]
             changed.append(named.filter(pa.array(keep, pa.bool_())))
     return pa.concat_tables(changed), missing
 
@@ -125,45 +129,63 @@ def rename(config: Config, rows: pa.Table, users: list[str], banks: BankVersions
 def rematch(config: Config, output_uri: str, user: str | None = None) -> RematchSummary:
     """Name the faces of ``output_uri``'s photos (of ``user`` only, if given) again and replace the rows whose
     names changed, in one commit, under the output's lease."""
-    config = config.model_copy(update={"output": config.output.model_copy(update={"uri": output_uri})})
     output = OutputTable(output_uri, config.storage)
     if not output.fs.exists(output.root) or not output.part_files():
         raise InputNotFound(f"{output_uri} holds no rows: nothing to rematch (give a caption run's output folder)")
     run_id = new_run_id()
     with output.lease(run_id, "rematch", config.output.lease_expiry_s) as lease:
-        started = time.monotonic()
-        output.prepare(output_schema(config.output.face_embeddings))
-        current = output.read(["path", "user_id", "concepts", "error", "error_kind"])
-        bank_error = pc.is_in(current.column("error_kind"), value_set=pa.array(BANK_ERRORS))
-        current = current.filter(pc.or_kleene(pc.is_null(current.column("error")), bank_error))
-        if user is not None:
-            current = current.filter(pc.equal(current.column("user_id"), user))
-        users = sorted(set(current.column("user_id").to_pylist()))
-        banks = pin_banks(users, config)
-        naming = time.monotonic()
-        todo, missing = rename(config, current, users, banks)
-        summary = RematchSummary(run_id, current.num_rows, missing, todo.num_rows, banks=banks,
-                                 naming_s=time.monotonic() - naming)  # fmt: skip
-        if todo.num_rows:
-            changed = set(keys(todo))
-            todo = todo.append_column("index", pa.array(range(todo.num_rows), pa.int64()))
-            parts = config.output.parts(todo.num_rows)
-            steps = llm_stages(config, config.model_paths(), run_id, parts, banks)
-            staged: list[Staged] = []
-            for part in results(execute(todo, steps, config.ray, config.run, config.tasks.batch_size)):
-                lease.check()
-                staged.append(Staged(**part))
-            summary.rows = sum(p.rows for p in staged)
-            summary.stages = by_stage(totals(staged))
-            if summary.rows != todo.num_rows:
-                raise RowCountMismatch(f"rematch {run_id} wrote {summary.rows} rows for {todo.num_rows} photos; "
-                                       "nothing was committed")  # fmt: skip
-            drop = {}
-            for part in output.part_files():
-                photos = output.read_part(part, ["path", "user_id"])
-                drop[part] = pa.array([p in changed for p in zip(*(c.to_pylist() for c in photos.columns))])
+        return rematch_held(config, output, lease, run_id, user)
+
+
+def rematch_held(
+    config: Config,
+    output: OutputTable,
+    lease: Lease,
+    run_id: str,
+    user: str | None = None,
+    forced: frozenset[tuple[str, str]] = frozenset(),
+    operation: str = "rematch",
+) -> RematchSummary:
+    """:func:`rematch` with the output's ``lease`` held by the caller; the ``forced`` photos (path, user_id) are
+    written again whatever their names and errors (``plvm forget``)."""
+    config = config.model_copy(update={"output": config.output.model_copy(update={"uri": output.uri})})
+    started = time.monotonic()
+    output.prepare(output_schema(config.output.face_embeddings))
+    current = output.read(["path", "user_id", "concepts", "error", "error_kind"])
+    bank_error = pc.is_in(current.column("error_kind"), value_set=pa.array(BANK_ERRORS))
+    keep = pc.or_kleene(pc.is_null(current.column("error")), bank_error)
+    if forced:
+        photos = zip(current.column("path").to_pylist(), current.column("user_id").to_pylist())
+        keep = pc.or_kleene(keep, pa.array([photo in forced for photo in photos], pa.bool_()))
+    current = current.filter(keep)
+    if user is not None:
+        current = current.filter(pc.equal(current.column("user_id"), user))
+    users = sorted(set(current.column("user_id").to_pylist()))
+    banks = pin_banks(users, config)
+    naming = time.monotonic()
+    todo, missing = rename(config, current, users, banks, forced)
+    summary = RematchSummary(run_id, current.num_rows, missing, todo.num_rows, banks=banks,
+                             naming_s=time.monotonic() - naming)  # fmt: skip
+    if todo.num_rows:
+        changed = set(keys(todo))
+        todo = todo.append_column("index", pa.array(range(todo.num_rows), pa.int64()))
+        parts = config.output.parts(todo.num_rows)
+        steps = llm_stages(config, config.model_paths(), run_id, parts, banks)
+        staged: list[Staged] = []
+        for part in results(execute(todo, steps, config.ray, config.run, config.tasks.batch_size)):
             lease.check()
-            summary.version = output.replace(drop, staged, run_id, "rematch")
-        summary.wall_s = time.monotonic() - started
-        output.record(run_id, asdict(summary))
+            staged.append(Staged(**part))
+        summary.rows = sum(p.rows for p in staged)
+        summary.stages = by_stage(totals(staged))
+        if summary.rows != todo.num_rows:
+            raise RowCountMismatch(f"rematch {run_id} wrote {summary.rows} rows for {todo.num_rows} photos; "
+                                   "nothing was committed")  # fmt: skip
+        drop = {}
+        for part in output.part_files():
+            photos = output.read_part(part, ["path", "user_id"])
+            drop[part] = pa.array([p in changed for p in zip(*(c.to_pylist() for c in photos.columns))])
+        lease.check()
+        summary.version = output.replace(drop, staged, run_id, operation)
+    summary.wall_s = time.monotonic() - started
+    output.record(run_id, asdict(summary))
     return summary

@@ -1,4 +1,5 @@
-"""Pictures of a run for a person to check by eye: an HTML page and PNG contact sheets.
+"""Pictures of a run for a person to check by eye: an HTML page and PNG contact sheets, and a people page per user
+with suggested people (a contact sheet of face crops per cluster).
 
 Each photo is drawn with its face boxes, the name matched to each face (or ``?``) and the
 distance, with the caption (or the error) under it. ``plvm report`` draws a caption run's
@@ -13,11 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
 from operators.decode import decode_image
 from plvm_model.store import storage
 from plvm_model.store.output_table import caption_rows
+from plvm_model.store.people import People
 
 if TYPE_CHECKING:  # the evaluation imports torch and Ray, which `plvm show` does not need
     from pipelines.evaluation.recognition import RecognitionResult
@@ -91,9 +95,14 @@ def contact_sheets(tiles: list[Tile], images: list[Image.Image], out: Path) -> l
 
 
 def write_report(
-    tiles: list[Tile], out_dir: str | Path, title: str, storage_options: storage.StorageOptions | None = None
+    tiles: list[Tile],
+    out_dir: str | Path,
+    title: str,
+    storage_options: storage.StorageOptions | None = None,
+    extra: str = "",
 ) -> Path:
-    """``out_dir/index.html``, one PNG per photo and the contact sheets; returns the page's path."""
+    """``out_dir/index.html``, one PNG per photo and the contact sheets (and ``extra`` HTML after the intro); returns
+    the page's path."""
     out = Path(out_dir)
     (out / "photos").mkdir(parents=True, exist_ok=True)
     images = [draw(t, storage_options) for t in tiles]
@@ -112,7 +121,7 @@ def write_report(
 <style>body{{font-family:sans-serif;margin:1em}} figure{{display:inline-block;width:{THUMB}px;margin:6px;
 vertical-align:top}} img{{max-width:{THUMB}px}} figcaption{{font-size:13px}}</style></head>
 <body><h1>{html.escape(title)}</h1><p>{len(tiles)} photos. Green: a named face; red: no name matched
-(the distance is to the nearest concept). Contact sheets: {links}</p>
+(the distance is to the nearest concept). Contact sheets: {links}</p>{extra}
 {"".join(cards)}
 </body></html>
 """
@@ -121,8 +130,10 @@ vertical-align:top}} img{{max-width:{THUMB}px}} figcaption{{font-size:13px}}</st
     return index
 
 
-def caption_report(results: str, out_dir: str, limit: int, storage_options: storage.StorageOptions | None) -> Path:
-    """The report of a caption run's output (a folder of part files, or one Parquet file)."""
+def caption_report(results: str, out_dir: str, limit: int, storage_options: storage.StorageOptions | None,
+                   people: list[tuple[str, Path]] | None = None) -> Path:  # fmt: skip
+    """The report of a caption run's output (a folder of part files, or one Parquet file), linking the ``people``
+    pages (user, page) made beside it."""
     rows = caption_rows(results, storage_options).slice(0, limit).to_pylist()
     tiles = [
         Tile(
@@ -135,7 +146,76 @@ def caption_report(results: str, out_dir: str, limit: int, storage_options: stor
         )
         for row in rows
     ]
-    return write_report(tiles, out_dir, f"plvm captions: {results}", storage_options)
+    links = " ".join(f'<a href="{html.escape(page.name)}">{html.escape(user)}</a>' for user, page in people or [])
+    extra = f"<p>Suggested people (the faces nobody named, clustered): {links}</p>" if links else ""
+    return write_report(tiles, out_dir, f"plvm captions: {results}", storage_options, extra)
+
+
+CROP = 112
+"""The side of a face crop on the people page."""
+CROPS_PER_CLUSTER = 24
+
+
+def face_crop(pixels: np.ndarray, scale: float, box: list[float]) -> Image.Image:
+    """A square crop around ``box`` (in the photo's pixels; ``scale``: working copy / photo), with a margin."""
+    x1, y1, x2, y2 = (v * scale for v in box)
+    side = max(x2 - x1, y2 - y1) * 1.4
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    image = Image.fromarray(pixels)
+    return image.crop((int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2))).resize(
+        (CROP, CROP)
+    )
+
+
+def people_page(user: str, people: People, index: pa.Table, out_dir: str | Path,
+                storage_options: storage.StorageOptions | None = None) -> Path:  # fmt: skip
+    """``out_dir/people-<user>.html``: a contact sheet per open cluster of ``people``, largest first, with up to
+    :data:`CROPS_PER_CLUSTER` face crops each (the representative first), from the photos of the user's current
+    face index rows ``index``."""
+    out = Path(out_dir)
+    folder = out / f"people-{user}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = {h: (p, w, f) for h, p, w, f in zip(*(index.column(c).to_pylist()
+                                                 for c in ("content_hash", "path", "width", "faces")))}  # fmt: skip
+    decoded: dict[str, tuple[np.ndarray, float] | None] = {}
+    sections = []
+    for cluster in people.suggestions():
+        order = sorted(range(cluster.size), key=lambda i: (i != cluster.representative, -cluster.quality[i]))
+        crops = []
+        for i in order[:CROPS_PER_CLUSTER]:
+            digest, number = cluster.faces[i]
+            if digest not in rows:
+                continue
+            path, width, faces = rows[digest]
+            if path not in decoded:
+                try:
+                    fs, where = storage.filesystem(path, storage_options)
+                    pixels, upright, _ = decode_image(fs.cat_file(where), 4 * THUMB, 10**9)
+                    decoded[path] = (pixels, pixels.shape[1] / (upright or width or 1))
+                except Exception:  # the page shows what it can
+                    decoded[path] = None
+            if decoded[path] is None:
+                continue
+            name = f"{cluster.cluster_id:05d}-{i:04d}.png"
+            face_crop(*decoded[path], faces[number]["box"]).save(folder / name)
+            best = " best" if i == cluster.representative else ""
+            crops.append(f'<img class="face{best}" src="{folder.name}/{name}" alt="face {number} of '
+                         f'{html.escape(Path(path).name)}" title="{html.escape(path)}">')  # fmt: skip
+        sections.append(f'<section id="cluster-{cluster.cluster_id}"><h2>Cluster {cluster.cluster_id}: '
+                        f'<span class="size">{cluster.size}</span> faces, quality {cluster.score:.2f}</h2>'
+                        f'{"".join(crops)}</section>')  # fmt: skip
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>suggested people of {html.escape(user)}</title>
+<style>body{{font-family:sans-serif;margin:1em}} img{{width:{CROP}px;height:{CROP}px;margin:2px}}
+img.best{{outline:3px solid #2a2}} section{{margin-bottom:1.5em}}</style></head>
+<body><h1>Suggested people of {html.escape(user)}</h1><p>{len(sections)} clusters of faces nobody named, largest
+first (the best face outlined). Name one with <code>plvm enroll --from-cluster ID --name NAME</code>.</p>
+{"".join(sections)}
+</body></html>
+"""
+    path = out / f"people-{user}.html"
+    path.write_text(page)
+    return path
 
 
 def recognition_report(result: RecognitionResult, out_dir: str) -> Path:

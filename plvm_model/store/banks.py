@@ -11,6 +11,7 @@
     vector            list<float32>         MyVLM: (hidden,) the concept vector trained at enrollment
     vector_model      string       MyVLM: the LLaVA the vector was trained for (``myvlm.llava_identity``)
     references        list<string>          URIs of the reference photos
+    rejected          list<list<float32>>   descriptors of faces the owner said are not this person
     created_at, updated_at  timestamp[us, UTC]
     checksum          string       SHA-256 of the concept (see :meth:`Concept.checksum`)
 
@@ -44,11 +45,12 @@ from plvm_model.injection import ConceptTokens
 from plvm_model.store import storage
 from plvm_model.store.errors import BankError
 from plvm_model.store.ids import validate_user_id
+from plvm_model.store.lease import Lease
 from plvm_model.store.output_schema import ErrorKind, RowError
 
-SCHEMA_VERSION = 3
-"""Versioned files with checksums and PLVM or MyVLM concepts; version 2 (PLVM only) and version 1 (the single
-file :data:`LEGACY_FILE`) are still read."""
+SCHEMA_VERSION = 4
+"""Versioned files with checksums, PLVM or MyVLM concepts and their rejected faces; version 3 (without rejected
+faces), version 2 (PLVM only) and version 1 (the single file :data:`LEGACY_FILE`) are still read."""
 PLVM_ONLY_SCHEMAS = ("1", "2")
 """Schema versions written before MyVLM: every concept in them is a PLVM one."""
 METHODS = ("plvm", "myvlm")
@@ -67,6 +69,7 @@ SCHEMA = pa.schema(
         pa.field("vector", pa.list_(pa.float32()), nullable=False),
         pa.field("vector_model", pa.string(), nullable=False),
         pa.field("references", pa.list_(pa.string()), nullable=False),
+        pa.field("rejected", pa.list_(pa.list_(pa.float32())), nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("updated_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("checksum", pa.string(), nullable=False),
@@ -97,6 +100,16 @@ class Concept:
     """MyVLM: (hidden,) the trained concept vector (stored as trained; L2-normalised where it is used)."""
     vector_model: str = ""
     """MyVLM: the identity of the LLaVA the vector was trained for (:func:`plvm_model.myvlm.llava_identity`)."""
+    rejected: np.ndarray | None = None
+    """(faces, dim) float32: descriptors of faces the owner said are not this person (``plvm people reject``),
+    never named it; None: none."""
+
+    @property
+    def rejections(self) -> np.ndarray:
+        """The rejected faces' descriptors, (0, dim) when there are none."""
+        if self.rejected is None:
+            return np.zeros((0, self.face_descriptors.shape[-1]), np.float32)
+        return np.asarray(self.rejected, np.float32)
 
     @classmethod
     def myvlm(cls, name: str, face_descriptors: np.ndarray, vector: np.ndarray, vector_model: str,
@@ -118,12 +131,15 @@ class Concept:
 
     def checksum(self) -> str:
         """SHA-256 of the concept's name, id, references and vectors (as float32, with their shapes); for a MyVLM
-        concept also of its method, vector and the vector's model (a PLVM concept's is as schema 2 made it)."""
+        concept also of its method, vector and the vector's model (a PLVM concept's is as schema 2 made it); of its
+        rejected faces when it has any."""
         digest = hashlib.sha256()
         texts = (self.name, self.concept_id, *self.references)
         arrays = [self.face_descriptors, self.soft_tokens, self.head_weight]
         if self.method != "plvm":
             texts, arrays = (*texts, self.method, self.vector_model), [*arrays, self.vector]
+        if len(self.rejections):
+            texts, arrays = (*texts, "rejected"), [*arrays, self.rejections]
         for text in texts:
             digest.update(text.encode() + b"\0")
         for array in arrays:
@@ -180,12 +196,15 @@ class Bank:
             if c.method not in METHODS:
                 raise BankError(f"{where} has method {c.method!r}, not one of {', '.join(METHODS)}")
             arrays = {"face descriptors": c.face_descriptors, "soft tokens": c.soft_tokens,
-                      "head weight": c.head_weight, "vector": c.vector}  # fmt: skip
+                      "head weight": c.head_weight, "vector": c.vector, "rejected faces": c.rejections}  # fmt: skip
             for what, array in arrays.items():
                 if not np.isfinite(array).all():
                     raise BankError(f"{where} has {what} that are not finite numbers (NaN or infinite)")
             if c.face_descriptors.ndim != 2 or not len(c.face_descriptors) or c.soft_tokens.ndim != 2:
                 raise BankError(f"{where} has malformed descriptors or soft tokens")
+            if len(c.rejections) and c.rejections.shape[1:] != c.face_descriptors.shape[1:]:
+                raise BankError(f"{where} has rejected faces of length {c.rejections.shape[1]}, not that of its "
+                                f"descriptors ({c.face_descriptors.shape[1]})")  # fmt: skip
             if c.method == "plvm":
                 shapes = (c.face_descriptors.shape[1], c.soft_tokens.shape, c.head_weight.shape)
                 expected = (first.face_descriptors.shape[1], plvm.soft_tokens.shape, plvm.soft_tokens.shape[1:])
@@ -245,6 +264,12 @@ class BankStore:
         """The URI of the user's bank folder, or of the file ``name`` in it."""
         return storage.join(self.uri, validate_user_id(user_id), *([name] if name else []))
 
+    def lease(self, user_id: str, run_id: str, command: str, expiry_s: float) -> Lease:
+        """The lease of the user's bank folder (``BANK/<user_id>/_lease.json``, as an output's): the commands that
+        change what the bank says of its people beyond adding to it (``plvm forget``, ``plvm people merge|reject``,
+        ``plvm enroll --from-cluster``) hold it, so that two of them on one bank never run at once."""
+        return Lease.take(self.fs, self.folder(user_id), self.location(user_id), run_id, command, expiry_s)
+
     def versions(self, user_id: str) -> dict[int, str]:
         """The user's versions and their files, as listed now; :class:`BankError` for a folder that is not a bank's."""
         folder = self.folder(user_id)
@@ -279,12 +304,22 @@ class BankStore:
         wanted = newest if version is None else version
         if wanted in files:
             return self._read(user_id, files[wanted], version_file(wanted), wanted)
-        legacy = self._read(user_id, f"{self.folder(user_id)}/{LEGACY_FILE}", LEGACY_FILE, None)
+        legacy = self.legacy(user_id)
         if legacy is not None and (wanted is None or legacy.version == wanted):
             return legacy
         if wanted is None:
             return None
         raise BankError(f"version {wanted} of the concept bank {self.location(user_id)} is gone")
+
+    def legacy(self, user_id: str) -> Bank | None:
+        """The user's single file of schema version 1, if there is one."""
+        return self._read(user_id, f"{self.folder(user_id)}/{LEGACY_FILE}", LEGACY_FILE, None)
+
+    def rewrite(self, bank: Bank) -> None:
+        """Write ``bank`` over its own version's file, whole or not at all: only ``plvm forget`` does, to purge a
+        person from every version."""
+        bank.validate()
+        storage.write_atomic(self.fs, f"{self.folder(bank.user_id)}/{version_file(bank.version)}", encode(bank))
 
     def _read(self, user_id: str, path: str, name: str, version: int | None) -> Bank | None:
         where = self.location(user_id, name)
@@ -335,6 +370,7 @@ def encode(bank: Bank) -> bytes:
         "vector": [np.asarray(c.vector, np.float32).tolist() for c in bank.concepts],
         "vector_model": [c.vector_model for c in bank.concepts],
         "references": [list(c.references) for c in bank.concepts],
+        "rejected": [c.rejections.tolist() for c in bank.concepts],
         "created_at": [c.created_at for c in bank.concepts],
         "updated_at": [c.updated_at for c in bank.concepts],
         "checksum": checksums,
@@ -365,11 +401,12 @@ def decode(data: bytes, user_id: str, where: str, version: int | None = None) ->
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     schema = meta.get("plvm.schema_version")
     legacy = version is None
-    if schema not in (("1",) if legacy else (*PLVM_ONLY_SCHEMAS[1:], str(SCHEMA_VERSION))):
+    if schema not in (("1",) if legacy else (*PLVM_ONLY_SCHEMAS[1:], "3", str(SCHEMA_VERSION))):
         raise BankError(f"concept bank {where} has schema version {schema!r}; this program reads {SCHEMA_VERSION}")
     plvm_only = schema in PLVM_ONLY_SCHEMAS
     added = ("method", "vector", "vector_model")
-    names = [f.name for f in SCHEMA if not (legacy and f.name == "checksum") and not (plvm_only and f.name in added)]
+    names = [f.name for f in SCHEMA if not (legacy and f.name == "checksum") and not (plvm_only and f.name in added)
+             and not (f.name == "rejected" and schema != str(SCHEMA_VERSION))]  # fmt: skip
     missing = [n for n in names if n not in table.column_names]
     if missing:
         raise BankError(f"concept bank {where} lacks the columns {missing}")
@@ -383,6 +420,7 @@ def decode(data: bytes, user_id: str, where: str, version: int | None = None) ->
         try:
             vector = np.asarray(row.get("vector") or [], np.float32)
             soft_tokens = np.asarray(row["soft_tokens"], np.float32)
+            rejected = np.asarray(row.get("rejected") or [], np.float32)
             concept = Concept(
                 name=row["name"],
                 concept_id=row["concept_id"],
@@ -393,6 +431,7 @@ def decode(data: bytes, user_id: str, where: str, version: int | None = None) ->
                 vector=vector,
                 vector_model=row.get("vector_model", ""),
                 references=row["references"],
+                rejected=rejected if rejected.size else None,
                 created_at=row["created_at"],
                 updated_at=row["updated_at"],
             )

@@ -154,10 +154,11 @@ class FaceIndex:
         for part in parts:
             self.fs.rm(storage.filesystem(part.uri, self.storage_options)[1])
 
-    def compact(self, user_id: str, run_id: str) -> Compacted:
+    def compact(self, user_id: str, run_id: str, change: Callable[[pa.Table], pa.Table] | None = None) -> Compacted:
         """Merge ``user_id``'s parts into one per descriptor space, ``part-<run_id>-<n>.parquet``, holding the
-        current rows only; then remove the parts merged. A compaction stopped between the two leaves both, whose
-        current rows are the same. :class:`IndexCorrupt` (nothing touched) if a part cannot be read whole."""
+        current rows only (each space's rows passed through ``change`` if given: ``plvm forget``); then remove the
+        parts merged. A compaction stopped between the two leaves both, whose current rows are the same (but for
+        ``change``). :class:`IndexCorrupt` (nothing touched) if a part cannot be read whole."""
         parts = self.parts(user_id)
         by_space: dict[str, list[pa.Table]] = {}
         for path in parts:
@@ -167,7 +168,9 @@ class FaceIndex:
         kept = {space: current(rows) for space, rows in merged.items()}
         rows = sum(t.num_rows for t in kept.values())
         superseded = sum(t.num_rows for t in merged.values()) - rows
-        if len(parts) == len(kept) and not superseded:  # one part per space, of current rows only, already
+        if change is not None:
+            kept = {space: change(table) for space, table in kept.items()}
+        elif len(parts) == len(kept) and not superseded:  # one part per space, of current rows only, already
             return Compacted(user_id, len(parts), len(parts), rows, 0)
         for n, (space, table) in enumerate(kept.items()):
             self.write(user_id, f"{run_id}-{n}", table, space)
