@@ -23,6 +23,9 @@ within about 0.4 of each other, and strangers), with the 5 sample people enrolle
 names the index's faces against it before clustering), clustered once (full); then 10 new photos (20 faces) are indexed
 and clustered by an incremental run and, for comparison, by a full recluster; each in a fresh process, with its
 wall time and its peak RSS (the driver: suggest runs in the calling process, no Ray).
+
+The DBSCAN baseline of **quality** needs scikit-learn, which the project's environment leaves out:
+``.venv/bin/pip install -e '.[bench]'``.
 """
 
 from __future__ import annotations
