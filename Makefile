@@ -20,9 +20,10 @@ demo: setup
 	$(PLVM) caption --bank demo/banks --user demo --input "$(DATA)/*/[0-9].jpg" --output demo/captions
 	$(PLVM) show demo/captions --limit 12
 
-# -n auto: one pytest worker per CPU, each with its own embedded Ray; the tests of a module share a worker
+# -n auto: one pytest worker per CPU, each with its own embedded Ray; --dist loadfile: a file's tests run in one worker,
+# in order, so that its module-scoped runs are made once
 test: setup-vllm
-	.venv/bin/python -m pytest -q -n auto --dist loadgroup --durations=15
+	.venv/bin/python -m pytest -q -n auto --dist loadfile --durations=15
 
 # PYTHONPATH: Ray's workers import this checkout's code too (also from a git worktree sharing another's .venv)
 bench: setup-vllm

@@ -61,18 +61,6 @@ def ray_local():
     ray.shutdown()
 
 
-VLLM_MODULES = ("test_vllm", "test_myvlm")
-"""The modules whose tests use the session's vLLM engine."""
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """With pytest-xdist (``make test`` runs ``-n auto --dist loadgroup``), the tests of a module run in one worker,
-    so that its module-scoped runs are made once, and the modules that use the session's vLLM engine share one."""
-    for item in items:
-        name = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("vllm" if name in VLLM_MODULES else name))
-
-
 def make_config(tmp_path: Path, **sections):
     """A config on the tiny models with small resources, banks and output under ``tmp_path``; its inputs
     may be the sample photos and ``tmp_path`` (the manifests of the tests list both)."""
