@@ -24,6 +24,7 @@ from operators.detect import DetectConfig
 from operators.embed import EmbedConfig
 from operators.generate import GenerateConfig
 from operators.index import IndexConfig
+from operators.items import DatasetConfig
 from operators.match import MatchConfig
 from operators.prompt import PromptConfig
 from operators.read import InputConfig, ReadConfig
@@ -116,6 +117,9 @@ class Config(StageConfig):
     prompt: PromptConfig = Field(PromptConfig(), description="Stage 6: the concepts each prompt injects.")
     generate: GenerateConfig = Field(GenerateConfig(), description="Stage 7: captions and answers from LLaVA.")
     myvlm: MyVLMConfig = Field(MyVLMConfig(), description="Training of MyVLM concepts (`plvm enroll --method myvlm`).")
+    dataset: DatasetConfig = Field(
+        DatasetConfig(), description="Training and evaluation sets built from an output (`plvm dataset`)."
+    )
     tasks: Resources = Field(
         Resources(concurrency=2, num_cpus=0.25, batch_size=8),
         description="Resources of the model-free stages (read, decode, match, prompt, write); `concurrency` is the "
