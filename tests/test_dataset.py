@@ -8,7 +8,6 @@ from the code under test.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -16,18 +15,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import yaml
 from conftest import REPO, make_config, photo
 from PIL import Image
-from test_resilience import write_manifest
+from test_resilience import killed_when, write_manifest
 
 from pipelines.caption import caption
 from pipelines.cli import run
@@ -327,18 +324,8 @@ def test_a_killed_build_resumes_and_writes_no_item_twice(built, archive, tmp_pat
     # each command starts its own embedded Ray: a subprocess joining the session's by RAY_ADDRESS is sent to the
     # machine's address, where the session's Ray, bound to 127.0.0.1, does not listen
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO)}
-    building = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 600
-    while not list(out.glob("_build/done/*.json")) and time.monotonic() < deadline and building.poll() is None:
-        time.sleep(0.05)
-    family = psutil.Process(building.pid).children(recursive=True) if building.poll() is None else []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(building.pid, signal.SIGKILL)
-    for proc in family:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    assert building.wait() == -signal.SIGKILL, "the build was killed while it ran"
+    status = killed_when(command, env, lambda: bool(list(out.glob("_build/done/*.json"))))
+    assert status == -signal.SIGKILL, "the build was killed while it ran"
     done = len(list(out.glob("_build/done/*.json")))
     assert 0 < done < len(ANN_PHOTOS) and not (out / "manifest.json").exists(), "killed half way, not complete"
 
