@@ -55,7 +55,7 @@ class DatasetSummary:
     resumed: int = 0
     """Shards committed by the builds it resumed."""
     rows: int = 0
-    """Output rows this build read (of every user, in the slices it did)."""
+    """Output rows of the chosen users that this build read."""
     wall_s: float = 0.0
     items_per_s: float = 0.0
     """Items of the shards this build committed, per second of its wall time."""

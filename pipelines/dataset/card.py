@@ -1,7 +1,7 @@
 """A dataset's description: ``manifest.json`` for programs (``plvm forget`` reads which users and people it holds)
 and the ``README.md`` dataset card for people, both from the counts the shards carried.
 
-The counts come from the stages' counters (``operators.shards``, ``operators.items``, ``operators.read``) summed
+The counts come from the stages' counters (``operators.shards``, ``operators.items``) summed
 over every shard committed, by this build and the ones it resumed.
 """
 
@@ -58,9 +58,8 @@ class Counts:
             elif stage == "shards" and what == "model":
                 engine, _, model = rest.partition(":")
                 counts.models.append({"engine": engine, "model": model})
-            elif what == "dropped" or (stage == "read" and counter.startswith("errors.")):
-                reason = rest or counter.removeprefix("errors.")
-                counts.dropped[reason] = counts.dropped.get(reason, 0) + n
+            elif what == "dropped":  # the shards count the rows with an error, the items stage the others
+                counts.dropped[rest] = counts.dropped.get(rest, 0) + n
             elif what == "captions":
                 counts.captions[rest] = n
             elif what == "truth" and rest == "unenrolled_names":
