@@ -372,3 +372,24 @@ def test_bad_input_is_one_line_and_exit_2_and_nothing_is_written(archive, tmp_pa
                 "unknown format": "'coco'", "fractions": "sum to 1.1, not 1"}[case]  # fmt: skip
     assert expected in err, err
     assert not out.exists(), "nothing written"
+
+
+def test_a_photo_changed_or_gone_since_it_was_captioned_gives_no_item(tmp_path, yollava, tiny_models, ray_local,
+                                                                       capsys):  # fmt: skip
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        shutil.copy(photo("thao", f"{i}.jpg"), photos / f"{i}.jpg")
+    config = make_config(tmp_path, input={"uri": str(photos), "user": "kim"})
+    enroll(config, "kim", "Thao", [photo("thao", "ref_img.jpg")])
+    caption(config)
+    shutil.copy(photo("viruss", "0.jpg"), photos / "1.jpg")  # other bytes under the captioned path
+    (photos / "2.jpg").unlink()
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    out = tmp_path / "ds"
+    assert run(["dataset", "--config", str(config_file), config.output.uri, "--out", str(out), "--format", "llava"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["dropped"] == {"changed_since_captioned": 1, "missing_file": 1}
+    kept = sha256(str(photos / "0.jpg"))
+    assert {i["image"] for i in llava_items(out)} == {f"{kept[:2]}/{kept}.jpg"}
