@@ -175,7 +175,8 @@ class Items(RowStage):
     def process(self, row: dict) -> None:
         row["items"], row["people"] = [], []
         if row["captioned_hash"] is None or row["captioned_hash"] != row["content_hash"]:
-            self.stat_update("dropped:not_indexed" if row["captioned_hash"] is None else "dropped:changed_since_captioned")
+            why = "not_indexed" if row["captioned_hash"] is None else "changed_since_captioned"
+            self.stat_update(f"dropped:{why}")
             return
         enrolled = {name: concept_id for concept_id, name in self.roster.of(row["user_id"], row["bank_version"])}
         named = {face["concept"]: i for i, face in enumerate(row["faces"] or []) if face.get("concept")}

@@ -135,7 +135,8 @@ class WriteShards(RowStage):
             self.stat_update(f"eval:{split}:{user}")
         else:
             query = f"photos/{file}"
-        asked = [i for i in row["items"] if i["kind"] == "choice" and person_key(user, i["concept_id"]) in self.references]
+        asked = [i for i in row["items"]
+                 if i["kind"] == "choice" and person_key(user, i["concept_id"]) in self.references]  # fmt: skip
         if asked and query.startswith("photos/"):
             self.put(f"{folder}/{query}", row["image"])
         for item in asked:

@@ -148,7 +148,8 @@ def card(manifest: dict) -> str:
         "",
         "## Provenance and privacy",
         "",
-        f"Splits {', '.join(f'{k} {v:g}' for k, v in manifest['splits'].items())} by {manifest['split_by']} (stable: from each photo's content hash or each "
+        f"Splits {', '.join(f'{k} {v:g}' for k, v in manifest['splits'].items())} by {manifest['split_by']} "
+        "(stable: from each photo's content hash or each "
         "person's concept). Bank versions, models, Aligners, the config's hash and the command: `manifest.json`.",
         f"It holds the photos, names, face crops and reference photos of the users {', '.join(manifest['users'])} "
         "only, and of no one those users did not enroll.",
