@@ -10,7 +10,7 @@ the image data, whose output rows and face index rows are those of the photo it 
 and answers) under the copy's path and content hash, written as a caption run writes them (the parts of a Delta
 table, the run's record, the index's parts). ``plvm dataset`` (every format) then builds each archive in a fresh
 child process with its own embedded Ray (started before the build's wall time), which reports the items it wrote,
-its wall time and the peak resident memory of the driver process itself (``getrusage``: its Ray workers are other
+its wall time and the peak resident memory of the driver process itself (its ``VmHWM``: its Ray workers are other
 processes, not counted).
 
 The driver holds the listing of the output's slices and the counts, never the rows: its peak should not grow with
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -93,8 +92,17 @@ def child(config_file: str, output: str, out: str) -> None:
     config = load_config(config_file)
     init_ray(config.ray)
     summary = build_dataset(config, output, out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({**asdict(summary), "peak_rss": peak}))
+    print(json.dumps({**asdict(summary), "peak_rss": peak_rss()}))
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: the kernel's high-water mark of its address space
+    (``VmHWM``; ``getrusage``'s ``ru_maxrss`` would also count the parent's pages that the fork copied, as it
+    survives ``exec``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main() -> None:
