@@ -39,6 +39,33 @@ INJECTED = pa.struct(
 """A concept chosen for a photo's prompt, with its float32 vectors as read from the bank (a MyVLM concept's
 ``soft_tokens`` is its one vector, without a head weight)."""
 
+PERSON = pa.struct([pa.field("concept_id", pa.string()), pa.field("name", pa.string()), pa.field("face", pa.int32())])
+"""A person in a photo, as a dataset item's truth has them: the concept, and the face the matcher gave their name
+(its position in ``faces``; -1 when no face has it)."""
+
+CHOICE = pa.struct([pa.field("letter", pa.string()), pa.field("text", pa.string())])
+ITEM = pa.struct(
+    [
+        pa.field("id", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("question", pa.string()),
+        pa.field("answer", pa.string()),
+        pa.field("truth", pa.string()),
+        pa.field("person", pa.string()),
+        pa.field("concept_id", pa.string()),
+        pa.field("present", pa.bool_()),
+        pa.field("box", pa.list_(pa.float32())),
+        pa.field("choices", pa.list_(CHOICE)),
+        pa.field("correct", pa.string()),
+        pa.field("sks_question", pa.string()),
+    ]
+)
+"""A dataset item of a photo (``operators.items``): a question and its answer, with where the answer came from
+(``truth``), the person asked about, and per kind a box (grounding) or options (multiple choice)."""
+
+CROP = pa.struct([pa.field("concept_id", pa.string()), pa.field("face", pa.int32()), pa.field("data", pa.binary())])
+"""A named face cut from its photo, as JPEG bytes."""
+
 COLUMNS: dict[str, pa.DataType] = {
     "index": pa.int64(),
     "path": OUTPUT_TYPES["path"],
@@ -57,6 +84,18 @@ COLUMNS: dict[str, pa.DataType] = {
     "injected": pa.list_(INJECTED),
     "questions": pa.list_(pa.string()),
     "stats": pa.map_(pa.string(), pa.float64()),
+    "part_start": pa.int64(),
+    "part_rows": pa.int64(),
+    "shard": pa.string(),
+    "bank_version": pa.int32(),
+    "captioned_hash": pa.string(),
+    "split": pa.string(),
+    "truth": pa.string(),
+    "people": pa.list_(PERSON),
+    "items": pa.list_(ITEM),
+    "image": pa.binary(),
+    "image_name": pa.string(),
+    "crops": pa.list_(CROP),
     **{c: OUTPUT_TYPES[c] for c in ("caption", "answers", "model", "engine", "error", "error_kind")},
 }
 """Every column a row may carry, with its type."""

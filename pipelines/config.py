@@ -24,6 +24,7 @@ from operators.detect import DetectConfig
 from operators.embed import EmbedConfig
 from operators.generate import GenerateConfig
 from operators.index import IndexConfig
+from operators.items import DatasetConfig
 from operators.match import MatchConfig
 from operators.prompt import PromptConfig
 from operators.read import InputConfig, ReadConfig
@@ -154,6 +155,9 @@ class Config(StageConfig):
     myvlm: MyVLMConfig = Field(MyVLMConfig(), description="Training of MyVLM concepts (`plvm enroll --method myvlm`).")
     people: PeopleConfig = Field(
         PeopleConfig(), description="Suggested people: the faces nobody named, clustered (`plvm people`)."
+    )
+    dataset: DatasetConfig = Field(
+        DatasetConfig(), description="Training and evaluation sets built from an output (`plvm dataset`)."
     )
     tasks: Resources = Field(
         Resources(concurrency=2, num_cpus=0.25, batch_size=8),

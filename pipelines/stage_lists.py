@@ -9,7 +9,9 @@
 - :func:`answering_stages`: prompt, the decode for the LLM, generate, write (also what a rematch sends the photos
   whose names changed through, after :func:`read`, in :func:`llm_stages`);
 - :func:`asking_stages`: read, decode, generate, for rows that carry their own concepts and questions (the
-  evaluation's model judge and VQA).
+  evaluation's model judge and VQA);
+- :func:`dataset_stages`: a dataset build's, joined into one call per slice of the source output: its rows, their
+  bytes, their items, their files, the shard written.
 
 Each step is a descriptor (``operators.base.Stage`` or ``Barrier``); ``pipelines.runner`` applies them.
 """
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from operators import align, cohort, decode, detect, embed, generate, index, index_lookup, match, prompt, read, write
+from operators import (align, cohort, decode, detect, embed, generate, index, index_lookup, items, match, output_rows,
+                       photo_files, prompt, read, shards, write)  # fmt: skip
 from operators.base import Step, joined
 from pipelines.config import Config, ModelPaths
 from pipelines.pinned import PinnedIndex
 from plvm_model.faces import embedder_class
 from plvm_model.store.banks import BankSource, BankVersions
+from plvm_model.store.face_index import IndexSource
 
 
 def face_stages(config: Config) -> list[Step]:
@@ -111,3 +115,19 @@ def asking_stages(config: Config) -> list[Step]:
         decode.stage(config.decode, config.tasks),
         generate.stage(config.generate, config.model_paths().llava),
     ]
+
+
+def dataset_stages(config: Config, out_uri: str, users: tuple[str, ...], runs: dict[str, dict[str, int]],
+                   index: IndexSource, plan: str, roster: items.Roster, truth: dict[str, list[str]] | None,
+                   references: dict[str, str], folders: dict[str, str]) -> list[Step]:  # fmt: skip
+    """A slice of the source output (``users``' rows, named with the bank versions ``runs`` read) -> its shard of
+    the dataset at ``out_uri``: the stages joined into one call per slice, so that a shard holds exactly its slice's
+    photos, and one slice's photos at a time are in memory."""
+    tasks, dataset = config.tasks, config.dataset
+    return joined(
+        output_rows.stage(users, runs, index, plan, config.storage, tasks),
+        read.stage(config.read, config.storage, tasks),
+        items.stage(dataset, roster, config.generate.caption, truth, tasks),
+        photo_files.stage(dataset, config.decode, tasks),
+        shards.stage(out_uri, config.storage, dataset.formats, references, folders, tasks),
+    )

@@ -43,3 +43,17 @@ def test_the_index_naming_benchmark_names_a_synthetic_index(yollava, tmp_path):
     written = results.read_text()
     assert "kept" in written and "old" not in written, "its own section is replaced, the others' stay"
     assert written.count("## benchmarks/index_naming.py") == 1 and "| 300 | lookup |" in written
+
+
+def test_the_dataset_benchmark_builds_two_archive_sizes(yollava, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    command = [sys.executable, str(REPO / "benchmarks" / "dataset.py"), str(yollava), "--sample", "4", "--photos", "8",
+               "16", "--results", str(results)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in done.stdout.splitlines()
+            if line.startswith(("| 8 |", "| 16 |"))}  # fmt: skip
+    items = {n: int(cells[0]) for n, cells in rows.items()}
+    assert items["16"] == 2 * items["8"] > 0, done.stdout  # twice the copies of the same photos, twice the items
+    assert "driver peak RSS at 16 photos / at 8" in results.read_text()

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import yaml
 from conftest import make_config, photo
 from deltalake import DeltaTable
-from test_resilience import assert_exactly_once, caption_command, write_manifest
+from test_resilience import assert_exactly_once, caption_command, killed_when, write_manifest
 
 from plvm_model.store.output_table import read_output
 from pipelines.caption import caption
@@ -89,18 +85,8 @@ def test_a_killed_rematch_leaves_the_previous_version_current_and_whole(tmp_path
     command, env = caption_command(tmp_path, config, paths, "lee")
     command = [*command[:3], "rematch", *command[4:], str(out)]
 
-    rematch = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 600
-    while not list(out.glob("_staging/*/*.tmp")) and time.monotonic() < deadline and rematch.poll() is None:
-        time.sleep(0.05)
-    family = psutil.Process(rematch.pid).children(recursive=True) if rematch.poll() is None else []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(rematch.pid, signal.SIGKILL)
-    for proc in family:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    assert rematch.wait() == -signal.SIGKILL, "the rematch was killed while it ran"
+    status = killed_when(command, env, lambda: bool(list(out.glob("_staging/*/*.tmp"))), cwd=tmp_path)
+    assert status == -signal.SIGKILL, "the rematch was killed while it ran"
     assert list(out.glob("_staging/*/*.tmp")), "it had staged new rows"
 
     assert DeltaTable(str(out)).version() == version, "nothing was committed"

@@ -47,6 +47,23 @@ def caption_command(tmp_path: Path, config, paths: list[str], user: str) -> tupl
     return command, {**os.environ, "PYTHONPATH": str(REPO)}
 
 
+def killed_when(command: list[str], env: dict[str, str], ready, cwd: Path | None = None) -> int:
+    """Run ``command`` in a session of its own and SIGKILL it, with every process it started, as soon as ``ready()``
+    (or it ended, or 600 s went by); its exit status."""
+    started = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not ready() and time.monotonic() < deadline and started.poll() is None:
+        time.sleep(0.05)
+    family = psutil.Process(started.pid).children(recursive=True) if started.poll() is None else []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(started.pid, signal.SIGKILL)
+    for proc in family:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return started.wait()
+
+
 def kill_once(pattern: str, found: list[int], stop: threading.Event) -> None:
     """SIGKILL the first process whose command line contains ``pattern``."""
     while not stop.is_set():

@@ -1,6 +1,6 @@
 """The ``plvm`` command: enroll people, caption photos, evaluate, report.
 
-Each group of commands is a module (``enroll``, ``archive``, ``evaluate``) that declares its commands and runs
+Each group of commands is a module (``enroll``, ``archive``, ``dataset``, ``evaluate``) that declares its commands and runs
 them; ``common`` holds what they share. Exit codes: see ``plvm_model.store.errors.EXIT_CODES`` (and docs/cli.md).
 """
 
@@ -13,7 +13,7 @@ import sys
 import traceback
 from typing import NoReturn
 
-from pipelines.cli import archive, enroll, evaluate, people
+from pipelines.cli import archive, dataset, enroll, evaluate, people
 from plvm_model.store.errors import INTERRUPTED, PlvmError
 
 
@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plvm", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (enroll, archive, evaluate, people):
+    for group in (enroll, archive, dataset, evaluate, people):
         group.add(sub)
     return p
 
@@ -33,6 +33,7 @@ def run(argv: list[str] | None = None) -> int:
     A :class:`PlvmError` is printed as one line; anything else (a bug, Ctrl-C) propagates.
     """
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, as a dataset's card records it
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

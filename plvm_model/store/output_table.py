@@ -123,6 +123,36 @@ class OutputTable:
         names = self._delta().get_add_actions().column("path").to_pylist()
         return sorted(posixpath.join(self.root, n) for n in names if fnmatch.fnmatch(n, pattern))
 
+    def version(self) -> int | None:
+        """The table's version (None: a folder of parts without a log)."""
+        return self._delta().version() if self.is_table() else None
+
+    def part_rows(self) -> list[tuple[str, int]]:
+        """Each current part with its rows: from the log's statistics, else (a folder without a log, a part
+        committed without them) from the part's footer."""
+        counted: dict[str, int] = {}
+        if self.is_table():
+            actions = self._delta().get_add_actions(flatten=True)
+            if "num_records" in actions.column_names:
+                names = actions.column("path").to_pylist()
+                counted = {posixpath.join(self.root, n): r for n, r in zip(names, actions.column("num_records").to_pylist())
+                           if r is not None}  # fmt: skip
+        out = []
+        for path in self.part_files():
+            if path not in counted:
+                with self.fs.open(path, "rb") as f:
+                    counted[path] = pq.read_metadata(f).num_rows
+            out.append((path, int(counted[path])))
+        return out
+
+    def run_record(self, run_id: str) -> dict | None:
+        """What run ``run_id`` recorded at its end (``_runs/<run_id>.json``; see :meth:`record`), or None."""
+        path = posixpath.join(self.root, "_runs", f"{run_id}.json")
+        try:
+            return json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+
     def read(self, columns: list[str] | None = None, run_id: str = "*") -> pa.Table:
         """The current rows (of one run, if ``run_id`` is given), with ``columns`` only if given."""
         tables = [self.read_part(path, columns) for path in self.part_files(run_id)]
