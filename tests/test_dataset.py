@@ -29,6 +29,7 @@ from test_resilience import killed_when, write_manifest
 from pipelines.caption import caption
 from pipelines.cli import run
 from pipelines.enroll import enroll
+from plvm_model.store.exports import exports
 from plvm_model.store.output_table import read_output
 
 ANN = {"Thao": "thao", "Viruss": "viruss", "Tien": "thuytien"}
@@ -199,6 +200,8 @@ def test_the_dataset_holds_only_the_chosen_users_photos_and_people(built, archiv
     manifest = json.loads((built / "manifest.json").read_text())
     assert list(manifest["users"]) == ["ann"]
     assert {p["name"] for p in manifest["users"]["ann"]["people"]} == set(ANN)
+    recorded = [(e.kind, e.users) for e in exports(archive.output).values() if e.uri == str(built)]
+    assert recorded == [("dataset", ["ann"])], "recorded in the output, where plvm forget finds it"
     crops = {c["crop"] for i in llava_items(built) for c in i["extra"]["concepts"]} - {None}
     assert crops and all((built / c).is_file() for c in crops)
     references = {c["reference"] for i in llava_items(built) for c in i["extra"]["concepts"]}

@@ -33,7 +33,7 @@ from pipelines.runner.execute import execute
 from pipelines.runner.failures import results
 from pipelines.runner.progress import Progress
 from plvm_model.store import dataset_formats as formats
-from plvm_model.store import storage
+from plvm_model.store import exports, storage
 from plvm_model.store.dataset_folder import DatasetFolder, Shard
 from plvm_model.store.errors import ConfigError, OutputExists
 from plvm_model.store.ids import key_of, new_run_id
@@ -121,6 +121,8 @@ def build_dataset(config: Config, output_uri: str, out_uri: str, users: list[str
     folder, build_id = DatasetFolder(out_uri, config.storage), new_run_id()
     with folder.lease(build_id, config.output.lease_expiry_s) as lease:
         done = begin(folder, plan, resume, overwrite)
+        # recorded in the output before a file of it is written: plvm forget removes the datasets of a user's rows
+        exports.record(output_uri, config.storage, "dataset", out_uri, list(source.users))
         if done is None:
             held = folder.read_json("manifest.json")["counts"]
             return DatasetSummary(build_id, out_uri, held["photos"], held["items"], held["dropped"],
