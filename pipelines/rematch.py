@@ -26,6 +26,7 @@ from operators.match import MatchFaces
 from operators.rows import as_row_faces, to_table
 from pipelines.config import Config
 from pipelines.pinned import pin_banks
+from pipelines.runner import metrics
 from pipelines.runner.counters import by_stage, stage_lines, totals
 from pipelines.runner.execute import execute
 from pipelines.runner.failures import results
@@ -63,6 +64,11 @@ class RematchSummary:
     """The output table's version that the rematch committed (None: nothing changed, no commit)."""
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     """Each stage's counters over the rows written (as a caption run's summary has them)."""
+    status: str = "ok"
+    """``ok``: a rematch that fails raises, and records nothing."""
+    started: str = ""
+    """When the rematch started and ended (UTC, ISO 8601)."""
+    ended: str = ""
 
     def lines(self) -> list[str]:
         """The summary as printed at the end of a rematch."""
@@ -131,7 +137,7 @@ def rematch(config: Config, output_uri: str, user: str | None = None) -> Rematch
         raise InputNotFound(f"{output_uri} holds no rows: nothing to rematch (give a caption run's output folder)")
     run_id = new_run_id()
     with output.lease(run_id, "rematch", config.output.lease_expiry_s) as lease:
-        started = time.monotonic()
+        started, started_at = time.monotonic(), metrics.utc_now()
         output.prepare(output_schema(config.output.face_embeddings))
         current = output.read(["path", "user_id", "concepts", "error", "error_kind"])
         bank_error = pc.is_in(current.column("error_kind"), value_set=pa.array(BANK_ERRORS))
@@ -165,5 +171,6 @@ def rematch(config: Config, output_uri: str, user: str | None = None) -> Rematch
             lease.check()
             summary.version = output.replace(drop, staged, run_id, "rematch")
         summary.wall_s = time.monotonic() - started
-        output.record(run_id, asdict(summary))
+        summary.started, summary.ended = started_at, metrics.utc_now()
+        metrics.record(output, "rematch", asdict(summary), config.run.metrics_push)
     return summary
