@@ -106,10 +106,27 @@ def make_config(tmp_path: Path, **sections):
 
 
 @contextlib.contextmanager
+def serving(handler) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 in a thread, answering with ``handler`` (a ``BaseHTTPRequestHandler``); its URL.
+    It is gone once the block ends."""
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@contextlib.contextmanager
 def pushgateway() -> Iterator[tuple[str, list[tuple[str, str, str]]]]:
     """A small HTTP server on 127.0.0.1 that answers as a Prometheus Pushgateway does and keeps what it receives: its
-    URL, and the (method, path, body) of each request. It is gone once the block ends."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    URL, and the (method, path, body) of each request."""
+    from http.server import BaseHTTPRequestHandler
 
     received: list[tuple[str, str, str]] = []
 
@@ -125,15 +142,8 @@ def pushgateway() -> Iterator[tuple[str, list[tuple[str, str, str]]]]:
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", received
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving(Gateway) as url:
+        yield url, received
 
 
 def prometheus_samples(text: str) -> dict[tuple[str, frozenset], float]:
