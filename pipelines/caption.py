@@ -27,7 +27,7 @@ from operators.read import list_inputs
 from pipelines import stage_lists
 from pipelines.config import Config
 from pipelines.pinned import PinnedIndex, pin_banks, pin_index
-from pipelines.runner import preflight
+from pipelines.runner import metrics, preflight
 from pipelines.runner.counters import by_stage, stage_lines, totals
 from pipelines.runner.execute import execute
 from pipelines.runner.failures import results
@@ -82,6 +82,9 @@ class RunSummary:
     status: str = "ok"
     """``ok``, or ``failed`` with the reason in ``failure``."""
     failure: str | None = None
+    started: str = ""
+    """When the run started and ended (UTC, ISO 8601)."""
+    ended: str = ""
 
     def lines(self) -> list[str]:
         """The summary as printed at the end of a run."""
@@ -151,7 +154,7 @@ class CaptionRun:
     stages: Callable[..., list[Step]]
 
     def start(self, lease: Lease, resume: bool, overwrite: bool, retry_errors: bool, rebuild: bool) -> RunSummary:
-        started = time.monotonic()
+        started, started_at = time.monotonic(), metrics.utc_now()
         config = self.config
         listing = list_inputs(config.input, config.storage, output=config.output.uri)
         listing = listing.append_column("index", pa.array(range(listing.num_rows), pa.int64()))
@@ -174,7 +177,8 @@ class CaptionRun:
             compacted = [c for c in pinned.compact_grown(config.index.compact_parts, new_run_id())
                          if c.parts_before != c.parts_after]  # fmt: skip
             summary.index_compacted = {c.user_id: [c.parts_before, c.parts_after] for c in compacted}
-        self.output.record(self.run_id, asdict(summary))
+        summary.started, summary.ended = started_at, metrics.utc_now()
+        metrics.record(self.output, "caption", asdict(summary), config.run.metrics_push)
         if failure is not None:
             raise failure
         if summary.rows != summary.photos or summary.missing or summary.duplicates:

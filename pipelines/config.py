@@ -141,7 +141,9 @@ class Config(StageConfig):
         {}, description="fsspec options per URI scheme, e.g. `s3: {endpoint_url: ..., key: ..., secret: ...}`."
     )
     ray: RayConfig = Field(RayConfig(), description="The Ray the run uses.")
-    run: RunConfig = Field(RunConfig(), description="How a run treats failures of the system.")
+    run: RunConfig = Field(
+        RunConfig(), description="How a run treats failures of the system, and where it pushes its metrics."
+    )
     models: ModelsConfig = Field(
         ModelsConfig(), description="Local paths of the models, or `tiny` for random test models built on first use."
     )

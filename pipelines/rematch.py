@@ -26,6 +26,7 @@ from operators.match import MatchFaces
 from operators.rows import as_row_faces, to_table
 from pipelines.config import Config
 from pipelines.pinned import pin_banks
+from pipelines.runner import metrics
 from pipelines.runner.counters import by_stage, stage_lines, totals
 from pipelines.runner.execute import execute
 from pipelines.runner.failures import results
@@ -64,6 +65,11 @@ class RematchSummary:
     """The output table's version that the rematch committed (None: nothing changed, no commit)."""
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     """Each stage's counters over the rows written (as a caption run's summary has them)."""
+    status: str = "ok"
+    """``ok``: a rematch that fails raises, and records nothing."""
+    started: str = ""
+    """When the rematch started and ended (UTC, ISO 8601)."""
+    ended: str = ""
 
     def lines(self) -> list[str]:
         """The summary as printed at the end of a rematch."""
@@ -149,7 +155,7 @@ def rematch_held(
     """:func:`rematch` with the output's ``lease`` held by the caller; the ``forced`` photos (path, user_id) are
     written again whatever their names and errors (``plvm forget``)."""
     config = config.model_copy(update={"output": config.output.model_copy(update={"uri": output.uri})})
-    started = time.monotonic()
+    started, started_at = time.monotonic(), metrics.utc_now()
     output.prepare(output_schema(config.output.face_embeddings))
     current = output.read(["path", "user_id", "concepts", "error", "error_kind"])
     bank_error = pc.is_in(current.column("error_kind"), value_set=pa.array(BANK_ERRORS))
@@ -187,5 +193,6 @@ def rematch_held(
         lease.check()
         summary.version = output.replace(drop, staged, run_id, operation)
     summary.wall_s = time.monotonic() - started
-    output.record(run_id, asdict(summary))
+    summary.started, summary.ended = started_at, metrics.utc_now()
+    metrics.record(output, operation, asdict(summary), config.run.metrics_push)
     return summary

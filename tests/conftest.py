@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,6 +83,81 @@ def make_config(tmp_path: Path, **sections):
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return Config.model_validate(data)
+
+
+@contextlib.contextmanager
+def serving(handler) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 in a thread, answering with ``handler`` (a ``BaseHTTPRequestHandler``); its URL.
+    It is gone once the block ends."""
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@contextlib.contextmanager
+def pushgateway() -> Iterator[tuple[str, list[tuple[str, str, str]]]]:
+    """A small HTTP server on 127.0.0.1 that answers as a Prometheus Pushgateway does and keeps what it receives: its
+    URL, and the (method, path, body) of each request."""
+    from http.server import BaseHTTPRequestHandler
+
+    received: list[tuple[str, str, str]] = []
+
+    class Gateway(BaseHTTPRequestHandler):
+        def receive(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.append((self.command, self.path, body.decode()))
+            self.send_response(200)
+            self.end_headers()
+
+        do_PUT = do_POST = receive
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with serving(Gateway) as url:
+        yield url, received
+
+
+def prometheus_samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Each sample of a Prometheus text file, read by prometheus_client's own parser: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}  # fmt: skip
+
+
+def assert_metrics_are_the_record(samples: dict, record: dict, command: str) -> None:
+    """The metrics of a run (:func:`prometheus_samples`) give its record's counts, status, start and end."""
+    from datetime import datetime
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, frozenset({"command": command, **labels}.items()))]
+
+    assert value("plvm_run_info", run_id=record["run_id"], output=record_output(samples)) == 1
+    for name, field in (("photos", "photos"), ("rows", "rows"), ("failed", "failed"), ("faces", "faces"),
+                        ("named", "matched"), ("wall_seconds", "wall_s")):  # fmt: skip
+        assert value(f"plvm_run_{name}") == record[field], name
+    errors = {dict(labels)["kind"]: n for (name, labels), n in samples.items() if name == "plvm_run_errors"}
+    assert errors == record["errors"]
+    assert value("plvm_run_status", status=record["status"]) == 1
+    assert value("plvm_run_status", status={"ok": "failed", "failed": "ok"}[record["status"]]) == 0
+    assert value("plvm_run_start_time_seconds") == datetime.fromisoformat(record["started"]).timestamp()
+    assert value("plvm_run_end_time_seconds") == datetime.fromisoformat(record["ended"]).timestamp()
+    assert record["started"] <= record["ended"]
+
+
+def record_output(samples: dict) -> str:
+    """The output named by the run's ``plvm_run_info``."""
+    [output] = [dict(labels)["output"] for name, labels in samples if name == "plvm_run_info"]
+    return output
 
 
 def one_batch(engine, requests):

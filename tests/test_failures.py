@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import ray.cloudpickle
-from conftest import REPO, make_config, photo
+from conftest import REPO, assert_metrics_are_the_record, make_config, photo, prometheus_samples
 from test_resilience import assert_exactly_once, photos, write_manifest
 
 from operators.detect import DetectFaces
@@ -85,7 +85,10 @@ def test_a_stage_that_raises_on_every_photo_fails_the_run_naming_the_stage(tmp_p
     assert "stage detect failed on a batch of" in message and "ZeroDivisionError: bug on" in message
     assert "Traceback" in message, "the first traceback is in the summary"
     assert failed.value.exit_code == 3
-    assert record(config)["status"] == "failed", "the failed run is recorded beside the output"
+    recorded = record(config)
+    assert recorded["status"] == "failed", "the failed run is recorded beside the output"
+    metrics = (Path(config.output.uri) / "_runs" / f"{recorded['run_id']}.prom").read_text()
+    assert_metrics_are_the_record(prometheus_samples(metrics), recorded, "caption")  # plvm_run_status: failed
     assert read_output(config.output.uri).num_rows == 0, "no photo was turned into an error row"
 
 

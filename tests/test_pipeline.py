@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
@@ -13,10 +14,12 @@ import pytest
 import numpy as np
 from PIL import Image
 
-from conftest import REPO, make_config, photo
+from conftest import (REPO, assert_metrics_are_the_record, make_config, photo, prometheus_samples, pushgateway,
+                      record_output)  # fmt: skip
 from test_decode import _png_claiming as png_claiming
-from plvm_model.store.output_table import read_output
+from plvm_model.store.output_table import OutputTable, read_output
 from pipelines.caption import caption
+from pipelines.runner import metrics
 from pipelines.enroll import enroll
 from pipelines.runner.runtime import ACTOR_RESTART_NOTICE
 from plvm_model.store.banks import BankStore, Bank
@@ -172,6 +175,33 @@ def test_run_record_is_written_next_to_the_output(run):
     record = json.loads((Path(config.output.uri) / "_runs" / f"{summary.run_id}.json").read_text())
     assert record["rows"] == record["photos"] == summary.photos
     assert not (Path(config.output.uri) / "_staging" / summary.run_id).exists()
+
+
+def test_the_run_metrics_beside_its_record_are_the_summary_s(run):
+    _, summary, _, _, config = run
+    runs = Path(config.output.uri) / "_runs"
+    record = json.loads((runs / f"{summary.run_id}.json").read_text())
+    samples = prometheus_samples((runs / f"{summary.run_id}.prom").read_text())
+    assert_metrics_are_the_record(samples, record, "caption")
+    assert record_output(samples) == config.output.uri
+    assert len(record["errors"]) >= 5 and record["status"] == "ok", "errors of several kinds, counted by kind"
+
+
+def test_the_run_metrics_are_pushed_to_a_pushgateway(run, tmp_path, caplog):
+    _, summary, _, _, config = run
+    record = json.loads((Path(config.output.uri) / "_runs" / f"{summary.run_id}.json").read_text())
+    with pushgateway() as (url, received):
+        output = OutputTable(str(tmp_path / "out"))
+        metrics.record(output, "caption", record, push=url)
+    [(method, path, body)] = received
+    key = base64.urlsafe_b64encode(output.uri.encode()).decode()
+    assert (method, path) == ("PUT", f"/metrics/job/plvm/command/caption/output@base64/{key}")
+    written = (tmp_path / "out" / "_runs" / f"{summary.run_id}.prom").read_text()
+    assert prometheus_samples(body) == prometheus_samples(written)
+
+    metrics.record(OutputTable(str(tmp_path / "again")), "caption", record, push=url)  # the gateway is gone
+    assert f"run {summary.run_id}: its metrics were not pushed to {url}" in caplog.text
+    assert (tmp_path / "again" / "_runs" / f"{summary.run_id}.prom").exists(), "the run's record stands"
 
 
 def test_the_readme_commands_work_from_the_command_line(tmp_path, yollava, tiny_models):

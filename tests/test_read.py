@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
+from conftest import REPO, serving
 from s3_endpoint import moto_endpoint, s3_options
 
 from operators.read import InputConfig, ReadBytes, ReadConfig, list_inputs
@@ -118,14 +117,8 @@ def http_server():
         def log_message(self, *args) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", asked
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as url:
+        yield url, asked
 
 
 def test_manifest_rows_outside_its_folder_are_refused_and_never_opened(photos, http_server):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
-from conftest import make_config, photo
+from conftest import make_config, photo, prometheus_samples
 from deltalake import DeltaTable
 from test_resilience import assert_exactly_once, caption_command, killed_when, write_manifest
 
@@ -53,6 +53,12 @@ def test_rematch_after_enrolling_replaces_only_the_photos_that_now_name_the_pers
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (summary["photos"], summary["changed"], summary["rows"], summary["not_indexed"]) == (6, 3, 3, 0)
     assert summary["version"] == version + 1 and data_commits(out, version) == ["rematch"], "one commit"
+    metrics = prometheus_samples((Path(out) / "_runs" / f"{summary['run_id']}.prom").read_text())
+    mine = {"command": "rematch"}
+    counts = {name: metrics[(f"plvm_run_{name}", frozenset(mine.items()))] for name in summary if
+              (f"plvm_run_{name}", frozenset(mine.items())) in metrics}  # fmt: skip
+    assert counts == {name: summary[name] for name in ("photos", "changed", "rows", "not_indexed")}, "its metrics"
+    assert metrics[("plvm_run_status", frozenset({**mine, "status": "ok"}.items()))] == 1
     after = by_path(out)
     assert_exactly_once(out, paths, "kim")
     for path in paths[:3]:

@@ -20,6 +20,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         input__allow_empty=args.allow_empty,
         output__uri=args.output,
         generate__engine=args.engine,
+        run__metrics_push=args.metrics_push,
     )
     summary = caption(config, resume=args.resume, overwrite=args.overwrite, retry_errors=args.retry_errors,
                       rebuild_index=args.rebuild_index)  # fmt: skip
@@ -32,7 +33,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_rematch(args: argparse.Namespace) -> int:
     from pipelines.rematch import rematch
 
-    summary = rematch(config_of(args), args.output, user=args.user)
+    summary = rematch(config_of(args, run__metrics_push=args.metrics_push), args.output, user=args.user)
     for line in summary.lines():
         print(line)
     print(json.dumps(asdict(summary)))
@@ -147,6 +148,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_metrics_push(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--metrics-push", metavar="URL", help="push the run's metrics (also written to "
+                   "OUTPUT/_runs/<run>.prom) to this Prometheus Pushgateway (run.metrics_push)")  # fmt: skip
+
+
 def add(sub) -> None:
     """Declare these commands under ``sub``."""
     s = command(sub, "caption", cmd_caption, "caption photos with the people of their owner's concept bank")
@@ -165,6 +171,7 @@ def add(sub) -> None:
                    help="write again the rows whose error is retryable (see docs/output.md); implies --resume")  # fmt: skip
     s.add_argument("--rebuild-index", action="store_true",
                    help="drop the face index's damaged parts first; their photos are detected again")  # fmt: skip
+    add_metrics_push(s)
 
     s = command(
         sub, "repair", cmd_repair, "keep one row per photo in an output that runs wrote twice (under its lease)"
@@ -176,6 +183,7 @@ def add(sub) -> None:
     s.add_argument("output", help="output folder URI of caption runs")
     s.add_argument("--bank", help="root URI of the concept banks (default: the config's bank)")
     s.add_argument("--user", help="only this user's photos (default: every user of the output)")
+    add_metrics_push(s)
 
     index = sub.add_parser("index", help="the face index").add_subparsers(dest="what", required=True)
     s = command(sub, "check", cmd_index_check, "read every part of a face index and list the damaged ones", under=index)

@@ -1,4 +1,4 @@
-"""The runner's sections of the config: the Ray a run uses, and how it treats failures of the system."""
+"""The runner's sections of the config: the Ray a run uses, how it treats failures of the system, its metrics."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ class RayConfig(StageConfig):
 
 
 class RunConfig(StageConfig):
-    """How a run treats failures of the system (not input faults, which are always rows with an error)."""
+    """How a run treats failures of the system (not input faults, which are always rows with an error), and where it
+    pushes its metrics."""
 
     max_failed_fraction: float = Field(
         0.0, ge=0, le=1,
@@ -39,6 +40,11 @@ class RunConfig(StageConfig):
     retries: int = Field(
         1, ge=0, description="Times Ray Data retries a stage's batch after an unexpected exception (a worker that dies is "
         "retried by Ray as always)."
+    )
+    metrics_push: str | None = Field(
+        None,
+        description="A Prometheus Pushgateway (`http://HOST:9091`) to which each caption run and rematch pushes its "
+        "metrics at its end (`--metrics-push`); they are always written to `OUTPUT/_runs/<run>.prom`.",
     )
 
     @property

@@ -319,10 +319,13 @@ class OutputTable:
             self.fs.rm(path, recursive=True)
         return stale
 
-    def record(self, run_id: str, summary: dict) -> None:
-        """Write ``_runs/<run_id>.json`` and drop the run's staging folder."""
-        path = posixpath.join(self.root, "_runs", f"{run_id}.json")
-        storage.write_atomic(self.fs, path, json.dumps(summary, indent=1).encode())
+    def record(self, run_id: str, summary: dict, metrics: bytes | None = None) -> None:
+        """Write ``_runs/<run_id>.json`` (and its ``metrics``, Prometheus' text format, to ``_runs/<run_id>.prom``),
+        and drop the run's staging folder."""
+        runs = posixpath.join(self.root, "_runs")
+        if metrics is not None:
+            storage.write_atomic(self.fs, posixpath.join(runs, f"{run_id}.prom"), metrics)
+        storage.write_atomic(self.fs, posixpath.join(runs, f"{run_id}.json"), json.dumps(summary, indent=1).encode())
         if self.fs.exists(self.staging(run_id)):
             self.fs.rm(self.staging(run_id), recursive=True)
 
