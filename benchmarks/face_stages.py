@@ -50,7 +50,8 @@ def loop(config, paths: list[str], refs: list[np.ndarray]) -> int:
     from plvm_model.faces import MTCNNDetector, make_embedder
 
     torch.set_num_threads(os.cpu_count() or 1)
-    detector = MTCNNDetector(config.detect.long_side, config.detect.min_face_size, config.detect.score_threshold)
+    detector = MTCNNDetector(config.detect.long_side, config.detect.min_face_size, config.detect.score_threshold,
+                             device=config.detect.device)  # fmt: skip
     embedder = make_embedder(config.embed.kind, **config.embed.options)
     per_photo = []
     for path in paths:
