@@ -31,6 +31,7 @@ from pipelines.runner.execute import execute
 from pipelines.runner.failures import results
 from pipelines.stage_lists import llm_stages
 from plvm_model.faces import embedder_class
+from plvm_model.random_weights import mode_line
 from plvm_model.store.banks import BankSource, BankVersions
 from plvm_model.store.errors import InputNotFound, RowCountMismatch
 from plvm_model.store.face_index import FaceIndex, IndexSource
@@ -63,6 +64,8 @@ class RematchSummary:
     """The output table's version that the rematch committed (None: nothing changed, no commit)."""
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     """Each stage's counters over the rows written (as a caption run's summary has them)."""
+    random_weights: bool = False
+    """The models had random weights (``models.random_weights``): the captions written are noise."""
 
     def lines(self) -> list[str]:
         """The summary as printed at the end of a rematch."""
@@ -73,7 +76,8 @@ class RematchSummary:
         if self.not_indexed:
             lines.append(f"{self.not_indexed} photos are not in the face index and keep their rows "
                          "(plvm caption --overwrite indexes them)")  # fmt: skip
-        return [*lines, *stage_lines(self.stages), f"wall {self.wall_s:.1f} s (naming the faces {self.naming_s:.1f} s)"]
+        wall = f"wall {self.wall_s:.1f} s (naming the faces {self.naming_s:.1f} s)"
+        return [*lines, *stage_lines(self.stages), wall, mode_line(self.random_weights)]
 
 
 NAMING_ROWS = 4096
@@ -132,7 +136,8 @@ def rematch(config: Config, output_uri: str, user: str | None = None) -> Rematch
     run_id = new_run_id()
     with output.lease(run_id, "rematch", config.output.lease_expiry_s) as lease:
         started = time.monotonic()
-        output.prepare(output_schema(config.output.face_embeddings))
+        random_weights = config.models.random_weights
+        output.prepare(output_schema(config.output.face_embeddings), random_weights=random_weights)
         current = output.read(["path", "user_id", "concepts", "error", "error_kind"])
         bank_error = pc.is_in(current.column("error_kind"), value_set=pa.array(BANK_ERRORS))
         current = current.filter(pc.or_kleene(pc.is_null(current.column("error")), bank_error))
@@ -143,7 +148,7 @@ def rematch(config: Config, output_uri: str, user: str | None = None) -> Rematch
         naming = time.monotonic()
         todo, missing = rename(config, current, users, banks)
         summary = RematchSummary(run_id, current.num_rows, missing, todo.num_rows, banks=banks,
-                                 naming_s=time.monotonic() - naming)  # fmt: skip
+                                 naming_s=time.monotonic() - naming, random_weights=random_weights)  # fmt: skip
         if todo.num_rows:
             changed = set(keys(todo))
             todo = todo.append_column("index", pa.array(range(todo.num_rows), pa.int64()))
