@@ -102,6 +102,22 @@ def test_the_token_layout_at_the_real_vocabulary_offsets_is_plvms(engine, reduce
     assert all(0 <= i < VOCABULARY + engine.concept_slots for row in ids for i in row)
 
 
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_random_weights_are_quantized_as_a_checkpoint_would_be(reduced, reduced_concepts, quantization):
+    import bitsandbytes as bnb
+
+    options = GenerateConfig(max_new_tokens=2, quantization=quantization).engine_options(str(reduced), True)
+    engine = TransformersEngine(**options)
+    kind = bnb.nn.Linear8bitLt if quantization == "8bit" else bnb.nn.Linear4bit
+    linear = {name: type(m) for name, m in engine.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    language = {name: t for name, t in linear.items() if name.startswith("model.language_model.")}
+    assert len(language) == 2 * 7 and all(issubclass(t, kind) for t in language.values())
+    rest = {name: t for name, t in linear.items() if name not in language}
+    assert "lm_head" in rest and any(n.startswith("model.vision_tower.") for n in rest)
+    assert all(t is torch.nn.Linear for t in rest.values()), "the vision tower, projector and head stay unquantized"
+    assert all(engine.generate_ids(layout_cases(reduced_concepts)[:1]))
+
+
 @pytest.mark.vllm
 def test_vllm_with_dummy_weights_builds_the_same_layout(reduced, reduced_concepts, vllm_env, ray_local):
     """vLLM with ``load_format: dummy``: its prompt embeddings at the real offsets are PLVM's layout (rows from its
