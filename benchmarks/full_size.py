@@ -48,13 +48,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import Meter, Recorder, add_results_option, gpu_memory_used, header  # noqa: E402
+from benchmarks.machine import Meter, Recorder, add_results_option, gpu_memory_used, header, tree_of  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "yollava-humans"
 MIB = 2**20
@@ -186,22 +185,13 @@ def write_yaml(path: Path, data: dict) -> str:
     return str(path)
 
 
-def measured(command: list[str], env: dict | None = None, log: Path | None = None) -> tuple[Meter, int, str]:
+def measured(command: list[str], env: dict | None = None) -> tuple[Meter, int, str]:
     """Run ``command`` in a child process, measured with all its descendants; (meter, exit code, its output)."""
-    log = log or Path(tempfile.mktemp(suffix=".log"))
-    with open(log, "w+") as out:
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                 env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})  # fmt: skip
-        tree = psutil.Process(child.pid)
-
-        def processes() -> list[psutil.Process]:
-            try:
-                return [tree, *tree.children(recursive=True)]
-            except psutil.Error:
-                return []
-
-        with Meter(processes, gpu=gpu_memory_used() is not None) as meter:
-            code = child.wait()
+    with tempfile.TemporaryFile("w+") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                   env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})  # fmt: skip
+        with Meter(tree_of(process), gpu=gpu_memory_used() is not None) as meter:
+            code = process.wait()
         out.seek(0)
         return meter, code, out.read()
 

@@ -133,6 +133,19 @@ def process_tree() -> list[psutil.Process]:
     return [me, *me.children(recursive=True)]
 
 
+def tree_of(child: subprocess.Popen) -> Callable[[], list[psutil.Process]]:
+    """The processes of a child process's tree (it and its descendants), as :class:`Meter` measures them."""
+    tree = psutil.Process(child.pid)
+
+    def processes() -> list[psutil.Process]:
+        try:
+            return [tree, *tree.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    return processes
+
+
 def process_kind(process: psutil.Process, known: str = "?") -> str:
     """What a process of a run is: a Ray Data stage's actor (by its class), Ray's task workers, one of Ray's own
     actors or daemons (by name), or the driver; ``known`` when the process is gone."""
