@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/full_size.py [--config configs/full-size-cpu.yaml]
         [--runs transformers,vllm] [--alone transformers,vllm] [--photos 4] [--person thao] [--rounds 1]
-        [--face-photos 0] [--data DIR]
+        [--face-photos 0] [--data DIR] [--llava FOLDER]
 
 LLaVA-1.5-7B, DINOv2-base and the PLVM Aligner are built from their published configurations
 (``plvm_model/published``) with random weights (``models.random_weights``): the config is ``--config`` with
@@ -171,12 +171,18 @@ def out_rounds() -> int:
 # The parent: derived configs, the measured children, the report.
 
 
-def derived_config(base: Path) -> dict:
-    """``base`` with the models set to the published configurations and random weights."""
+def derived_config(base: Path, llava: str | None = None) -> dict:
+    """``base`` with the models set to the published configurations and random weights; ``llava``: another LLaVA
+    configuration's folder instead (the Aligner's output then follows its width)."""
     data = yaml.safe_load(base.read_text()) or {}
-    models = data.get("models", {})
-    data["models"] = {**models, "llava": "published", "dinov2": "published", "aligner": "published",
-                      "random_weights": True}  # fmt: skip
+    models = {**data.get("models", {}), "llava": llava or "published", "dinov2": "published", "aligner": "published",
+              "random_weights": True}  # fmt: skip
+    if llava:
+        from transformers import AutoConfig
+
+        hidden = AutoConfig.from_pretrained(llava).text_config.hidden_size
+        models["aligner_shape"] = {**models.get("aligner_shape", {}), "output_dim": hidden}
+    data["models"] = models
     return data
 
 
@@ -298,6 +304,8 @@ def main() -> None:
     parser.add_argument("--face-photos", type=int, default=0,
                         help="also time the face stages alone over this many sample photos (0: not)")
     parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--llava", help="another LLaVA configuration's folder than the published one (a reduced "
+                                        "one, for a quick check of this script; the Aligner follows its width)")
     parser.add_argument("--step", choices=("enroll", "engine"), help=argparse.SUPPRESS)
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     add_results_option(parser)
@@ -325,14 +333,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="full-size-") as tmp:
         work = Path(tmp)
-        data = derived_config(Path(args.config))
+        data = derived_config(Path(args.config), args.llava)
         run_yaml = write_yaml(work / "run.yaml", data)
         config = load_config(run_yaml, random_weights=True)
         banks = str(work / "banks")
         record = Recorder(__file__, args.results)
         print(header("The real model at full size with random weights (`benchmarks/full_size.py`)"))
         print(f"- command: `{' '.join(['benchmarks/full_size.py', *sys.argv[1:]])}`")
-        print(f"- models: LLaVA-1.5-7B, DINOv2-base and the Aligner from their published configurations with random "
+        llava = f"the LLaVA of {args.llava}" if args.llava else "LLaVA-1.5-7B"
+        print(f"- models: {llava}, DINOv2-base and the Aligner from their published configurations with random "
               f"weights; generate: dtype {config.generate.dtype} on {config.generate.device}, "
               f"{config.generate.max_new_tokens} new tokens at most, greedy; {args.photos} photos of "
               f"{args.person} after her enrollment from one reference photo")
