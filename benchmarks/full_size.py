@@ -225,7 +225,8 @@ def kinds(meter: Meter, top: int = 3) -> str:
 
 def row(step: str, meter: Meter, code: int, what: str) -> str:
     status = "" if code == 0 else f"**failed (exit {code})**: "
-    return f"| {step} | {meter.wall:.0f} | {gib(meter.peak)} | {gib(meter.peak_gpu)} | {status}{what} |"
+    return (f"| {step} | {meter.wall:.0f} | {gib(meter.peak)} | {gib(meter.peak_gpu)} | {meter.others:.1f} | "
+            f"{status}{what} |")  # fmt: skip
 
 
 def caption_step(name: str, run_yaml: str, banks: str, photos_glob: str, work: Path, engine: str) -> tuple:
@@ -346,9 +347,10 @@ def main() -> None:
               f"{config.generate.max_new_tokens} new tokens at most, greedy; {args.photos} photos of "
               f"{args.person} after her enrollment from one reference photo")
         print("- each step a fresh process, measured from outside with all its descendants: wall seconds, peak RSS "
-              "of the process tree in GiB, peak GPU memory in use on the machine in GiB (nvidia-smi)\n", flush=True)
-        print("| step | wall s | peak RSS | peak GPU | what |")
-        print("|---|---|---|---|---|")
+              "of the process tree in GiB, peak GPU memory in use on the machine in GiB (nvidia-smi), and the CPUs "
+              "that other processes kept busy meanwhile (others)\n", flush=True)
+        print("| step | wall s | peak RSS | peak GPU | others | what |")
+        print("|---|---|---|---|---|---|")
         notes: list[str] = []
         meter, code, result = child("enroll", run_yaml, banks, args.person.capitalize(), str(reference))
         if code == 0:
