@@ -27,12 +27,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import Meter, Recorder, add_results_option, header  # noqa: E402
+from benchmarks.machine import Meter, Recorder, add_results_option, header, tree_of  # noqa: E402
 from operators.decode import decode_image  # noqa: E402
 from operators.read import IMAGE_EXTENSIONS  # noqa: E402
 from operators.rows import to_table  # noqa: E402
@@ -50,7 +49,8 @@ def loop(config, paths: list[str], refs: list[np.ndarray]) -> int:
     from plvm_model.faces import MTCNNDetector, make_embedder
 
     torch.set_num_threads(os.cpu_count() or 1)
-    detector = MTCNNDetector(config.detect.long_side, config.detect.min_face_size, config.detect.score_threshold)
+    detector = MTCNNDetector(config.detect.long_side, config.detect.min_face_size, config.detect.score_threshold,
+                             device=config.detect.device)  # fmt: skip
     embedder = make_embedder(config.embed.kind, **config.embed.options)
     per_photo = []
     for path in paths:
@@ -88,15 +88,7 @@ def measure(side: str, photos_file: str, config_path: str, banks: str) -> tuple[
                "--banks", banks]  # fmt: skip
     with tempfile.TemporaryFile("w+") as out:
         child = subprocess.Popen(command, stdout=out, env={**os.environ, "PYTHONPATH": str(REPO)})
-        tree = psutil.Process(child.pid)
-
-        def processes() -> list[psutil.Process]:
-            try:
-                return [tree, *tree.children(recursive=True)]
-            except psutil.Error:
-                return []
-
-        with Meter(processes, proportional=True) as meter:
+        with Meter(tree_of(child), proportional=True) as meter:
             if child.wait() != 0:
                 raise SystemExit(f"the {side} side failed (exit {child.returncode})")
         out.seek(0)

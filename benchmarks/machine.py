@@ -58,9 +58,20 @@ def header(title: str) -> str:
         "",
         (f"- machine: {cpu_model()}, {psutil.cpu_count(logical=True)} CPUs ({psutil.cpu_count(logical=False)} cores), "
          f"{memory:.1f} GiB memory, {platform.system()} {platform.machine()}, Python {platform.python_version()}"),
+        *([f"- GPU: {gpu}"] if (gpu := gpu_names()) else []),
         f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; commit {commit()}",
         f"- load average before the run (1, 5, 15 min): {load}",
     ])  # fmt: skip
+
+
+def gpu_names() -> str | None:
+    """The machine's GPUs and their memory, from ``nvidia-smi`` (None without it)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True, timeout=10).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return "; ".join(line.strip() for line in out.splitlines() if line.strip()) or None
 
 
 def add_results_option(parser) -> None:
@@ -122,6 +133,19 @@ def process_tree() -> list[psutil.Process]:
     return [me, *me.children(recursive=True)]
 
 
+def tree_of(child: subprocess.Popen) -> Callable[[], list[psutil.Process]]:
+    """The processes of a child process's tree (it and its descendants), as :class:`Meter` measures them."""
+    tree = psutil.Process(child.pid)
+
+    def processes() -> list[psutil.Process]:
+        try:
+            return [tree, *tree.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    return processes
+
+
 def process_kind(process: psutil.Process, known: str = "?") -> str:
     """What a process of a run is: a Ray Data stage's actor (by its class), Ray's task workers, one of Ray's own
     actors or daemons (by name), or the driver; ``known`` when the process is gone."""
@@ -138,6 +162,17 @@ def process_kind(process: psutil.Process, known: str = "?") -> str:
     if "/ray/" in title:
         return "Ray's daemons"
     return "driver"
+
+
+def gpu_memory_used() -> int | None:
+    """Bytes of GPU memory in use on the machine (all its GPUs, every process), from ``nvidia-smi``; None without
+    it."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=True, timeout=10).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sum(int(line) for line in out.split()) * 2**20
 
 
 def _busy_seconds() -> float:
@@ -158,12 +193,20 @@ class Meter:
     """
 
     def __init__(
-        self, processes: Callable[[], Iterable[psutil.Process]] = process_tree, proportional: bool = False
+        self,
+        processes: Callable[[], Iterable[psutil.Process]] = process_tree,
+        proportional: bool = False,
+        gpu: bool = False,
     ) -> None:
         self.processes = processes
         self.proportional = proportional
+        self.gpu = gpu
         self.peak = 0
         self.peak_pss = 0
+        self.peak_by_kind: dict[str, int] = {}
+        """The peak of each kind of process's summed RSS (:func:`process_kind`)."""
+        self.peak_gpu: int | None = None
+        """With ``gpu``: the peak of the GPU memory in use on the machine, in bytes (:func:`gpu_memory_used`)."""
         self.at_peak: dict[str, tuple[int, int, int]] = {}
         self._samples = 0
         self._cpu0: dict[int, float] = {}
@@ -190,6 +233,12 @@ class Meter:
             by_kind[kind] = (kind_rss + rss, kind_pss + pss, count + 1)
         rss, pss = sum(m[0] for m in by_kind.values()), sum(m[1] for m in by_kind.values())
         self.peak = max(self.peak, rss)
+        for kind, (kind_rss, _, _) in by_kind.items():
+            self.peak_by_kind[kind] = max(self.peak_by_kind.get(kind, 0), kind_rss)
+        if self.gpu and self._samples % 5 == 1:
+            used = gpu_memory_used()
+            if used is not None:
+                self.peak_gpu = max(self.peak_gpu or 0, used)
         if pss > self.peak_pss:
             self.peak_pss, self.at_peak = pss, by_kind
 

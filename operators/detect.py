@@ -13,6 +13,9 @@ class DetectConfig(StageConfig):
     long_side: int = Field(1024, ge=64, description="MTCNN runs on a copy resized to this long side.")
     min_face_size: int = Field(20, ge=8, description="MTCNN's smallest face, in pixels of that copy.")
     score_threshold: float = Field(0.9, ge=0, le=1, description="Faces with a lower detection score are dropped.")
+    device: str = Field(
+        "cpu", description="torch device of MTCNN (`cuda`: give the detect actors a share of a GPU, `num_gpus`)."
+    )
     resources: Resources = Field(
         Resources(), description="The MTCNN actors (which also decode the photos and cut the faces' chips)."
     )
@@ -30,8 +33,9 @@ class DetectFaces(RowStage):
 
         torch.set_num_threads(config.resources.torch_threads())
         self.detector = MTCNNDetector(
-            long_side=config.long_side, min_face_size=config.min_face_size, score_threshold=config.score_threshold
-        )
+            long_side=config.long_side, min_face_size=config.min_face_size, score_threshold=config.score_threshold,
+            device=config.device,
+        )  # fmt: skip
 
     def process(self, row: dict) -> None:
         if row.get("faces") is not None:  # from the face index

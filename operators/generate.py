@@ -141,11 +141,13 @@ class GenerateConfig(StageConfig):
     vllm: VLLMConfig = Field(VLLMConfig(), description="The vllm engine's environment and `vllm.LLM` arguments.")
     resources: Resources = Field(Resources(), description="The engine actors.")
 
-    def engine_options(self, model_path: str) -> dict[str, Any]:
+    def engine_options(self, model_path: str, random_weights: bool = False) -> dict[str, Any]:
         """The arguments of the configured engine (:func:`plvm_model.engines.make_engine`, after its kind) for the
-        LLaVA checkpoint at ``model_path``: the options both engines take and, for vllm, ``vllm.LLM``'s."""
-        shared = {f.name for f in fields(EngineOptions)} - {"template"}
-        options = EngineOptions(template=PromptTemplate(**self.template.model_dump()), **self.model_dump(include=shared))
+        LLaVA checkpoint at ``model_path`` (with ``random_weights``: its configuration, with random weights): the
+        options both engines take and, for vllm, ``vllm.LLM``'s."""
+        shared = {f.name for f in fields(EngineOptions)} - {"template", "random_weights"}
+        options = EngineOptions(template=PromptTemplate(**self.template.model_dump()), random_weights=random_weights,
+                                **self.model_dump(include=shared))  # fmt: skip
         vllm = {"engine_args": self.vllm.llm_args()} if self.engine == "vllm" else {}
         return {"model_path": model_path, "options": options, **vllm}
 
@@ -179,12 +181,12 @@ class Generate(RowStage):
     drops = ("pixels", "injected")
     optional = ("questions",)
 
-    def __init__(self, config: GenerateConfig, model_path: str) -> None:
+    def __init__(self, config: GenerateConfig, model_path: str, random_weights: bool = False) -> None:
         import torch
 
         torch.set_num_threads(config.resources.torch_threads())
         self.config = config
-        self.engine = make_engine(config.engine, **config.engine_options(model_path))
+        self.engine = make_engine(config.engine, **config.engine_options(model_path, random_weights))
         self._runner = ThreadPoolExecutor(max_workers=1)
         self._late: Future | None = None
         """A call that missed its deadline and may still be running."""
@@ -220,6 +222,7 @@ class Generate(RowStage):
             GenerationRequest(row_pixels(row), prompt, injected_tokens(row)) for row, prompts in zip(rows, asked)
             for prompt in prompts
         ]  # fmt: skip
+        generated = self.engine.new_tokens
         texts = iter(self.generate(requests) if requests else [])
         for row, prompts in zip(rows, asked):
             answers = [next(texts) for _ in prompts]
@@ -227,6 +230,7 @@ class Generate(RowStage):
                 row["caption"], prompts, answers = answers[0], prompts[1:], answers[1:]
             row["answers"] = [{"question": q, "answer": a} for q, a in zip(prompts, answers)]
         self.stat_update("prompts", len(requests))
+        self.stat_update("new_tokens", self.engine.new_tokens - generated)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -242,8 +246,8 @@ class Generate(RowStage):
         return to_table(rows, output_columns(batch, self.adds, self.drops))
 
 
-def stage(config: GenerateConfig, model_path: str) -> Stage:
+def stage(config: GenerateConfig, model_path: str, random_weights: bool = False) -> Stage:
     return Stage.of(
-        "generate", Generate, (config, model_path), config.resources, actors=True, runtime_env=config.runtime_env(),
-        restarts=False,
+        "generate", Generate, (config, model_path, random_weights), config.resources, actors=True,
+        runtime_env=config.runtime_env(), restarts=False,
     )  # fmt: skip

@@ -32,6 +32,7 @@ from pipelines.runner.counters import by_stage, stage_lines, totals
 from pipelines.runner.execute import execute
 from pipelines.runner.failures import results
 from pipelines.runner.progress import Progress
+from plvm_model.random_weights import mode_line
 from plvm_model.store import storage
 from plvm_model.store.banks import BankVersions
 from plvm_model.store.errors import ConfigError, OutputExists, RowCountMismatch, RunFailed
@@ -85,6 +86,8 @@ class RunSummary:
     started: str = ""
     """When the run started and ended (UTC, ISO 8601)."""
     ended: str = ""
+    random_weights: bool = False
+    """The run's models had random weights (``models.random_weights``): its captions are noise."""
 
     def lines(self) -> list[str]:
         """The summary as printed at the end of a run."""
@@ -104,6 +107,7 @@ class RunSummary:
             ),
             *stage_lines(self.stages),
             f"wall {self.wall_s:.1f} s, {self.photos_per_s:.2f} photos/s",
+            mode_line(self.random_weights),
         ]
 
 
@@ -163,7 +167,7 @@ class CaptionRun:
         todo = remaining(listing, self.done(overwrite, resume, retry_errors))
         banks = pin_banks(todo.filter(todo.column("error").is_null()).column("user_id").to_pylist(), config)
         # the output changes only from here, once the run is known to start
-        self.output.prepare(output_schema(config.output.face_embeddings), overwrite=overwrite)
+        self.output.prepare(output_schema(config.output.face_embeddings), overwrite, config.models.random_weights)
         retried = self.output.drop_retryable(self.run_id) if retry_errors else 0
         parts, failure = self.write(todo, lease, pinned, banks)
         summary = self.summarize(listing, todo, parts, pinned, banks, time.monotonic() - started)
@@ -254,6 +258,7 @@ class CaptionRun:
             photos_per_s=todo.num_rows / wall if wall else 0.0,
             banks=banks,
             stages={stage: c for stage, c in by_stage(counts).items() if stage != "write" or c},
+            random_weights=self.config.models.random_weights,
         )
 
     def over_budget(self, summary: RunSummary) -> RunFailed | None:

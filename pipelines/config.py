@@ -35,18 +35,29 @@ from plvm_model.store.errors import ConfigError
 if TYPE_CHECKING:  # the Aligner's module imports torch, which a command that only reads a config does not need
     from plvm_model.aligner import AlignerShape
 
+MODELS = ("llava", "dinov2", "aligner")
+PUBLISHED = "published"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class ModelsConfig(StageConfig):
-    """Local paths of the models, or ``tiny`` for the random test models built on first use."""
+    """Local paths of the models, ``tiny`` for the random test models built on first use, or ``published`` for the
+    real models' published configurations without weights (with ``random_weights``)."""
 
-    llava: str = Field("tiny", description="The LLaVA-1.5 checkpoint (a llava-hf folder).")
-    dinov2: str = Field("tiny", description="The DINOv2 checkpoint whose features the Aligner reads.")
+    llava: str = Field(
+        "tiny",
+        description="The LLaVA-1.5 checkpoint (a llava-hf folder); `published`: llava-hf/llava-1.5-7b-hf's published "
+        "configuration, without weights (needs `random_weights`).",
+    )
+    dinov2: str = Field(
+        "tiny",
+        description="The DINOv2 checkpoint whose features the Aligner reads; `published`: facebook/dinov2-base's "
+        "published configuration, without weights (needs `random_weights`).",
+    )
     aligner: str = Field(
         "tiny",
         description="A PLVM Aligner checkpoint (state dict); its shape from `aligner.json` beside it or "
-        "`aligner_shape`.",
+        "`aligner_shape`; `published`: no checkpoint, the shape of `aligner_shape` (needs `random_weights`).",
     )
     aligner_shape: dict[str, int] = Field(
         {}, description="The Aligner's hyperparameters (`dim`, `depth`, `heads`, `num_queries`, ...)."
@@ -55,6 +66,24 @@ class ModelsConfig(StageConfig):
         "image", description="What the Aligner sees: the whole reference photo (PLVM) or a crop around the face."
     )
     device: str = Field("cpu", description="torch device of DINOv2 and the Aligner at enrollment.")
+    random_weights: bool = Field(
+        False,
+        description="Build every model (LLaVA, DINOv2, the Aligner) from its configuration with random weights in "
+        "the configured dtype, reading no weights: the real path at its real shapes where no weights can be had. "
+        "Its captions are noise, and marked so (the rows' `model`, the output's metadata, `plvm show`, every "
+        "summary). Takes effect only with the command-line flag `--random-weights`; without it the config is "
+        "refused.",
+    )
+
+    @model_validator(mode="after")
+    def _published_needs_random_weights(self) -> ModelsConfig:
+        named = [kind for kind in MODELS if getattr(self, kind) == PUBLISHED]
+        if named and not self.random_weights:
+            raise ValueError(
+                f"models.{named[0]}: '{PUBLISHED}' is a published configuration without weights: it needs "
+                "models.random_weights: true"
+            )
+        return self
 
 
 class MyVLMConfig(StageConfig):
@@ -120,14 +149,17 @@ class ModelPaths:
     llava: str
     dinov2: str
     aligner: str
+    """The Aligner's checkpoint (``published``: none, with random weights)."""
     aligner_shape: AlignerShape
     aligner_reference: str
+    random_weights: bool = False
+    """Every model built from its configuration with random weights (``models.random_weights``)."""
 
     @cached_property
     def aligner_identity(self) -> str:
         from plvm_model.concepts import aligner_identity
 
-        return aligner_identity(self.aligner, self.aligner_reference, self.aligner_shape)
+        return aligner_identity(self.aligner, self.aligner_reference, self.aligner_shape, self.random_weights)
 
 
 class Config(StageConfig):
@@ -178,24 +210,33 @@ class Config(StageConfig):
         return self
 
     def model_paths(self) -> ModelPaths:
-        """The models' local paths, building the tiny ones first where ``tiny`` is named."""
+        """The models' local paths, building the tiny ones (``tiny``) or the published configurations' folders
+        (``published``) first where named."""
         from plvm_model.concepts import aligner_shape
-        from plvm_model.tiny import ensure_tiny_models
 
         m = self.models
-        named = {"llava": m.llava, "dinov2": m.dinov2, "aligner": m.aligner}
+        named = {kind: getattr(m, kind) for kind in MODELS}
         if "tiny" in named.values():
+            from plvm_model.tiny import ensure_tiny_models
+
             tiny = ensure_tiny_models()
             named = {k: str(getattr(tiny, k)) if v == "tiny" else v for k, v in named.items()}
+        if PUBLISHED in (named["llava"], named["dinov2"]):
+            from plvm_model.published import ensure_published_models
+
+            published = ensure_published_models()
+            named |= {k: str(getattr(published, k)) for k in ("llava", "dinov2") if named[k] == PUBLISHED}
         for kind, path in named.items():
-            if not Path(path).exists():
-                raise ConfigError(f"models.{kind}: {path} does not exist (give a local path, or 'tiny')")
+            if path != PUBLISHED and not Path(path).exists():
+                raise ConfigError(f"models.{kind}: {path} does not exist (give a local path, 'tiny' or 'published')")
+        shape = aligner_shape(None if named["aligner"] == PUBLISHED else named["aligner"], m.aligner_shape)
         return ModelPaths(
             llava=named["llava"],
             dinov2=named["dinov2"],
             aligner=named["aligner"],
-            aligner_shape=aligner_shape(named["aligner"], m.aligner_shape),
+            aligner_shape=shape,
             aligner_reference=m.aligner_reference,
+            random_weights=m.random_weights,
         )
 
 
@@ -247,11 +288,13 @@ def _config_text(path: str) -> str:
     return Path(path).read_text()
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+def load_config(path: str | Path | None = None, *, random_weights: bool = False, **overrides: Any) -> Config:
     """The config at ``path`` (or the defaults), with dotted-key ``overrides`` (``input__uri=...``) applied.
 
     ``path`` is a file, an fsspec URI, or ``env:NAME`` for YAML held in an environment variable
-    (how ``submit.py`` ships a config to a cluster job).
+    (how ``submit.py`` ships a config to a cluster job). ``random_weights`` says that the command line asked for
+    random weights (``--random-weights``): a config that sets ``models.random_weights`` is refused without it, and
+    it without such a config, so that a run with random weights is never made by accident.
     """
     data: dict[str, Any] = {}
     source = str(path) if path else "(defaults)"
@@ -277,6 +320,14 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
             node = node.setdefault(key, {})
         node[leaf] = value
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_describe(error, source)) from None
+    if config.models.random_weights and not random_weights:
+        raise ConfigError(
+            f"config {source}: models.random_weights is true, which builds every model with random weights (its "
+            "output is noise): pass --random-weights to run it so"
+        )
+    if random_weights and not config.models.random_weights:
+        raise ConfigError(f"--random-weights: config {source} does not set models.random_weights: true")
+    return config

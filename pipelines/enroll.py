@@ -152,6 +152,7 @@ class Enroller:
                 self.models.aligner_shape,
                 reference=self.models.aligner_reference,
                 device=self.config.models.device,
+                random_weights=self.models.random_weights,
             )
         return self._encoder
 
@@ -277,6 +278,7 @@ class Enroller:
                 concept_style=self.config.generate.concept_style,
                 dtype=settings.dtype,
                 device=settings.device,
+                random_weights=self.models.random_weights,
             )
         unknown = self._trainer.unknown_words(name)
         if unknown:

@@ -38,7 +38,8 @@ def pin_banks(users: list[str], config: Config) -> BankVersions:
             if llava is None:
                 from plvm_model.myvlm import llava_identity
 
-                llava = llava_identity(config.model_paths().llava)
+                models = config.model_paths()
+                llava = llava_identity(models.llava, models.random_weights)
             bank.check_servable(llava)
         if bank is not None and config.generate.concept_style == "plvm":
             for concept in (c for c in bank.concepts if c.method == "plvm"):  # MyVLM's is served in either style

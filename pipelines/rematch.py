@@ -32,6 +32,7 @@ from pipelines.runner.execute import execute
 from pipelines.runner.failures import results
 from pipelines.stage_lists import llm_stages
 from plvm_model.faces import embedder_class
+from plvm_model.random_weights import mode_line
 from plvm_model.store.banks import BankSource, BankVersions
 from plvm_model.store.errors import InputNotFound, RowCountMismatch
 from plvm_model.store.face_index import FaceIndex, IndexSource
@@ -70,6 +71,8 @@ class RematchSummary:
     started: str = ""
     """When the rematch started and ended (UTC, ISO 8601)."""
     ended: str = ""
+    random_weights: bool = False
+    """The models had random weights (``models.random_weights``): the captions written are noise."""
 
     def lines(self) -> list[str]:
         """The summary as printed at the end of a rematch."""
@@ -80,7 +83,8 @@ class RematchSummary:
         if self.not_indexed:
             lines.append(f"{self.not_indexed} photos are not in the face index and keep their rows "
                          "(plvm caption --overwrite indexes them)")  # fmt: skip
-        return [*lines, *stage_lines(self.stages), f"wall {self.wall_s:.1f} s (naming the faces {self.naming_s:.1f} s)"]
+        wall = f"wall {self.wall_s:.1f} s (naming the faces {self.naming_s:.1f} s)"
+        return [*lines, *stage_lines(self.stages), wall, mode_line(self.random_weights)]
 
 
 NAMING_ROWS = 4096
@@ -156,7 +160,8 @@ def rematch_held(
     written again whatever their names and errors (``plvm forget``)."""
     config = config.model_copy(update={"output": config.output.model_copy(update={"uri": output.uri})})
     started, started_at = time.monotonic(), metrics.utc_now()
-    output.prepare(output_schema(config.output.face_embeddings))
+    random_weights = config.models.random_weights
+    output.prepare(output_schema(config.output.face_embeddings), random_weights=random_weights)
     current = output.read(["path", "user_id", "concepts", "error", "error_kind"])
     bank_error = pc.is_in(current.column("error_kind"), value_set=pa.array(BANK_ERRORS))
     keep = pc.or_kleene(pc.is_null(current.column("error")), bank_error)
@@ -171,7 +176,7 @@ def rematch_held(
     naming = time.monotonic()
     todo, missing = rename(config, current, users, banks, forced)
     summary = RematchSummary(run_id, current.num_rows, missing, todo.num_rows, banks=banks,
-                             naming_s=time.monotonic() - naming)  # fmt: skip
+                             naming_s=time.monotonic() - naming, random_weights=random_weights)  # fmt: skip
     if todo.num_rows:
         changed = set(keys(todo))
         todo = todo.append_column("index", pa.array(range(todo.num_rows), pa.int64()))

@@ -96,7 +96,7 @@ def answering_stages(config: Config, models: ModelPaths, run_id: str, parts: int
     return [
         prompt.stage(config.prompt, banks, models.aligner_identity, tasks),
         decode.stage(config.decode, tasks),  # the photos the barrier (or the index) left without pixels
-        generate.stage(config.generate, models.llava),
+        generate.stage(config.generate, models.llava, models.random_weights),
         write.stage(config.output, run_id, config.storage, tasks, parts),
     ]
 
@@ -110,10 +110,11 @@ def llm_stages(config: Config, models: ModelPaths, run_id: str, parts: int, bank
 
 def asking_stages(config: Config) -> list[Step]:
     """read -> decode -> generate, for rows that carry their own ``injected`` concepts and ``questions``."""
+    models = config.model_paths()
     return [
         read.stage(config.read, config.storage, config.tasks),
         decode.stage(config.decode, config.tasks),
-        generate.stage(config.generate, config.model_paths().llava),
+        generate.stage(config.generate, models.llava, models.random_weights),
     ]
 
 

@@ -14,22 +14,27 @@ import numpy as np
 import torch
 from PIL import Image
 
+from plvm_model import random_weights as randomly
 from plvm_model.aligner import Aligner, AlignerShape
 from plvm_model.faces.detector import Face
 
 REFERENCES = ("image", "face")
 
 
-def aligner_shape(checkpoint: str | Path, overrides: dict | None = None) -> AlignerShape:
-    """The shape written beside the checkpoint (``aligner.json``), else PLVM's defaults with ``overrides``."""
-    beside = Path(checkpoint).with_name("aligner.json")
-    if beside.exists():
+def aligner_shape(checkpoint: str | Path | None, overrides: dict | None = None) -> AlignerShape:
+    """The shape written beside the checkpoint (``aligner.json``), else PLVM's defaults with ``overrides`` (also
+    without a checkpoint: ``None``)."""
+    beside = Path(checkpoint).with_name("aligner.json") if checkpoint is not None else None
+    if beside is not None and beside.exists():
         return AlignerShape(**json.loads(beside.read_text()))
     return AlignerShape(**(overrides or {}))
 
 
-def aligner_identity(checkpoint: str | Path, reference: str, shape: AlignerShape) -> str:
-    """Names the vector space of the soft tokens: a bank's concepts fit only the same Aligner setup."""
+def aligner_identity(checkpoint: str | Path, reference: str, shape: AlignerShape, random_weights: bool = False) -> str:
+    """Names the vector space of the soft tokens: a bank's concepts fit only the same Aligner setup (with
+    ``random_weights``, the seeded random Aligner of ``shape``, whatever ``checkpoint`` says)."""
+    if random_weights:
+        return f"plvm-aligner:random-seed{randomly.SEED}:{reference}:{shape.output_dim}"
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
     return f"plvm-aligner:{digest}:{reference}:{shape.output_dim}"
 
@@ -45,7 +50,9 @@ def face_crop(image: np.ndarray, face: Face, margin: float) -> np.ndarray:
 
 
 class ConceptEncoder:
-    """DINOv2 (transformers) + Aligner. ``reference`` is ``image`` (PLVM) or ``face`` (a crop around the face)."""
+    """DINOv2 (transformers) + Aligner. ``reference`` is ``image`` (PLVM) or ``face`` (a crop around the face); with
+    ``random_weights`` both are built with random weights (DINOv2 from the configuration in ``dinov2_path``, the
+    Aligner of ``shape``) and no checkpoint is read."""
 
     def __init__(
         self,
@@ -55,6 +62,7 @@ class ConceptEncoder:
         reference: str = "image",
         face_margin: float = 0.6,
         device: str = "cpu",
+        random_weights: bool = False,
     ) -> None:
         from transformers import AutoImageProcessor, Dinov2Model
         from transformers.utils import logging
@@ -67,14 +75,16 @@ class ConceptEncoder:
         self.face_margin = face_margin
         self.device = torch.device(device)
         self.processor = AutoImageProcessor.from_pretrained(dinov2_path, backend="pil")
-        self.dinov2 = Dinov2Model.from_pretrained(dinov2_path).eval().to(self.device)
+        dinov2 = randomly.dinov2(dinov2_path) if random_weights else Dinov2Model.from_pretrained(dinov2_path)
+        self.dinov2 = dinov2.eval().to(self.device)
         if self.dinov2.config.hidden_size != shape.embedding_dim:
             raise ValueError(
                 f"the Aligner expects {shape.embedding_dim}-d image features, "
                 f"{dinov2_path} gives {self.dinov2.config.hidden_size}-d"
             )
-        self.aligner = Aligner.from_checkpoint(aligner_checkpoint, shape).to(self.device)
-        self.identity = aligner_identity(aligner_checkpoint, reference, shape)
+        aligner = randomly.aligner(shape) if random_weights else Aligner.from_checkpoint(aligner_checkpoint, shape)
+        self.aligner = aligner.to(self.device)
+        self.identity = aligner_identity(aligner_checkpoint, reference, shape, random_weights)
 
     @torch.inference_mode()
     def encode(self, image: np.ndarray, face: Face | None) -> tuple[np.ndarray, np.ndarray]:

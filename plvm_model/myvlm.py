@@ -23,19 +23,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from plvm_model import random_weights as randomly
 from plvm_model.engines.base import GenerationRequest, LlavaPrompter
 from plvm_model.engines.llava_parts import weight_files
 from plvm_model.injection import ConceptTokens, PromptTemplate, TokenizedPrompt, place_after_image
 
 
-def llava_identity(model_path: str | Path) -> str:
+def llava_identity(model_path: str | Path, random_weights: bool = False) -> str:
     """Names the LLM input space a MyVLM vector lives in: the checkpoint's config and its weight files' names and
-    sizes (not its path, so a bank stays valid where the same checkpoint lies elsewhere)."""
+    sizes (not its path, so a bank stays valid where the same checkpoint lies elsewhere); with ``random_weights``,
+    the config and the seed of the random weights."""
     path = Path(model_path)
+    if random_weights:
+        return "llava:" + randomly.identity(path / "config.json", llava_hidden(path))
     files = [(f.name, f.stat().st_size) for f in weight_files(path)]
     digest = hashlib.sha256(json.dumps([(path / "config.json").read_text(), files]).encode()).hexdigest()[:16]
-    hidden = json.loads((path / "config.json").read_text())["text_config"]["hidden_size"]
-    return f"llava:{digest}:{hidden}"
+    return f"llava:{digest}:{llava_hidden(path)}"
+
+
+def llava_hidden(model_path: Path) -> int:
+    """The hidden size of the LLaVA's language model."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path).text_config.hidden_size
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,7 @@ class MyVLMTrainer:
 
     def __init__(
         self, model_path: str, *, template: PromptTemplate, image_aspect: str, concept_style: str, dtype: str,
-        device: str,
+        device: str, random_weights: bool = False,
     ) -> None:  # fmt: skip
         from transformers import LlavaForConditionalGeneration
         from transformers.utils import logging
@@ -83,13 +93,16 @@ class MyVLMTrainer:
         self.prompter = LlavaPrompter(model_path, template, image_aspect, concept_style)
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
-        self.model = LlavaForConditionalGeneration.from_pretrained(
-            model_path, dtype=self.dtype, attn_implementation="eager"
-        ).to(self.device)
+        if random_weights:
+            self.model = randomly.llava(model_path, self.dtype, device, attn_implementation="eager")
+        else:
+            self.model = LlavaForConditionalGeneration.from_pretrained(
+                model_path, dtype=self.dtype, attn_implementation="eager"
+            ).to(self.device)
         self.model.eval()  # no dropout: the model is a fixed function of the vector
         self.model.requires_grad_(False)
         self.hidden = self.model.config.text_config.hidden_size
-        self.identity = llava_identity(model_path)
+        self.identity = llava_identity(model_path, random_weights)
 
     def unknown_words(self, text: str) -> list[str]:
         """The words of ``text`` the tokenizer can only write as its unknown token (the concept's name must not be)."""

@@ -22,7 +22,7 @@ IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 
 # The tiny tokenizer's vocabulary: the words our prompts and captions use.
-_CORPUS = """
+CORPUS = """
 A chat between a curious user and an artificial intelligence assistant. The assistant gives
 helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT:
 Describe this photo in one sentence, naming the people you know. Who is in this photo?
@@ -67,7 +67,7 @@ def _tokenizer():
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, show_progress=False)
-    tok.train_from_iterator(_CORPUS.split("\n"), trainer=trainer)
+    tok.train_from_iterator(CORPUS.split("\n"), trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(

@@ -57,3 +57,29 @@ def test_the_dataset_benchmark_builds_two_archive_sizes(yollava, tmp_path):
     items = {n: int(cells[0]) for n, cells in rows.items()}
     assert items["16"] == 2 * items["8"] > 0, done.stdout  # twice the copies of the same photos, twice the items
     assert "driver peak RSS at 16 photos / at 8" in results.read_text()
+
+
+def test_the_full_size_benchmark_runs_its_steps_on_a_reduced_llava(yollava, tmp_path):
+    """benchmarks/full_size.py's every step (enrollment, a caption run, the engine alone) on test_full_size.py's
+    reduced LLaVA; the full size is its own run (about 14 GB)."""
+    from plvm_model.cache import build_once, cache_root
+    from plvm_model.published import build_llava_folder
+    from test_full_size import REDUCED_TEXT, REDUCED_VISION
+
+    folder = cache_root() / "published-v1" / "llava-1.5-reduced-test"
+    build_once(folder, lambda out: build_llava_folder(out, text=REDUCED_TEXT, vision=REDUCED_VISION))
+    command = [sys.executable, str(REPO / "benchmarks" / "full_size.py"), "--llava", str(folder),
+               "--runs", "transformers", "--photos", "2", "--data", str(yollava),
+               "--results", str(tmp_path / "R.md")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert "soft tokens [17, 128], head weight [128]" in rows["enroll"], done.stdout
+    assert "2 rows" in rows["caption transformers"] and "failed" not in rows["caption transformers"], done.stdout
+    alone = rows["engine transformers alone"]
+    assert "concept slots' cost" in alone and "failed" not in alone, done.stdout
+    assert "'full schema': True, 'rows marked (model)': True, 'table metadata marked': True" in done.stdout
+    assert "concept token id(s) [32064], 576 image tokens" in done.stdout
+    assert "image features [2, 576, 128]" in done.stdout
+    assert "## benchmarks/full_size.py" in (tmp_path / "R.md").read_text()

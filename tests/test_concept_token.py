@@ -118,13 +118,19 @@ def layout_cases(concepts) -> list[GenerationRequest]:
 
 def test_the_engine_builds_plvms_token_layout(engine, concepts):
     prompter = engine.prompter
-    requests = layout_cases(concepts)
-    batch = one_batch(engine, requests)
-    prepared = engine.prepare(batch)
-    table = engine.model.get_input_embeddings().weight
+    batch = check_plvm_layout(engine, layout_cases(concepts))
     assert batch.concept_ids[0] == [prompter.vocab], "concept tokens follow the vocabulary"
     assert batch.concept_ids[1] == [prompter.vocab + 1, prompter.vocab], "one token per concept, kept across the batch"
     assert batch.concept_ids[5] == [prompter.vocab + 1, prompter.vocab], "a MyVLM concept takes no token"
+
+
+def check_plvm_layout(engine: TransformersEngine, requests: list[GenerationRequest]):
+    """Asserts that the ids and input embeddings the engine prepares for ``requests`` (as one slot batch) are
+    PLVM's layout (:func:`plvm_layout`); the batch."""
+    prompter = engine.prompter
+    batch = one_batch(engine, requests)
+    prepared = engine.prepare(batch)
+    table = engine.model.get_input_embeddings().weight
     for row, request in enumerate(requests):
         layout = plvm_layout(prompter.tokenizer, GenerateConfig().template.system, request.question,
                              request.concepts, prompter.n_image)  # fmt: skip
@@ -140,6 +146,7 @@ def test_the_engine_builds_plvms_token_layout(engine, concepts):
             if want_row is not None:
                 got_row = prepared.inputs_embeds[row, offset + position]
                 assert torch.equal(got_row, want_row.to(got_row.dtype)), f"request {row}, position {position}"
+    return batch
 
 
 def test_a_question_with_the_concept_token_needs_exactly_one_concept(engine, concepts):

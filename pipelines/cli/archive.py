@@ -107,8 +107,15 @@ def cmd_index_compact(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from pipelines.report import caption_rows
+    from plvm_model import random_weights as randomly
+    from plvm_model.store.output_table import OutputTable
 
-    table = caption_rows(args.output, config_of(args).storage)
+    storage = config_of(args).storage
+    table = caption_rows(args.output, storage)
+    marked = sum(randomly.MARK in (model or "") for model in table.column("model").to_pylist())
+    if marked or OutputTable(args.output, storage).holds_random_weights():
+        print(f"RANDOM WEIGHTS: {marked} of {table.num_rows} rows were written by models with random weights "
+              "(models.random_weights): their captions and answers are noise")  # fmt: skip
     for row in table.slice(0, args.limit).to_pylist():
         names = ", ".join(row["concepts"] or []) or "-"
         text = row["error"] or row["caption"] or ""

@@ -15,13 +15,16 @@ def config_of(args: argparse.Namespace, **overrides):
     from pipelines.config import load_config
 
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    return load_config(config_path, bank=getattr(args, "bank", None), **overrides)
+    return load_config(config_path, random_weights=args.random_weights, bank=getattr(args, "bank", None), **overrides)
 
 
 def command(sub, name: str, handler: Callable, help: str, under=None) -> argparse.ArgumentParser:
     """A subcommand ``name`` of ``under`` (default: ``sub``, the top level), with ``--config``, run by ``handler``."""
     s = (under or sub).add_parser(name, help=help, description=help)
     s.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name} of this project)")
+    s.add_argument("--random-weights", action="store_true",
+                   help="confirm a config with models.random_weights: true (every model with random weights; the "
+                        "output is noise, and marked so); such a config is refused without it")  # fmt: skip
     s.set_defaults(handler=handler)
     return s
 

@@ -9,24 +9,27 @@ from pipelines.cli.common import add_face_policy, command, config_of
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     from pipelines.enroll import Enroller, EnrollError, enroll, read_captions
+    from plvm_model.random_weights import mode_line
 
     if (args.method == "myvlm") != (args.captions is not None):
         raise EnrollError("--captions CAPTIONS.json goes with --method myvlm, and only with it")
     faces = {"face_index": args.face, "face_policy": args.face_policy}
+    config = config_of(args)
     if (args.from_cluster is None) == (not args.images) or (args.from_cluster is not None) != bool(args.output):
         raise EnrollError("give reference photos, or --from-cluster ID with --output OUTPUT (one of them)")
     if args.from_cluster is not None:
         if args.method != "plvm":
             raise EnrollError("--from-cluster enrolls a PLVM concept (--method plvm)")
-        result = Enroller(config_of(args)).enroll_cluster(args.user, args.name, args.output, args.from_cluster)
+        result = Enroller(config).enroll_cluster(args.user, args.name, args.output, args.from_cluster)
     elif args.method == "myvlm":
         captions = read_captions(args.captions)
-        result = Enroller(config_of(args)).enroll_myvlm(args.user, args.name, args.images, captions, **faces)
+        result = Enroller(config).enroll_myvlm(args.user, args.name, args.images, captions, **faces)
     else:
-        result = enroll(config_of(args), args.user, args.name, args.images, **faces)
+        result = enroll(config, args.user, args.name, args.images, **faces)
     verb = "enrolled" if result.created else "extended" if result.added else "already enrolled from these photos:"
     print(f"{verb} {result.name!r} ({result.method}, {result.concept_id}) for user {result.user_id!r}: "
           f"{result.references} reference photo(s), bank version {result.version} ({result.bank})")  # fmt: skip
+    print(mode_line(config.models.random_weights))
     return 0
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from pipelines.cli.common import add_face_policy, command, config_of
+from plvm_model.random_weights import mode_line
 from plvm_model.store.errors import ConfigError
 
 
@@ -45,7 +46,8 @@ def cmd_eval_recognition(args: argparse.Namespace) -> int:
         from pipelines.report import recognition_report
 
         print(f"  report: {recognition_report(result, args.report)}")
-    print(json.dumps(result.summary()))
+    print(f"  {mode_line(config.models.random_weights)}")
+    print(json.dumps(result.summary() | {"random_weights": config.models.random_weights}))
     return 0
 
 
@@ -72,7 +74,8 @@ def cmd_eval_captions(args: argparse.Namespace) -> int:
 def cmd_eval_vqa(args: argparse.Namespace) -> int:
     from pipelines.evaluation.vqa import vqa
 
-    result = vqa(config_of(args, generate__engine=args.engine), args.questions, root=args.root)
+    config = config_of(args, generate__engine=args.engine)
+    result = vqa(config, args.questions, root=args.root)
     print(f"VQA, {result.n} multiple-choice questions: accuracy {result.accuracy:.4f}")
     for source, (right, asked) in result.by_source.items():
         if asked:
@@ -80,7 +83,8 @@ def cmd_eval_vqa(args: argparse.Namespace) -> int:
     if args.answers:
         Path(args.answers).write_text("".join(json.dumps(a) + "\n" for a in result.answers))
         print(f"  answers: {args.answers}")
-    print(json.dumps(result.summary()))
+    print(f"  {mode_line(config.models.random_weights)}")
+    print(json.dumps(result.summary() | {"random_weights": config.models.random_weights}))
     return 0
 
 

@@ -28,6 +28,8 @@ class EngineOptions:
     """``plvm`` (a concept token per person) or ``sentence``."""
     concept_slots: int
     """``plvm`` style: concept tokens the engine holds at once."""
+    random_weights: bool = False
+    """The LLaVA built from its configuration with random weights (``models.random_weights``), none read."""
 
 
 @dataclass
@@ -42,6 +44,8 @@ class GenerationRequest:
 class Engine(Protocol):
     name: str
     model_name: str
+    new_tokens: int
+    """Tokens generated so far, over all calls."""
 
     def generate(self, requests: list[GenerationRequest]) -> list[str]:
         """Greedy answers, one per request, in order."""
@@ -139,6 +143,7 @@ class LlavaEngine:
     model_name: str
     prompter: LlavaPrompter
     concept_slots: int
+    new_tokens: int = 0
 
     def generate_batch(self, batch: SlotBatch) -> list[list[int]]:
         """Greedy new token ids for each request of ``batch`` (up to the first end-of-sequence token)."""
@@ -169,6 +174,7 @@ class LlavaEngine:
                 self.write_slots(batch.rows)
             for index, ids, own in zip(indices, self.generate_batch(batch), batch.concept_ids):
                 out[index] = (ids, {i: c.name for i, c in zip(own, plvm_concepts(requests[index].concepts))})
+                self.new_tokens += len(ids)
         return out
 
     def generate_ids(self, requests: list[GenerationRequest]) -> list[list[int]]:

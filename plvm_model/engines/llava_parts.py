@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from plvm_model import random_weights as randomly
 from plvm_model.cache import build_once, cache_root
 
 TOKENIZER_FILES = (
@@ -57,19 +58,29 @@ def _tensors(model_path: Path, prefixes: tuple[str, ...]) -> Iterator[tuple[str,
 
 
 class LlavaEncoders(torch.nn.Module):
-    """Vision tower, projector and token embeddings of a LLaVA checkpoint, computed as LLaVA does."""
+    """Vision tower, projector and token embeddings of a LLaVA checkpoint, computed as LLaVA does (with
+    ``random_weights``: of its configuration, with random weights; no weight is read)."""
 
-    def __init__(self, model_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+    def __init__(
+        self, model_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", random_weights: bool = False
+    ) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
         path = Path(model_path)
         self.config = AutoConfig.from_pretrained(path)
+        torch.manual_seed(randomly.SEED)  # with random weights, the modules' own initialisation is their weights
         self.vision_tower = AutoModel.from_config(self.config.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(self.config)
         text = self.config.text_config
         self.embed_tokens = torch.nn.Embedding(text.vocab_size, text.hidden_size)
+        if not random_weights:
+            self._load(path)
+        self.to(device=device, dtype=dtype).eval()
+
+    def _load(self, path: Path) -> None:
+        """The checkpoint's vision tower, projector and embedding table."""
         # The vision tower's own keys may or may not start with "vision_model.", as may the file's.
         nested = any(k.startswith("vision_model.") for k in self.vision_tower.state_dict())
         state = {}
@@ -82,7 +93,6 @@ class LlavaEncoders(torch.nn.Module):
             elif rest.startswith("embed_tokens."):
                 state[rest] = tensor
         self.load_state_dict(state, strict=True)
-        self.to(device=device, dtype=dtype).eval()
 
     @torch.inference_mode()
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -95,8 +105,8 @@ class LlavaEncoders(torch.nn.Module):
         return self.multi_modal_projector(torch.cat(selected, dim=-1))
 
 
-def _fingerprint(model_path: Path) -> str:
-    stats = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in weight_files(model_path)]
+def _fingerprint(model_path: Path, weights: bool) -> str:
+    stats = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in weight_files(model_path)] if weights else []
     stats.append(("config.json", (model_path / "config.json").read_text()))
     return hashlib.sha256(json.dumps([str(model_path.resolve()), stats]).encode()).hexdigest()[:16]
 
@@ -105,11 +115,12 @@ def _with_rows(tensor: torch.Tensor, extra_rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros((extra_rows, *tensor.shape[1:]))]) if extra_rows else tensor
 
 
-def text_only_checkpoint(model_path: str, extra_rows: int = 0) -> Path:
+def text_only_checkpoint(model_path: str, extra_rows: int = 0, weights: bool = True) -> Path:
     """A ``LlamaForCausalLM``-style folder of the LLaVA's language model and tokenizer, built once in the cache.
 
     ``extra_rows`` zero rows are added after the vocabulary, to the embedding table and the output head
-    (the concept slots of ``concept_style: plvm``, written per batch by the engine).
+    (the concept slots of ``concept_style: plvm``, written per batch by the engine). Without ``weights``, the
+    folder holds the configuration and tokenizer only (vLLM's ``load_format="dummy"`` makes random weights).
     """
     source = Path(model_path)
 
@@ -128,7 +139,7 @@ def text_only_checkpoint(model_path: str, extra_rows: int = 0) -> Path:
         text["architectures"] = [text.get("architectures", ["LlamaForCausalLM"])[0]]
         text.setdefault("torch_dtype", config.get("torch_dtype") or config.get("dtype") or "float32")
         (out / "config.json").write_text(json.dumps(text, indent=1))
-        files = weight_files(source)
+        files = weight_files(source) if weights else []
         weight_map = {}
         for index, file in enumerate(files):
             name = "model.safetensors" if len(files) == 1 else f"model-{index + 1:05d}-of-{len(files):05d}.safetensors"
@@ -152,4 +163,5 @@ def text_only_checkpoint(model_path: str, extra_rows: int = 0) -> Path:
                 shutil.copy(source / name, out / name)
 
     slots = f"-slots{extra_rows}" if extra_rows else ""
-    return build_once(cache_root() / "text-only" / f"{source.name}-{_fingerprint(source)}{slots}", build)
+    kind = "" if weights else "-config"
+    return build_once(cache_root() / "text-only" / f"{source.name}-{_fingerprint(source, weights)}{slots}{kind}", build)

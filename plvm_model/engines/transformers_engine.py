@@ -12,10 +12,13 @@ from pathlib import Path
 
 import torch
 
+from plvm_model import random_weights as randomly
 from plvm_model.engines.base import EngineOptions, LlavaEngine, LlavaPrompter, SlotBatch
 from plvm_model.injection import ConceptTokens, TokenizedPrompt, splice
 
 QUANTIZATIONS = ("8bit", "4bit")
+FULL_PRECISION = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+"""What stays unquantized, as PLVM runs LLaVA in 8-bit (transformers matches these as prefixes of module names)."""
 
 
 @dataclass
@@ -39,9 +42,7 @@ def _quantization_config(quantization: str | None):
         )
     from transformers import BitsAndBytesConfig
 
-    # The vision tower, projector and output head stay in full precision, as PLVM runs them.
-    # (transformers matches these as prefixes of the module names)
-    keep = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+    keep = list(FULL_PRECISION)
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return BitsAndBytesConfig(
@@ -77,16 +78,19 @@ class TransformersEngine(LlavaEngine):
         self.dtype = getattr(torch, options.dtype)
         device = options.device
         quantization_config = _quantization_config(options.quantization)
-        self.model = LlavaForConditionalGeneration.from_pretrained(
-            model_path,
-            dtype=self.dtype,
-            quantization_config=quantization_config,
-            device_map=device if quantization_config else None,
-        ).eval()
-        if quantization_config is None:
-            self.model.to(device)
+        if options.random_weights:
+            self.model = randomly.llava(model_path, self.dtype, device, options.quantization, keep=FULL_PRECISION)
+        else:
+            self.model = LlavaForConditionalGeneration.from_pretrained(
+                model_path,
+                dtype=self.dtype,
+                quantization_config=quantization_config,
+                device_map=device if quantization_config else None,
+            ).eval()
+            if quantization_config is None:
+                self.model.to(device)
         self.device = torch.device(device)
-        self.model_name = Path(model_path).name
+        self.model_name = randomly.marked(Path(model_path).name, options.random_weights)
         if options.concept_style == "plvm":
             self._add_slots()
 

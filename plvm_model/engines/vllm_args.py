@@ -16,6 +16,7 @@ ENGINE_SET = {
     "dtype": "the engine's dtype option, generate.dtype",
     "seed": "fixed, for reproducible runs",
     "worker_extension_cls": "the concept slots' writer in concept_style plvm",
+    "load_format": "the checkpoint's weights, or dummy (random) weights with models.random_weights",
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from plvm_model import random_weights as randomly
 from plvm_model.engines.base import EngineOptions, LlavaEngine, LlavaPrompter, SlotBatch
 from plvm_model.engines.llava_parts import LlavaEncoders, text_only_checkpoint
 from plvm_model.engines.vllm_args import refuse_engine_set
@@ -61,22 +62,24 @@ class VLLMEngine(LlavaEngine):
         self.concept_slots = options.concept_slots
         slots = options.concept_slots if options.concept_style == "plvm" else 0
         dtype = options.dtype
-        self.encoders = LlavaEncoders(model_path, dtype=getattr(torch, dtype), device=options.device)
+        random_weights = options.random_weights
+        self.encoders = LlavaEncoders(model_path, getattr(torch, dtype), options.device, random_weights)
         self.llm = LLM(
-            model=str(text_only_checkpoint(model_path, extra_rows=slots)),
+            model=str(text_only_checkpoint(model_path, extra_rows=slots, weights=not random_weights)),
             tokenizer=model_path,
             enable_prompt_embeds=True,
             dtype=dtype,
             quantization=vllm_quantization(options.quantization, current_platform.is_cpu(), dtype),
             seed=0,
             worker_extension_cls=SLOT_WRITER if slots else "",
+            load_format="dummy" if random_weights else "auto",
             **engine_args,
         )
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         # Concept tokens lie beyond the tokenizer: our code turns them into names (LlavaEngine.generate)
         self.sampling = SamplingParams(temperature=0.0, max_tokens=options.max_new_tokens, detokenize=slots == 0)
         self.vocabulary = list(range(self.prompter.vocab))
-        self.model_name = Path(model_path).name
+        self.model_name = randomly.marked(Path(model_path).name, random_weights)
 
     def write_slots(self, rows: dict[int, ConceptTokens]) -> None:
         """Through vLLM's own worker RPC, into every worker (our worker extension's method; ids and rows of float32

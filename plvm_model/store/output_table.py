@@ -46,6 +46,8 @@ from plvm_model.store.output_schema import RETRYABLE, output_schema
 log = logging.getLogger(__name__)
 
 LOG = "_delta_log"
+RANDOM_WEIGHTS = "plvm.random_weights"
+"""The table's property that says some of its rows were written by models with random weights (``true``)."""
 
 
 def keys(table: pa.Table) -> Counter:
@@ -107,6 +109,11 @@ class OutputTable:
 
     def is_table(self) -> bool:
         return self.fs.exists(posixpath.join(self.root, LOG))
+
+    def holds_random_weights(self) -> bool:
+        """Whether the table's metadata says that rows written by models with random weights are in it (set by
+        such a command, cleared only when a command without them overwrites the table)."""
+        return self.is_table() and self._delta().metadata().configuration.get(RANDOM_WEIGHTS) == "true"
 
     def _delta(self) -> DeltaTable:
         return DeltaTable(self._table_uri, storage_options=self._delta_options)
@@ -192,12 +199,17 @@ class OutputTable:
                 "pass --overwrite"
             )
 
-    def prepare(self, schema: pa.Schema, overwrite: bool = False) -> list[str]:
+    def prepare(self, schema: pa.Schema, overwrite: bool = False, random_weights: bool = False) -> list[str]:
         """What every command that writes into the output does first, under its lease: remove what killed
-        commands left (staging folders, and parts renamed but never committed), and :meth:`open` the table.
-        The paths removed, each logged."""
+        commands left (staging folders, and parts renamed but never committed), :meth:`open` the table, and
+        with ``random_weights`` (a command whose models have random weights) mark it so
+        (:meth:`holds_random_weights`). The paths removed, each logged."""
         removed = self.discard_staging()
         self.open(schema, overwrite=overwrite)
+        marked = self.holds_random_weights()
+        if random_weights != marked and (random_weights or overwrite):  # a mark goes only with the rows it marks
+            mark = {RANDOM_WEIGHTS: str(random_weights).lower()}
+            self._delta().alter.set_table_properties(mark, raise_if_not_exists=False, commit_properties=_commit("mark"))
         removed += self.vacuum()
         for path in removed:
             log.warning("%s: removed %s, left by a command that did not finish", self.uri, path)
