@@ -1,8 +1,9 @@
-"""The ``plvm`` command: enroll people, caption photos, evaluate, report.
+"""The ``plvm`` command: enroll people, caption photos and keep the archive, suggest and correct people, forget a
+person, build datasets, evaluate, report.
 
-Each group of commands is a module (``enroll``, ``archive``, ``dataset``, ``evaluate``) that declares its commands and runs
-them; ``common`` holds what they share. Exit codes: see ``plvm_model.store.errors.EXIT_CODES`` (and docs/cli.md).
-"""
+Each group of commands is a module (``enroll``, ``archive``, ``people``, ``dataset``, ``evaluate``) that declares its
+commands and runs them; ``common`` holds what they share. Exit codes: see ``plvm_model.store.errors.EXIT_CODES``
+(and docs/cli.md)."""
 
 from __future__ import annotations
 

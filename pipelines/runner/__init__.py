@@ -6,7 +6,9 @@
 - ``failures``: a failed batch, and a run's failure as the driver reports it;
 - ``preflight``: what is checked before any photo is read (the output can be written, the stages fit a node);
 - ``runtime``: starting or joining Ray, quietly; ``ray_processes``: what a killed run's embedded Ray left;
-- ``progress``: progress lines for runs without a terminal.
+- ``progress``: progress lines for runs without a terminal;
+- ``counters``: the stages' counters as a run reports them; ``metrics``: a run's Prometheus metrics.
 
-The compositions in ``pipelines`` (caption, rematch, enroll, evaluation) build the lists; nothing here imports them.
+The compositions in ``pipelines`` (caption, rematch, enroll, evaluation, dataset) build the lists; nothing here
+imports them.
 """

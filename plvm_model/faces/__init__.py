@@ -1,4 +1,5 @@
-"""Face detection (MTCNN), alignment and embedding (dlib), and matching against a bank."""
+"""Face detection (MTCNN), alignment and embedding (dlib), matching against a bank, and the clustering of the
+faces nobody named."""
 
 from plvm_model.faces.detector import Face, FaceDetector, MTCNNDetector
 from plvm_model.faces.embedder import DlibEmbedder, FaceEmbedder, embedder_class, make_embedder
