@@ -1,4 +1,4 @@
-"""The ``plvm`` command: enroll people, caption photos and keep the archive, suggest and correct people, forget a
+"""The plvm command: enroll people, caption photos and keep the archive, suggest and correct people, forget a
 person, build datasets, evaluate, report.
 
 Each group of commands is a module (``enroll``, ``archive``, ``people``, ``dataset``, ``evaluate``) that declares its
