@@ -56,7 +56,6 @@ sys.path.insert(0, str(REPO))
 from benchmarks.machine import Meter, Recorder, add_results_option, gpu_memory_used, header, tree_of  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "yollava-humans"
-MIB = 2**20
 
 
 def peak_rss() -> int:

@@ -100,9 +100,6 @@ COLUMNS: dict[str, pa.DataType] = {
 }
 """Every column a row may carry, with its type."""
 
-LISTING = ("index", "path", "user_id", "error", "error_kind")
-"""The columns of the input listing, which the first stage receives."""
-
 STATS = "stats"
 """The column of the stages' counters: each batch's counts (``<stage>.<counter>``) in one of its rows, null in the
 others, so that they travel with the rows (a batch that Ray retries replaces its counts with its rows) and add up

@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from operators.cohort import IndexCohort, cohort_scales
 from operators.match import MatchFaces

@@ -41,9 +41,6 @@ from plvm_model.store.lease import Lease
 from plvm_model.store.output_schema import BANK_ERRORS, output_schema
 from plvm_model.store.output_table import OutputTable, Staged, keys
 
-Photo = tuple[str, str]
-"""(path, user_id): a photo's identity in the output."""
-
 
 @dataclass
 class RematchSummary:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from plvm_model.injection import IMAGE_MARK, ConceptTokens, PromptTemplate, TokenizedPrompt
 
 CONCEPT_TOKEN = "<sks>"
-STYLES = ("plvm", "sentence")
 
 
 def concept_key(concept: ConceptTokens) -> str:

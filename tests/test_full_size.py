@@ -24,10 +24,8 @@ from operators.generate import GenerateConfig
 from pipelines.caption import caption
 from pipelines.cli import run
 from pipelines.enroll import Enroller
-from plvm_model.aligner import AlignerShape
 from plvm_model.cache import build_once, cache_root
 from plvm_model.concepts import ConceptEncoder
-from plvm_model.engines import GenerationRequest
 from plvm_model.engines.transformers_engine import TransformersEngine
 from plvm_model.injection import ConceptTokens
 from plvm_model.published import build_llava_folder

@@ -15,7 +15,8 @@ import ray
 from conftest import make_config, photo
 from operators.base import Resources, Stage
 from operators.decode import decode_image
-from operators.rows import LISTING, to_table, working_faces
+from operators.read import LISTING_COLUMNS
+from operators.rows import to_table, working_faces
 from pipelines.stage_lists import face_stages, naming_stages
 from operators.base import Barrier, joined
 from pipelines.runner.loop import Guarded, InProcess, apply, calls, drop_early
@@ -108,7 +109,8 @@ def test_the_face_stages_embed_the_chips_the_embedder_cuts_from_the_whole_photo(
     """The embed actors get each face's chips (bytes), not the photo: the descriptors are the embedder's own."""
     config = make_config(tmp_path)
     path = photo("thao", "0.jpg")
-    rows = InProcess(face_stages(config))(to_table([{"index": 0, "path": path, "user_id": "u"}], LISTING))
+    rows = InProcess(face_stages(config))(to_table([{"index": 0, "path": path, "user_id": "u"}],
+                                                             ("index", *LISTING_COLUMNS)))
     image, _, _ = decode_image(Path(path).read_bytes(), config.decode.max_side, config.decode.max_pixels)
     expected = DlibEmbedder(**config.embed.options).embed(image, working_faces(rows.to_pylist()[0]))
     got = np.array([face["embedding"] for face in rows.column("faces")[0].as_py()], np.float32)

@@ -100,14 +100,6 @@ class FaceIndex:
         folder = posixpath.join(self.root, validate_user_id(user_id))
         return sorted(self.fs.glob(posixpath.join(folder, f"part-{run_id}-*.parquet")))
 
-    def rows_of_run(self, user_id: str, run_id: str) -> int:
-        """How many rows run ``run_id`` committed for ``user_id``."""
-        total = 0
-        for path in self.parts(user_id, run_id):
-            with self.fs.open(path, "rb") as f:
-                total += pq.read_metadata(f).num_rows
-        return total
-
     def read_part(self, path: str, embedder: str | None = None) -> pa.Table | None:
         """One part's rows; None if it was written for another embedder than ``embedder`` (when given).
         :class:`IndexCorrupt`, naming the part, if it cannot be read whole."""
