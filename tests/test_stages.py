@@ -109,8 +109,8 @@ def test_the_face_stages_embed_the_chips_the_embedder_cuts_from_the_whole_photo(
     """The embed actors get each face's chips (bytes), not the photo: the descriptors are the embedder's own."""
     config = make_config(tmp_path)
     path = photo("thao", "0.jpg")
-    rows = InProcess(face_stages(config))(to_table([{"index": 0, "path": path, "user_id": "u"}],
-                                                             ("index", *LISTING_COLUMNS)))
+    listing = to_table([{"index": 0, "path": path, "user_id": "u"}], ("index", *LISTING_COLUMNS))
+    rows = InProcess(face_stages(config))(listing)
     image, _, _ = decode_image(Path(path).read_bytes(), config.decode.max_side, config.decode.max_pixels)
     expected = DlibEmbedder(**config.embed.options).embed(image, working_faces(rows.to_pylist()[0]))
     got = np.array([face["embedding"] for face in rows.column("faces")[0].as_py()], np.float32)
