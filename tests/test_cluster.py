@@ -107,4 +107,4 @@ def scheduled(result: dict) -> None:
         samples = prometheus_samples(body)
         assert method == "PUT" and path.startswith("/metrics/job/plvm/command/caption/output@base64/")
         assert samples == prometheus_samples(result["records"][f"{record['run_id']}.prom"])
-        assert_metrics_are_the_record(samples, record, "caption")
+        assert_metrics_are_the_record(samples, record, "caption", "s3://results/cluster")
