@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import json
 import shlex
 import signal
@@ -151,18 +152,18 @@ def submit(client, job_id: str | None, args: argparse.Namespace, plvm: list[str]
                                 entrypoint_num_gpus=args.num_gpus)  # fmt: skip
         return new, True
     except RuntimeError:
-        if job_id is None or not exists(client, job_id):
+        if job_id is None or job_info(client, job_id) is None:
             raise
         print(f"submit.py: {job_id} was submitted before" + ("; following it" if args.wait else ""), file=sys.stderr)
         return job_id, False
 
 
-def exists(client, job_id: str) -> bool:
+def job_info(client, job_id: str):
+    """The job's ``JobInfo``, or None if the cluster has no job of that id."""
     try:
-        client.get_job_info(job_id)
+        return client.get_job_info(job_id)
     except RuntimeError:  # the Jobs API answers 404 for an unknown id
-        return False
-    return True
+        return None
 
 
 def exit_code(info) -> int:
@@ -235,12 +236,12 @@ def attempt_id(job_id: str | None, attempt: int) -> str | None:
 
 def report(client, job_id: str) -> None:
     """Print the status of a job found submitted before, and of each of its retries."""
-    attempt = 0
-    while (found := attempt_id(job_id, attempt)) is not None and (attempt == 0 or exists(client, found)):
-        info = client.get_job_info(found)
+    for attempt in itertools.count():
+        found = attempt_id(job_id, attempt)
+        if (info := job_info(client, found)) is None:
+            return
         ended = f", exit code {exit_code(info)}" if info.status.is_terminal() else ""
         print(f"submit.py: {found}: {info.status.value}{ended}", file=sys.stderr)
-        attempt += 1
 
 
 def run(args: argparse.Namespace) -> int:
