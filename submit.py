@@ -37,12 +37,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from plvm_model.store.errors import INTERRUPTED, RunFailed
+from plvm_model.store.errors import INTERRUPTED, PlvmError, RunFailed
 
 HERE = Path(__file__).resolve().parent
 CONFIG_VARIABLE = "PLVM_CONFIG_YAML"
 EXCLUDES = [".venv", ".venv-vllm", ".git", ".cache", "demo", "output", "banks", "__pycache__", "*.parquet"]
-USAGE = 2
+USAGE = PlvmError.exit_code
 """The exit code of a command line this program or plvm refuses (argparse's, plvm's)."""
 LOST = RunFailed.exit_code
 """The exit code of a job whose driver never ran or was lost with its node (a failure of the system)."""
