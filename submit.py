@@ -224,9 +224,10 @@ def keep_log(where: str, job_id: str, text: str) -> None:
     """Write the job's log to ``where/<job_id>.log``, whole or not at all (a local folder or any fsspec URI)."""
     from plvm_model.store import storage
 
-    fs, path = storage.filesystem(storage.join(where, f"{job_id}.log"))
+    kept = storage.join(where, f"{job_id}.log")
+    fs, path = storage.filesystem(kept)
     storage.write_atomic(fs, path, text.encode())
-    print(f"submit.py: kept {job_id}'s log at {storage.join(where, f'{job_id}.log')}", file=sys.stderr)
+    print(f"submit.py: kept {job_id}'s log at {kept}", file=sys.stderr)
 
 
 def attempt_id(job_id: str | None, attempt: int) -> str | None:
