@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import json
 import shlex
 import signal
@@ -36,12 +37,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from plvm_model.store.errors import INTERRUPTED, RunFailed
+from plvm_model.store.errors import INTERRUPTED, PlvmError, RunFailed
 
 HERE = Path(__file__).resolve().parent
 CONFIG_VARIABLE = "PLVM_CONFIG_YAML"
 EXCLUDES = [".venv", ".venv-vllm", ".git", ".cache", "demo", "output", "banks", "__pycache__", "*.parquet"]
-USAGE = 2
+USAGE = PlvmError.exit_code
 """The exit code of a command line this program or plvm refuses (argparse's, plvm's)."""
 LOST = RunFailed.exit_code
 """The exit code of a job whose driver never ran or was lost with its node (a failure of the system)."""
@@ -151,18 +152,18 @@ def submit(client, job_id: str | None, args: argparse.Namespace, plvm: list[str]
                                 entrypoint_num_gpus=args.num_gpus)  # fmt: skip
         return new, True
     except RuntimeError:
-        if job_id is None or not exists(client, job_id):
+        if job_id is None or job_info(client, job_id) is None:
             raise
         print(f"submit.py: {job_id} was submitted before" + ("; following it" if args.wait else ""), file=sys.stderr)
         return job_id, False
 
 
-def exists(client, job_id: str) -> bool:
+def job_info(client, job_id: str):
+    """The job's ``JobInfo``, or None if the cluster has no job of that id."""
     try:
-        client.get_job_info(job_id)
+        return client.get_job_info(job_id)
     except RuntimeError:  # the Jobs API answers 404 for an unknown id
-        return False
-    return True
+        return None
 
 
 def exit_code(info) -> int:
@@ -223,9 +224,10 @@ def keep_log(where: str, job_id: str, text: str) -> None:
     """Write the job's log to ``where/<job_id>.log``, whole or not at all (a local folder or any fsspec URI)."""
     from plvm_model.store import storage
 
-    fs, path = storage.filesystem(storage.join(where, f"{job_id}.log"))
+    kept = storage.join(where, f"{job_id}.log")
+    fs, path = storage.filesystem(kept)
     storage.write_atomic(fs, path, text.encode())
-    print(f"submit.py: kept {job_id}'s log at {storage.join(where, f'{job_id}.log')}", file=sys.stderr)
+    print(f"submit.py: kept {job_id}'s log at {kept}", file=sys.stderr)
 
 
 def attempt_id(job_id: str | None, attempt: int) -> str | None:
@@ -235,12 +237,12 @@ def attempt_id(job_id: str | None, attempt: int) -> str | None:
 
 def report(client, job_id: str) -> None:
     """Print the status of a job found submitted before, and of each of its retries."""
-    attempt = 0
-    while (found := attempt_id(job_id, attempt)) is not None and (attempt == 0 or exists(client, found)):
-        info = client.get_job_info(found)
+    for attempt in itertools.count():
+        found = attempt_id(job_id, attempt)
+        if (info := job_info(client, found)) is None:
+            return
         ended = f", exit code {exit_code(info)}" if info.status.is_terminal() else ""
         print(f"submit.py: {found}: {info.status.value}{ended}", file=sys.stderr)
-        attempt += 1
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,8 @@ of a scheduler:
   3 and is submitted again, and the third attempt ends with every photo once. Each run that ends
   pushes its metrics to a Pushgateway (a small server here that keeps them);
 - tick 2, submitted while tick 1's run holds the output's lease: ends with exit code 2, not retried;
-- tick 1 submitted again once all is done, without retries: follows the first job (exit code 137).
+- tick 1 submitted again once all is done, without retries: follows the first job (exit code 137);
+  without --wait: reports each attempt's status and exit code.
 
 The result (exit codes and output of each submission, the cluster's jobs with their drivers'
 exit codes and logs, the kept logs, the run records and metrics, the pushes, the nodes and the
@@ -208,6 +209,7 @@ def scheduled_runs(address: str, endpoint: str, gateway: str, config_file: Path,
     psutil.Process(engine).kill()  # the first retry fails in the system (3): the second finishes the run
     codes = [p.wait(timeout=900) for p in fired]
     again = run(*submit, "--tick", "2026-08-20T00:00:00Z", "--wait", *caption, env=submitter)
+    reported = run(*submit, "--tick", "2026-08-20T00:00:00Z", *caption, env=submitter)
     first = (outputs / "0.out").read_text().splitlines()[0]
     retried = run(*submit, "--job-id", f"{first}-retry1", "--wait", *caption, env=submitter)
 
@@ -226,6 +228,7 @@ print(json.dumps({{job.submission_id: {{"status": job.status.value, "driver_exit
     return {"killed": [driver.pid, engine], "twice": both, "jobs": jobs,
             "overlapping": [overlapping.returncode, overlapping.stdout, overlapping.stderr[-6000:]],
             "again": [again.returncode, again.stdout, again.stderr[-6000:]],
+            "reported": [reported.returncode, reported.stdout, reported.stderr[-6000:]],
             "retried": [retried.returncode, retried.stdout, retried.stderr[-6000:]]}  # fmt: skip
 
 

@@ -134,14 +134,17 @@ def prometheus_samples(text: str) -> dict[tuple[str, frozenset], float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}  # fmt: skip
 
 
-def assert_metrics_are_the_record(samples: dict, record: dict, command: str) -> None:
-    """The metrics of a run (:func:`prometheus_samples`) give its record's counts, status, start and end."""
+def assert_metrics_are_the_record(samples: dict, record: dict, command: str, output: str) -> None:
+    """The metrics of a run (:func:`prometheus_samples`) name its id and ``output``, and give its record's counts,
+    status, start and end."""
     from datetime import datetime
 
     def value(name: str, **labels: str) -> float:
         return samples[(name, frozenset({"command": command, **labels}.items()))]
 
-    assert value("plvm_run_info", run_id=record["run_id"], output=record_output(samples)) == 1
+    info = [dict(labels) for name, labels in samples if name == "plvm_run_info"]
+    assert info == [{"command": command, "run_id": record["run_id"], "output": output}], info
+    assert value("plvm_run_info", run_id=record["run_id"], output=output) == 1
     for name, field in (("photos", "photos"), ("rows", "rows"), ("failed", "failed"), ("faces", "faces"),
                         ("named", "matched"), ("wall_seconds", "wall_s")):  # fmt: skip
         assert value(f"plvm_run_{name}") == record[field], name
@@ -152,12 +155,6 @@ def assert_metrics_are_the_record(samples: dict, record: dict, command: str) -> 
     assert value("plvm_run_start_time_seconds") == datetime.fromisoformat(record["started"]).timestamp()
     assert value("plvm_run_end_time_seconds") == datetime.fromisoformat(record["ended"]).timestamp()
     assert record["started"] <= record["ended"]
-
-
-def record_output(samples: dict) -> str:
-    """The output named by the run's ``plvm_run_info``."""
-    [output] = [dict(labels)["output"] for name, labels in samples if name == "plvm_run_info"]
-    return output
 
 
 def one_batch(engine, requests):

@@ -82,6 +82,12 @@ def scheduled(result: dict) -> None:
     assert out.splitlines()[0] == attempts[1] and code == 3, err
     code, out, err = result["again"]
     assert out.splitlines()[0] == tick and code == 137, err
+    # without --wait, a tick submitted before is reported: each attempt's status and exit code
+    code, out, err = result["reported"]
+    assert out.splitlines()[0] == tick and code == 0, err
+    reported = [line for line in err.splitlines() if line.startswith(f"submit.py: {tick}") and "exit code" in line]
+    assert reported == [f"submit.py: {job}: {status}, exit code {ended}" for job, status, ended in
+                        zip(attempts, ("FAILED", "FAILED", "SUCCEEDED"), (137, 3, 0))], err  # fmt: skip
 
     # the overlapping tick: refused by the lease, exit code 2 as its driver's, not retried
     code, out, err = result["overlapping"]
@@ -107,4 +113,4 @@ def scheduled(result: dict) -> None:
         samples = prometheus_samples(body)
         assert method == "PUT" and path.startswith("/metrics/job/plvm/command/caption/output@base64/")
         assert samples == prometheus_samples(result["records"][f"{record['run_id']}.prom"])
-        assert_metrics_are_the_record(samples, record, "caption")
+        assert_metrics_are_the_record(samples, record, "caption", "s3://results/cluster")

@@ -88,7 +88,8 @@ def test_a_stage_that_raises_on_every_photo_fails_the_run_naming_the_stage(tmp_p
     recorded = record(config)
     assert recorded["status"] == "failed", "the failed run is recorded beside the output"
     metrics = (Path(config.output.uri) / "_runs" / f"{recorded['run_id']}.prom").read_text()
-    assert_metrics_are_the_record(prometheus_samples(metrics), recorded, "caption")  # plvm_run_status: failed
+    # plvm_run_status: failed
+    assert_metrics_are_the_record(prometheus_samples(metrics), recorded, "caption", config.output.uri)
     assert read_output(config.output.uri).num_rows == 0, "no photo was turned into an error row"
 
 

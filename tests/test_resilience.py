@@ -111,21 +111,8 @@ def test_an_interrupted_run_is_completed_by_resume_without_duplicates(tmp_path, 
     command, env = caption_command(tmp_path, config, paths, "lee")
     out = Path(config.output.uri)
 
-    run = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 600
-    # until the first part is committed: the table's log has its version 1 (0 made the table)
-    while not (out / "_delta_log" / f"{1:020d}.json").exists() and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(0.05)
-    family = psutil.Process(run.pid).children(recursive=True) if run.poll() is None else []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(run.pid, signal.SIGKILL)
-    for proc in family:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    run.wait()
+    # killed once the first part is committed: the table's log has its version 1 (0 made the table)
+    killed_when(command, env, (out / "_delta_log" / f"{1:020d}.json").exists, cwd=tmp_path)
     before = keys(read_output(str(out), columns=["path", "user_id"]))
     assert 0 < sum(before.values()) < len(paths), "the run was stopped part-way"
     assert all(n == 1 for n in before.values())
