@@ -179,24 +179,29 @@ class Build:
         for (user, _), bank in sorted(self.source.banks.items()):
             for concept in bank.concepts:
                 key = person_key(user, concept.concept_id)
-                people.setdefault(user, {})[concept.concept_id] = {"name": concept.name, "reference": None}
                 taken = {f for k, f in folders.items() if k.startswith(f"{user}/") and k != key}
                 name = formats.person_folder(concept.name, concept.concept_id)
                 folders[key] = name if name not in taken else concept.concept_id
-                if key in references or not concept.references:
-                    continue
-                try:
-                    fs, path = storage.filesystem(concept.references[0], self.config.storage)
-                    data = fs.cat_file(path)
-                except OSError:
-                    continue  # the person goes without a reference photo (and out of the PLVM layout)
-                ext = posixpath.splitext(concept.references[0])[1].lstrip(".").lower() or "jpg"
-                references[key] = formats.reference_path(user, concept.concept_id, ext)
-                self.folder.write(references[key], data)
-        for user, known in people.items():
-            for concept_id, person in known.items():
-                person["reference"] = references.get(person_key(user, concept_id))
+                if key not in references and concept.references:
+                    copied = self.copy_reference(user, concept.concept_id, concept.references[0])
+                    if copied is not None:
+                        references[key] = copied
+                person = {"name": concept.name, "reference": references.get(key)}
+                people.setdefault(user, {})[concept.concept_id] = person
         return people, references, folders
+
+    def copy_reference(self, user: str, concept_id: str, uri: str) -> str | None:
+        """The reference photo ``uri`` copied into the dataset: its path there, or None when it cannot be read (the
+        person goes without a reference photo, and out of the PLVM layout)."""
+        try:
+            fs, path = storage.filesystem(uri, self.config.storage)
+            data = fs.cat_file(path)
+        except OSError:
+            return None
+        ext = posixpath.splitext(uri)[1].lstrip(".").lower() or "jpg"
+        copied = formats.reference_path(user, concept_id, ext)
+        self.folder.write(copied, data)
+        return copied
 
     def run(self, lease: Lease, done: dict[str, dict]) -> DatasetSummary:
         """The shards not committed yet, each committed as it arrives."""
