@@ -129,7 +129,8 @@ def build_dataset(config: Config, output_uri: str, out_uri: str, users: list[str
                                   status="already complete")  # fmt: skip
         build = Build(config, source, folder, build_id, plan, truth)
         summary = build.run(lease, done)
-        build.finish(done, command)
+        counts = build.finish(done, command)
+    summary.photos, summary.items, summary.dropped = counts.photos, counts.items, counts.dropped
     summary.wall_s = time.monotonic() - started
     summary.items_per_s = build.new_items / summary.wall_s if summary.wall_s else 0.0
     return summary
@@ -225,17 +226,19 @@ class Build:
                 summary.shards += 1
                 summary.rows += shard.rows
                 progress.update(shard.rows)
-        counts = Counts.of(self.stats(done))
-        summary.photos, summary.items, summary.dropped = counts.photos, counts.items, counts.dropped
         return summary
 
     @staticmethod
     def stats(done: dict[str, dict]) -> Counter:
         """The stages' counts over every shard committed."""
-        return sum((Counter(dict(map(tuple, record["stats"] or []))) for record in done.values()), Counter())
+        total: Counter = Counter()
+        for record in done.values():
+            total.update(dict(map(tuple, record["stats"] or [])))
+        return +total  # the positive counts, as a sum of Counters keeps
 
-    def finish(self, done: dict[str, dict], command: str) -> None:
-        """The JSON formats assembled, the PLVM layout's references and questions, the card and the manifest."""
+    def finish(self, done: dict[str, dict], command: str) -> Counts:
+        """The JSON formats assembled, the PLVM layout's references and questions, the card and the manifest; what
+        the dataset holds."""
         config, folder = self.config, self.folder
         order = {key: i for i, key in enumerate(self.listing.column("shard").to_pylist())}
         written = [f for record in sorted(done.values(), key=lambda r: order[r["shard"]]) for f in record["files"]]
@@ -266,6 +269,7 @@ class Build:
                  "command": command}  # fmt: skip
         described = manifest(self.plan | {"config_hash": config_hash}, counts, self.people, files, extra)
         folder.finish(described, card(described))
+        return counts
 
     def evaluation(self, split: str, user: str, held: set[tuple[str, str]], written: list[str]) -> str:
         """The PLVM layout of ``user``'s photos in ``split``: each person's reference as ``ref_img`` (the people the
