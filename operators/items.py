@@ -135,12 +135,12 @@ def person_key(user_id: str, concept_id: str) -> str:
 @dataclass(frozen=True)
 class Roster:
     """The people each user had enrolled at each bank version the source's rows were named with:
-    (user, version) -> ((concept_id, name), ...)."""
+    (user, version) -> {name: concept_id}."""
 
-    people: dict[tuple[str, int], tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    people: dict[tuple[str, int], dict[str, str]] = field(default_factory=dict)
 
-    def of(self, user_id: str, version: int) -> tuple[tuple[str, str], ...]:
-        return self.people.get((user_id, version), ())
+    def of(self, user_id: str, version: int) -> dict[str, str]:
+        return self.people.get((user_id, version), {})
 
 
 def normalised_box(box: list[float], width: int, height: int, decimals: int) -> list[float]:
@@ -178,7 +178,7 @@ class Items(RowStage):
             why = "not_indexed" if row["captioned_hash"] is None else "changed_since_captioned"
             self.stat_update(f"dropped:{why}")
             return
-        enrolled = {name: concept_id for concept_id, name in self.roster.of(row["user_id"], row["bank_version"])}
+        enrolled = self.roster.of(row["user_id"], row["bank_version"])
         named = {face["concept"]: i for i, face in enumerate(row["faces"] or []) if face.get("concept")}
         listed = self.truth.get(row["path"])
         if listed is None:
