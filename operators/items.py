@@ -187,14 +187,14 @@ class Items(RowStage):
             row["truth"], present = "file", [n for n in dict.fromkeys(listed) if n in enrolled]
             self.stat_update("truth:unenrolled_names", len(set(listed) - set(present)))
         row["people"] = [{"concept_id": enrolled[n], "name": n, "face": named.get(n, -1)} for n in present]
-        row["split"] = self.split(row, enrolled)
+        row["split"] = self.split(row)
         if row["split"] is None:
             self.stat_update("dropped:people_in_two_splits")
             return
         others = [n for n in sorted(enrolled) if n not in present and self.same_split(row, enrolled[n])]
         row["items"] = ItemMaker(row, self.config, enrolled, others, self).items(self.caption_question)
 
-    def split(self, row: dict, enrolled: dict[str, str]) -> str | None:
+    def split(self, row: dict) -> str | None:
         """The photo's split: by its content hash, or its people's (None: they fall in two)."""
         if self.config.split_by == "photo" or not row["people"]:
             return split_of(row["content_hash"], self.config.splits)
