@@ -17,7 +17,7 @@ import json
 import posixpath
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -220,8 +220,8 @@ class Build:
             for row in results(execute(todo, steps, config.ray, config.run, 1)):
                 lease.check()
                 shard = Shard(**row)
-                self.folder.commit(shard, self.build_id, [formats.hf_part(s, shard.shard) for s in splits])
-                done[shard.shard] = asdict(shard) | {"staged": None}
+                replaces = [formats.hf_part(s, shard.shard) for s in splits]
+                done[shard.shard] = self.folder.commit(shard, self.build_id, replaces)
                 self.new_items += sum(v for k, v in shard.stats or [] if k.startswith("shards.items:"))
                 summary.shards += 1
                 summary.rows += shard.rows
