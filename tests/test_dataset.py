@@ -81,7 +81,7 @@ def build(archive: Archive, out: Path, *options: str, capsys=None) -> dict:
 def built(archive, tmp_path_factory) -> Path:
     """The dataset of ann's photos in every format."""
     out = tmp_path_factory.mktemp("built") / "ds"
-    assert run(["dataset", "--config", str(archive.config_file), archive.output, "--out", str(out), "--user", "ann"]) == 0
+    build(archive, out, "--user", "ann")
     return out
 
 
