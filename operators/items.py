@@ -135,12 +135,12 @@ def person_key(user_id: str, concept_id: str) -> str:
 @dataclass(frozen=True)
 class Roster:
     """The people each user had enrolled at each bank version the source's rows were named with:
-    (user, version) -> ((concept_id, name), ...)."""
+    (user, version) -> {name: concept_id}."""
 
-    people: dict[tuple[str, int], tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    people: dict[tuple[str, int], dict[str, str]] = field(default_factory=dict)
 
-    def of(self, user_id: str, version: int) -> tuple[tuple[str, str], ...]:
-        return self.people.get((user_id, version), ())
+    def of(self, user_id: str, version: int) -> dict[str, str]:
+        return self.people.get((user_id, version), {})
 
 
 def normalised_box(box: list[float], width: int, height: int, decimals: int) -> list[float]:
@@ -178,7 +178,7 @@ class Items(RowStage):
             why = "not_indexed" if row["captioned_hash"] is None else "changed_since_captioned"
             self.stat_update(f"dropped:{why}")
             return
-        enrolled = {name: concept_id for concept_id, name in self.roster.of(row["user_id"], row["bank_version"])}
+        enrolled = self.roster.of(row["user_id"], row["bank_version"])
         named = {face["concept"]: i for i, face in enumerate(row["faces"] or []) if face.get("concept")}
         listed = self.truth.get(row["path"])
         if listed is None:
@@ -187,14 +187,14 @@ class Items(RowStage):
             row["truth"], present = "file", [n for n in dict.fromkeys(listed) if n in enrolled]
             self.stat_update("truth:unenrolled_names", len(set(listed) - set(present)))
         row["people"] = [{"concept_id": enrolled[n], "name": n, "face": named.get(n, -1)} for n in present]
-        row["split"] = self.split(row, enrolled)
+        row["split"] = self.split(row)
         if row["split"] is None:
             self.stat_update("dropped:people_in_two_splits")
             return
         others = [n for n in sorted(enrolled) if n not in present and self.same_split(row, enrolled[n])]
         row["items"] = ItemMaker(row, self.config, enrolled, others, self).items(self.caption_question)
 
-    def split(self, row: dict, enrolled: dict[str, str]) -> str | None:
+    def split(self, row: dict) -> str | None:
         """The photo's split: by its content hash, or its people's (None: they fall in two)."""
         if self.config.split_by == "photo" or not row["people"]:
             return split_of(row["content_hash"], self.config.splits)

@@ -20,6 +20,7 @@ import json
 import posixpath
 import uuid
 from collections import defaultdict
+from functools import cached_property
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,17 +51,19 @@ class WriteShards(RowStage):
         folder name in the PLVM layout."""
         self.uri, self.storage_options, self.kinds = uri, storage_options, kinds
         self.references, self.folders = references, folders
-        self._hf_schema: pa.Schema | None = None
 
+    # both made in the worker, on first use: the driver builds the stage, and never imports `datasets`
+    @cached_property
     def hf_schema(self) -> pa.Schema:
-        if self._hf_schema is None:  # built in the worker: the driver never imports `datasets`
-            self._hf_schema = formats.hf_features().arrow_schema
-        return self._hf_schema
+        return formats.hf_features().arrow_schema
+
+    @cached_property
+    def folder(self) -> DatasetFolder:
+        return DatasetFolder(self.uri, self.storage_options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if not batch.num_rows:
             return SHARD.empty_table()
-        self.folder = DatasetFolder(self.uri, self.storage_options)
         key = batch.column("shard")[0].as_py()
         lines: dict[str, list[str]] = defaultdict(list)  # a fragment of a JSON format -> its records
         hf: dict[str, list[dict]] = defaultdict(list)
@@ -73,7 +76,7 @@ class WriteShards(RowStage):
         files = []
         for split, rows in sorted(hf.items()):
             data = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(rows, schema=self.hf_schema()), data)
+            pq.write_table(pa.Table.from_pylist(rows, schema=self.hf_schema), data)
             files.append(self.stage_file(staged, formats.hf_part(split, key), data.getvalue()))
         for name, records in sorted(lines.items()):
             files.append(self.stage_file(staged, name, "".join(r + "\n" for r in records).encode()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -80,7 +81,7 @@ def build(archive: Archive, out: Path, *options: str, capsys=None) -> dict:
 def built(archive, tmp_path_factory) -> Path:
     """The dataset of ann's photos in every format."""
     out = tmp_path_factory.mktemp("built") / "ds"
-    assert run(["dataset", "--config", str(archive.config_file), archive.output, "--out", str(out), "--user", "ann"]) == 0
+    build(archive, out, "--user", "ann")
     return out
 
 
@@ -183,6 +184,25 @@ def test_recognition_items_answer_as_the_face_matcher_named_the_photo(built, arc
     nobody = [i for i in llava_items(built) if "willinvietnam" in source_of(archive, i["image"])]
     assert {i["extra"]["kind"] for i in nobody} - {"caption", "vqa"} == {"recognition", "choice"}
     assert all(i["conversations"][1]["value"].startswith("No") for i in nobody if i["extra"]["kind"] == "recognition")
+
+
+def test_grounding_boxes_are_the_named_faces_and_kept_captions_name_exactly_who_is_there(built, archive):
+    rows = output_rows(archive)
+    kinds = Counter()
+    for item in llava_items(built):
+        row, kind = rows[source_of(archive, item["image"])], item["extra"]["kind"]
+        answer = item["conversations"][1]["value"]
+        if kind == "grounding":  # the box of the face the matcher named, as fractions of the photo's size
+            box, size = json.loads(answer), (row["width"], row["height"]) * 2
+            faces = [f["box"] for f in row["faces"] if f["concept"] == item["extra"]["person"]]
+            assert all(0 <= v <= 1 for v in box) and box[0] < box[2] and box[1] < box[3], item
+            expected = [[min(max(v / s, 0), 1) for v, s in zip(face, size)] for face in faces]
+            assert any(box == pytest.approx(e, abs=6e-4) for e in expected), (item, expected)
+        elif kind == "caption":
+            said = {name for name in ANN if re.search(rf"(?<!\w){name}(?!\w)", answer, re.IGNORECASE)}
+            assert said == set(row["concepts"] or []) & set(ANN), (answer, row["concepts"])
+        kinds[kind] += 1
+    assert kinds["grounding"] > 0 and kinds["caption"] > 0
 
 
 def test_the_dataset_holds_only_the_chosen_users_photos_and_people(built, archive):

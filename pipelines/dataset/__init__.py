@@ -17,7 +17,7 @@ import json
 import posixpath
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -129,7 +129,8 @@ def build_dataset(config: Config, output_uri: str, out_uri: str, users: list[str
                                   status="already complete")  # fmt: skip
         build = Build(config, source, folder, build_id, plan, truth)
         summary = build.run(lease, done)
-        build.finish(done, command)
+        counts = build.finish(done, command)
+    summary.photos, summary.items, summary.dropped = counts.photos, counts.items, counts.dropped
     summary.wall_s = time.monotonic() - started
     summary.items_per_s = build.new_items / summary.wall_s if summary.wall_s else 0.0
     return summary
@@ -179,24 +180,29 @@ class Build:
         for (user, _), bank in sorted(self.source.banks.items()):
             for concept in bank.concepts:
                 key = person_key(user, concept.concept_id)
-                people.setdefault(user, {})[concept.concept_id] = {"name": concept.name, "reference": None}
                 taken = {f for k, f in folders.items() if k.startswith(f"{user}/") and k != key}
                 name = formats.person_folder(concept.name, concept.concept_id)
                 folders[key] = name if name not in taken else concept.concept_id
-                if key in references or not concept.references:
-                    continue
-                try:
-                    fs, path = storage.filesystem(concept.references[0], self.config.storage)
-                    data = fs.cat_file(path)
-                except OSError:
-                    continue  # the person goes without a reference photo (and out of the PLVM layout)
-                ext = posixpath.splitext(concept.references[0])[1].lstrip(".").lower() or "jpg"
-                references[key] = formats.reference_path(user, concept.concept_id, ext)
-                self.folder.write(references[key], data)
-        for user, known in people.items():
-            for concept_id, person in known.items():
-                person["reference"] = references.get(person_key(user, concept_id))
+                if key not in references and concept.references:
+                    copied = self.copy_reference(user, concept.concept_id, concept.references[0])
+                    if copied is not None:
+                        references[key] = copied
+                person = {"name": concept.name, "reference": references.get(key)}
+                people.setdefault(user, {})[concept.concept_id] = person
         return people, references, folders
+
+    def copy_reference(self, user: str, concept_id: str, uri: str) -> str | None:
+        """The reference photo ``uri`` copied into the dataset: its path there, or None when it cannot be read (the
+        person goes without a reference photo, and out of the PLVM layout)."""
+        try:
+            fs, path = storage.filesystem(uri, self.config.storage)
+            data = fs.cat_file(path)
+        except OSError:
+            return None
+        ext = posixpath.splitext(uri)[1].lstrip(".").lower() or "jpg"
+        copied = formats.reference_path(user, concept_id, ext)
+        self.folder.write(copied, data)
+        return copied
 
     def run(self, lease: Lease, done: dict[str, dict]) -> DatasetSummary:
         """The shards not committed yet, each committed as it arrives."""
@@ -214,23 +220,25 @@ class Build:
             for row in results(execute(todo, steps, config.ray, config.run, 1)):
                 lease.check()
                 shard = Shard(**row)
-                self.folder.commit(shard, self.build_id, [formats.hf_part(s, shard.shard) for s in splits])
-                done[shard.shard] = asdict(shard) | {"staged": None}
+                replaces = [formats.hf_part(s, shard.shard) for s in splits]
+                done[shard.shard] = self.folder.commit(shard, self.build_id, replaces)
                 self.new_items += sum(v for k, v in shard.stats or [] if k.startswith("shards.items:"))
                 summary.shards += 1
                 summary.rows += shard.rows
                 progress.update(shard.rows)
-        counts = Counts.of(self.stats(done))
-        summary.photos, summary.items, summary.dropped = counts.photos, counts.items, counts.dropped
         return summary
 
     @staticmethod
     def stats(done: dict[str, dict]) -> Counter:
         """The stages' counts over every shard committed."""
-        return sum((Counter(dict(map(tuple, record["stats"] or []))) for record in done.values()), Counter())
+        total: Counter = Counter()
+        for record in done.values():
+            total.update(dict(map(tuple, record["stats"] or [])))
+        return +total  # the positive counts, as a sum of Counters keeps
 
-    def finish(self, done: dict[str, dict], command: str) -> None:
-        """The JSON formats assembled, the PLVM layout's references and questions, the card and the manifest."""
+    def finish(self, done: dict[str, dict], command: str) -> Counts:
+        """The JSON formats assembled, the PLVM layout's references and questions, the card and the manifest; what
+        the dataset holds."""
         config, folder = self.config, self.folder
         order = {key: i for i, key in enumerate(self.listing.column("shard").to_pylist())}
         written = [f for record in sorted(done.values(), key=lambda r: order[r["shard"]]) for f in record["files"]]
@@ -261,6 +269,7 @@ class Build:
                  "command": command}  # fmt: skip
         described = manifest(self.plan | {"config_hash": config_hash}, counts, self.people, files, extra)
         folder.finish(described, card(described))
+        return counts
 
     def evaluation(self, split: str, user: str, held: set[tuple[str, str]], written: list[str]) -> str:
         """The PLVM layout of ``user``'s photos in ``split``: each person's reference as ``ref_img`` (the people the

@@ -47,7 +47,7 @@ class Source:
 
     def roster(self) -> Roster:
         """The people of each bank version: what the items stage names and asks about."""
-        return Roster({key: tuple((c.concept_id, c.name) for c in bank.concepts) for key, bank in self.banks.items()})
+        return Roster({key: {c.name: c.concept_id for c in bank.concepts} for key, bank in self.banks.items()})
 
     def slices(self, rows: int, plan: str) -> pa.Table:
         """The listing of a build: each part cut into slices of at most ``rows`` rows (``index`` their order, ``path``

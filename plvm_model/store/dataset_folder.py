@@ -109,10 +109,10 @@ class DatasetFolder:
         """Where a task stages shard ``key`` (``attempt``: unique to the try, so that two tries never mix)."""
         return self.path(f"{BUILD}/staging/{key}.{attempt}")
 
-    def commit(self, shard: Shard, run_id: str, replaces: Iterable[str]) -> None:
-        """Move ``shard``'s staged files into place, then record it done. ``replaces``: the files an earlier try of
-        the shard may have moved into place without being recorded; they go first, so that no file of another
-        try stays beside this one's."""
+    def commit(self, shard: Shard, run_id: str, replaces: Iterable[str]) -> dict:
+        """Move ``shard``'s staged files into place, then record it done; the record. ``replaces``: the files an
+        earlier try of the shard may have moved into place without being recorded; they go first, so that no file
+        of another try stays beside this one's."""
         ensure_held(self.fs, self.root, self.uri, run_id, f"shard {shard.shard}")
         for relative in replaces:
             if self.fs.exists(self.path(relative)):
@@ -121,7 +121,9 @@ class DatasetFolder:
             target = self.path(relative)
             self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
             self.fs.mv(posixpath.join(shard.staged, relative), target)
-        self.write_json(f"{BUILD}/done/{shard.shard}.json", asdict(shard) | {"staged": None})
+        record = asdict(shard) | {"staged": None}
+        self.write_json(f"{BUILD}/done/{shard.shard}.json", record)
+        return record
 
     def assemble(self, relative: str, fragments: Iterable[str]) -> int:
         """Write the JSON list ``relative`` from the JSON lines of ``fragments`` (in order), one at a time; the
