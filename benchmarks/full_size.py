@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,14 +52,17 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import Meter, Recorder, add_results_option, gpu_memory_used, header, tree_of  # noqa: E402
+from benchmarks.machine import (  # noqa: E402
+    Meter,
+    Recorder,
+    add_results_option,
+    gpu_memory_used,
+    header,
+    peak_rss,
+    tree_of,
+)
 
 DATA = REPO.parent / "shared" / "data" / "yollava-humans"
-
-
-def peak_rss() -> int:
-    """This process's peak resident set so far, in bytes."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # The child steps, each in a process of its own.

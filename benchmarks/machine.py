@@ -133,6 +133,16 @@ def process_tree() -> list[psutil.Process]:
     return [me, *me.children(recursive=True)]
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: the kernel's high-water mark of its address space
+    (``VmHWM``; ``getrusage``'s ``ru_maxrss`` would also count the parent's pages that the fork copied, as it
+    survives ``exec``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def tree_of(child: subprocess.Popen) -> Callable[[], list[psutil.Process]]:
     """The processes of a child process's tree (it and its descendants), as :class:`Meter` measures them."""
     tree = psutil.Process(child.pid)
