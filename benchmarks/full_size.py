@@ -107,9 +107,9 @@ def image_features(engine, pixels):
         return torch.stack(list(out))
 
 
-def step_engine(generate_json: str, llava: str, concept_npz: str, photos: list[str]) -> dict:
+def step_engine(generate_json: str, llava: str, concept_npz: str, photos: list[str], rounds: int) -> dict:
     """Load the engine with random weights, check the layout at the real offsets, time with and without the
-    concept."""
+    concept (``rounds`` times each)."""
     import numpy as np
     import torch
 
@@ -152,21 +152,17 @@ def step_engine(generate_json: str, llava: str, concept_npz: str, photos: list[s
     engine.generate_ids(without[:1])
     out["parts"]["warm-up (1 request with, 1 without)"] = (time.perf_counter() - mark, peak_rss())
     timings: dict[str, list[tuple[float, int]]] = {"with": [], "without": []}
-    for r in range(out_rounds()):
+    for r in range(rounds):
         for kind in ("with", "without") if r % 2 == 0 else ("without", "with"):
             mark = time.perf_counter()
             ids = engine.generate_ids(with_concept if kind == "with" else without)
             timings[kind].append((time.perf_counter() - mark, sum(len(x) for x in ids)))
-    out["parts"][f"generate, {len(images)} requests x {out_rounds()} x 2"] = (
+    out["parts"][f"generate, {len(images)} requests x {rounds} x 2"] = (
         sum(t for kind in timings.values() for t, _ in kind), peak_rss())
     out["timings"] = timings
     if torch.cuda.is_available():
         out["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
     return out
-
-
-def out_rounds() -> int:
-    return int(os.environ.get("FULL_SIZE_ROUNDS", "1"))
 
 
 # The parent: derived configs, the measured children, the report.
@@ -314,7 +310,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.step:
         if args.step == "engine":
-            print(json.dumps(step_engine(*args.args[:3], photos=args.args[3:])))
+            print(json.dumps(step_engine(*args.args[:3], photos=args.args[3:], rounds=args.rounds)))
         else:
             print(json.dumps(step_enroll(*args.args)))
         return
@@ -389,14 +385,15 @@ def main() -> None:
                 continue
             generate_json = work / f"generate-{name.replace(':', '-')}.json"
             generate_json.write_text(generate.model_dump_json())
-            python, env = sys.executable, {"FULL_SIZE_ROUNDS": str(args.rounds)}
+            python, env = sys.executable, {}
             if engine == "vllm":
                 env |= dict(generate.vllm.env)
                 if generate.vllm.python:
                     python = str(Path(generate.vllm.python) if Path(generate.vllm.python).is_absolute()
                                  else REPO / generate.vllm.python)  # fmt: skip
-            meter, code, result = child("engine", str(generate_json), config.model_paths().llava, concept_npz, *photos,
-                                        python=python, env=env)  # fmt: skip
+            meter, code, result = child("engine", "--rounds", str(args.rounds), str(generate_json),
+                                        config.model_paths().llava, concept_npz, *photos, python=python,
+                                        env=env)  # fmt: skip
             if code == 0:
                 what = "; ".join(engine_figures(result)[1:])
                 notes.append(f"engine {name} alone: {engine_figures(result)[0]}; by part: {parts_figures(result)}")
