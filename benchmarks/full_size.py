@@ -366,6 +366,7 @@ def main() -> None:
         concept_npz = str(work / "concept.npz")
         np.savez(concept_npz, name=concept.name, soft_tokens=concept.soft_tokens, head_weight=concept.head_weight)
         photos_glob = str(person / f"[0-{args.photos - 1}].jpg")
+        llava_folder = config.model_paths().llava
         for engine, quantization in runs:
             name = engine + (f":{quantization}" if quantization else "")
             generate = config.generate.model_copy(update={"engine": engine, "quantization": quantization})
@@ -385,15 +386,10 @@ def main() -> None:
                 continue
             generate_json = work / f"generate-{name.replace(':', '-')}.json"
             generate_json.write_text(generate.model_dump_json())
-            python, env = sys.executable, {}
-            if engine == "vllm":
-                env |= dict(generate.vllm.env)
-                if generate.vllm.python:
-                    python = str(Path(generate.vllm.python) if Path(generate.vllm.python).is_absolute()
-                                 else REPO / generate.vllm.python)  # fmt: skip
-            meter, code, result = child("engine", "--rounds", str(args.rounds), str(generate_json),
-                                        config.model_paths().llava, concept_npz, *photos, python=python,
-                                        env=env)  # fmt: skip
+            runtime = generate.runtime_env() or {}  # vLLM's own Python and variables, as its actors get them
+            meter, code, result = child("engine", "--rounds", str(args.rounds), str(generate_json), llava_folder,
+                                        concept_npz, *photos, python=runtime.get("py_executable", sys.executable),
+                                        env=runtime.get("env_vars"))  # fmt: skip
             if code == 0:
                 what = "; ".join(engine_figures(result)[1:])
                 notes.append(f"engine {name} alone: {engine_figures(result)[0]}; by part: {parts_figures(result)}")
