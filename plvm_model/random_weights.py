@@ -30,9 +30,10 @@ def marked(model_name: str, random_weights: bool) -> str:
     return f"{model_name} ({MARK})" if random_weights else model_name
 
 
-def identity(config_file: Path, *parts: object) -> str:
-    """What names a random-weight model: the seed, a digest of its configuration file, then ``parts``."""
-    digest = hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
+def identity(configuration: bytes, *parts: object) -> str:
+    """What names a random-weight model: the seed, a digest of its configuration (all its weights' shapes depend
+    on), then ``parts``."""
+    digest = hashlib.sha256(configuration).hexdigest()[:16]
     return ":".join([f"random-seed{SEED}", digest, *map(str, parts)])
 
 

@@ -25,7 +25,8 @@ from pipelines.caption import caption
 from pipelines.cli import run
 from pipelines.enroll import Enroller
 from plvm_model.cache import build_once, cache_root
-from plvm_model.concepts import ConceptEncoder
+from plvm_model.aligner import AlignerShape
+from plvm_model.concepts import ConceptEncoder, aligner_identity
 from plvm_model.engines.transformers_engine import TransformersEngine
 from plvm_model.injection import ConceptTokens
 from plvm_model.published import build_llava_folder
@@ -75,6 +76,16 @@ def reduced_concepts(models, yollava, tmp_path_factory) -> dict[str, ConceptToke
 @pytest.fixture(scope="module")
 def engine(reduced) -> TransformersEngine:
     return TransformersEngine(**GenerateConfig(max_new_tokens=4).engine_options(str(reduced), random_weights=True))
+
+
+def test_a_random_aligners_identity_names_its_whole_shape():
+    """A bank's soft tokens fit only the random Aligner of the same shape, whatever the checkpoint's name."""
+    shape = AlignerShape(**ALIGNER)
+    same = aligner_identity("published", "image", shape, random_weights=True)
+    assert same == aligner_identity("elsewhere", "image", AlignerShape(**ALIGNER), random_weights=True)
+    deeper = AlignerShape(**ALIGNER | {"depth": 2})
+    assert same != aligner_identity("published", "image", deeper, random_weights=True), "same output, other weights"
+    assert same != aligner_identity("published", "face", shape, random_weights=True)
 
 
 def test_the_reduced_model_has_the_real_vocabulary_and_image_shapes(engine):
