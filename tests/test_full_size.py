@@ -30,6 +30,8 @@ from plvm_model.concepts import ConceptEncoder, aligner_identity
 from plvm_model.engines.transformers_engine import TransformersEngine
 from plvm_model.injection import ConceptTokens
 from plvm_model.published import build_llava_folder
+from plvm_model.random_weights import aligner as random_aligner
+from plvm_model.random_weights import llava as random_llava
 from plvm_model.store.output_schema import output_schema
 from plvm_model.store.output_table import OutputTable, read_output
 
@@ -86,6 +88,22 @@ def test_a_random_aligners_identity_names_its_whole_shape():
     deeper = AlignerShape(**ALIGNER | {"depth": 2})
     assert same != aligner_identity("published", "image", deeper, random_weights=True), "same output, other weights"
     assert same != aligner_identity("published", "face", shape, random_weights=True)
+
+
+def test_random_weights_are_the_same_in_every_build(reduced, models, reduced_concepts, tmp_path):
+    """Every build is seeded: an enrollment's soft tokens come out the same in another process (whatever it drew
+    from torch's generator before), and so does the LLaVA."""
+    torch.rand(7)
+    paths = make_config(tmp_path, models=models).model_paths()
+    encoder = ConceptEncoder(paths.dinov2, paths.aligner, paths.aligner_shape, random_weights=True)
+    soft, head = encoder.encode(np.asarray(Image.open(photo("thao", "ref_img.jpg")).convert("RGB")), None)
+    assert np.array_equal(soft, reduced_concepts["Thao"].soft_tokens)
+    assert np.array_equal(head, reduced_concepts["Thao"].head_weight)
+    for build in (lambda: random_aligner(paths.aligner_shape), lambda: random_llava(reduced, torch.float32, "cpu")):
+        first = build().state_dict()
+        torch.rand(7)
+        second = build().state_dict()
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_the_reduced_model_has_the_real_vocabulary_and_image_shapes(engine):
