@@ -10,6 +10,8 @@ size itself runs in benchmarks/full_size.py (about 14 GB per engine).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import ray.cloudpickle
@@ -24,12 +26,12 @@ from operators.generate import GenerateConfig
 from pipelines.caption import caption
 from pipelines.cli import run
 from pipelines.enroll import Enroller
-from plvm_model.cache import build_once, cache_root
 from plvm_model.aligner import AlignerShape
+from plvm_model.cache import build_once, cache_root
 from plvm_model.concepts import ConceptEncoder, aligner_identity
 from plvm_model.engines.transformers_engine import TransformersEngine
 from plvm_model.injection import ConceptTokens
-from plvm_model.published import build_llava_folder
+from plvm_model.published import PUBLISHED_VERSION, build_llava_folder
 from plvm_model.random_weights import aligner as random_aligner
 from plvm_model.random_weights import llava as random_llava
 from plvm_model.store.output_schema import output_schema
@@ -48,11 +50,15 @@ ALIGNER = {"dim": 32, "depth": 1, "dim_head": 16, "heads": 2, "embedding_dim": 7
 """A small Aligner on DINOv2-base's 768-wide features (its published configuration, random weights)."""
 
 
-@pytest.fixture(scope="module")
-def reduced():
+def reduced_llava() -> Path:
     """The reduced LLaVA's folder (configuration and tokenizer, no weights), built once into the cache."""
-    folder = cache_root() / "published-v1" / "llava-1.5-reduced-test"
+    folder = cache_root() / f"published-v{PUBLISHED_VERSION}" / "llava-1.5-reduced-test"
     return build_once(folder, lambda out: build_llava_folder(out, text=REDUCED_TEXT, vision=REDUCED_VISION))
+
+
+@pytest.fixture(scope="module")
+def reduced() -> Path:
+    return reduced_llava()
 
 
 @pytest.fixture(scope="module")
