@@ -145,6 +145,12 @@ def test_random_weights_are_quantized_as_a_checkpoint_would_be(reduced, reduced_
     linear = {name: type(m) for name, m in engine.model.named_modules() if isinstance(m, torch.nn.Linear)}
     language = {name: t for name, t in linear.items() if name.startswith("model.language_model.")}
     assert len(language) == 2 * 7 and all(issubclass(t, kind) for t in language.values())
+    layer = engine.model.get_submodule(next(iter(language)))
+    if quantization == "8bit":
+        assert layer.state.threshold == 6.0, "transformers' llm_int8_threshold, as a checkpoint loaded in 8 bits"
+    else:
+        settings = (layer.weight.quant_type, layer.weight.compress_statistics, layer.compute_dtype)
+        assert settings == ("nf4", False, torch.float32), "NF4 without double quantization, float32 compute"
     rest = {name: t for name, t in linear.items() if name not in language}
     assert "lm_head" in rest and any(n.startswith("model.vision_tower.") for n in rest)
     assert all(t is torch.nn.Linear for t in rest.values()), "the vision tower, projector and head stay unquantized"
