@@ -132,7 +132,7 @@ def test_the_token_layout_at_the_real_vocabulary_offsets_is_plvms(engine, reduce
     assert batch.concept_ids[1] == [VOCABULARY + 1, VOCABULARY]
     assert min(i for ids in batch.concept_ids for i in ids) >= VOCABULARY
     ids = engine.generate_ids(layout_cases(reduced_concepts)[:2])
-    assert all(0 <= i < VOCABULARY + engine.concept_slots for row in ids for i in row)
+    assert all(ids) and all(0 <= i < VOCABULARY + engine.concept_slots for row in ids for i in row)
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
