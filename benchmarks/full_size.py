@@ -90,7 +90,6 @@ def step_enroll(run_config: str, banks: str, person: str, reference: str) -> dic
         "parts": parts,
         "soft_tokens": list(concept.soft_tokens.shape),
         "head_weight": list(concept.head_weight.shape),
-        "aligner": enroller.encoder.identity,
         "dinov2_hidden": enroller.encoder.dinov2.config.hidden_size,
     }
 
@@ -130,7 +129,7 @@ def step_engine(generate_json: str, llava: str, concept_npz: str, photos: list[s
     images = [decode_image(Path(p).read_bytes(), decode.max_side, decode.max_pixels)[0] for p in photos]
     with_concept = [GenerationRequest(image, generate.caption, [concept]) for image in images]
     without = [GenerationRequest(image, generate.caption, []) for image in images]
-    (_, batch), *rest = engine.slot_batches(with_concept)
+    batch = engine.slot_batches(with_concept)[0][1]
     prompter = engine.prompter
     pixels = prompter.pixel_values(images)
     features = image_features(engine, pixels)
@@ -144,7 +143,6 @@ def step_engine(generate_json: str, llava: str, concept_npz: str, photos: list[s
         "prompt_tokens": len(prompt.input_ids),
         "pixels": list(pixels.shape),
         "image_features": list(features.shape),
-        "batches": 1 + len(rest),
         "model": engine.model_name,
     }
     mark = time.perf_counter()
