@@ -173,10 +173,9 @@ def derived_config(base: Path, llava: str | None = None) -> dict:
     models = {**data.get("models", {}), "llava": llava or "published", "dinov2": "published", "aligner": "published",
               "random_weights": True}  # fmt: skip
     if llava:
-        from transformers import AutoConfig
+        from plvm_model.myvlm import llava_hidden
 
-        hidden = AutoConfig.from_pretrained(llava).text_config.hidden_size
-        models["aligner_shape"] = {**models.get("aligner_shape", {}), "output_dim": hidden}
+        models["aligner_shape"] = {**models.get("aligner_shape", {}), "output_dim": llava_hidden(Path(llava))}
     data["models"] = models
     return data
 
