@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import Recorder, add_results_option, header  # noqa: E402
+from benchmarks.machine import Recorder, add_results_option, header, peak_rss  # noqa: E402
 from operators.read import IMAGE_EXTENSIONS  # noqa: E402
 from pipelines.config import Config, load_config  # noqa: E402
 from plvm_model.faces import embedder_class  # noqa: E402
@@ -93,16 +93,6 @@ def child(config_file: str, output: str, out: str) -> None:
     init_ray(config.ray)
     summary = build_dataset(config, output, out)
     print(json.dumps({**asdict(summary), "peak_rss": peak_rss()}))
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes: the kernel's high-water mark of its address space
-    (``VmHWM``; ``getrusage``'s ``ru_maxrss`` would also count the parent's pages that the fork copied, as it
-    survives ``exec``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main() -> None:

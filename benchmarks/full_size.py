@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,14 +52,17 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import Meter, Recorder, add_results_option, gpu_memory_used, header, tree_of  # noqa: E402
+from benchmarks.machine import (  # noqa: E402
+    Meter,
+    Recorder,
+    add_results_option,
+    gpu_memory_used,
+    header,
+    peak_rss,
+    tree_of,
+)
 
 DATA = REPO.parent / "shared" / "data" / "yollava-humans"
-
-
-def peak_rss() -> int:
-    """This process's peak resident set so far, in bytes."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # The child steps, each in a process of its own.
@@ -88,7 +90,6 @@ def step_enroll(run_config: str, banks: str, person: str, reference: str) -> dic
         "parts": parts,
         "soft_tokens": list(concept.soft_tokens.shape),
         "head_weight": list(concept.head_weight.shape),
-        "aligner": enroller.encoder.identity,
         "dinov2_hidden": enroller.encoder.dinov2.config.hidden_size,
     }
 
@@ -105,9 +106,9 @@ def image_features(engine, pixels):
         return torch.stack(list(out))
 
 
-def step_engine(generate_json: str, llava: str, concept_npz: str, photos: list[str]) -> dict:
+def step_engine(generate_json: str, llava: str, concept_npz: str, photos: list[str], rounds: int) -> dict:
     """Load the engine with random weights, check the layout at the real offsets, time with and without the
-    concept."""
+    concept (``rounds`` times each)."""
     import numpy as np
     import torch
 
@@ -128,7 +129,7 @@ def step_engine(generate_json: str, llava: str, concept_npz: str, photos: list[s
     images = [decode_image(Path(p).read_bytes(), decode.max_side, decode.max_pixels)[0] for p in photos]
     with_concept = [GenerationRequest(image, generate.caption, [concept]) for image in images]
     without = [GenerationRequest(image, generate.caption, []) for image in images]
-    (_, batch), *rest = engine.slot_batches(with_concept)
+    batch = engine.slot_batches(with_concept)[0][1]
     prompter = engine.prompter
     pixels = prompter.pixel_values(images)
     features = image_features(engine, pixels)
@@ -142,7 +143,6 @@ def step_engine(generate_json: str, llava: str, concept_npz: str, photos: list[s
         "prompt_tokens": len(prompt.input_ids),
         "pixels": list(pixels.shape),
         "image_features": list(features.shape),
-        "batches": 1 + len(rest),
         "model": engine.model_name,
     }
     mark = time.perf_counter()
@@ -150,21 +150,17 @@ def step_engine(generate_json: str, llava: str, concept_npz: str, photos: list[s
     engine.generate_ids(without[:1])
     out["parts"]["warm-up (1 request with, 1 without)"] = (time.perf_counter() - mark, peak_rss())
     timings: dict[str, list[tuple[float, int]]] = {"with": [], "without": []}
-    for r in range(out_rounds()):
+    for r in range(rounds):
         for kind in ("with", "without") if r % 2 == 0 else ("without", "with"):
             mark = time.perf_counter()
             ids = engine.generate_ids(with_concept if kind == "with" else without)
             timings[kind].append((time.perf_counter() - mark, sum(len(x) for x in ids)))
-    out["parts"][f"generate, {len(images)} requests x {out_rounds()} x 2"] = (
+    out["parts"][f"generate, {len(images)} requests x {rounds} x 2"] = (
         sum(t for kind in timings.values() for t, _ in kind), peak_rss())
     out["timings"] = timings
     if torch.cuda.is_available():
         out["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
     return out
-
-
-def out_rounds() -> int:
-    return int(os.environ.get("FULL_SIZE_ROUNDS", "1"))
 
 
 # The parent: derived configs, the measured children, the report.
@@ -177,10 +173,9 @@ def derived_config(base: Path, llava: str | None = None) -> dict:
     models = {**data.get("models", {}), "llava": llava or "published", "dinov2": "published", "aligner": "published",
               "random_weights": True}  # fmt: skip
     if llava:
-        from transformers import AutoConfig
+        from plvm_model.myvlm import llava_hidden
 
-        hidden = AutoConfig.from_pretrained(llava).text_config.hidden_size
-        models["aligner_shape"] = {**models.get("aligner_shape", {}), "output_dim": hidden}
+        models["aligner_shape"] = {**models.get("aligner_shape", {}), "output_dim": llava_hidden(Path(llava))}
     data["models"] = models
     return data
 
@@ -312,7 +307,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.step:
         if args.step == "engine":
-            print(json.dumps(step_engine(*args.args[:3], photos=args.args[3:])))
+            print(json.dumps(step_engine(*args.args[:3], photos=args.args[3:], rounds=args.rounds)))
         else:
             print(json.dumps(step_enroll(*args.args)))
         return
@@ -368,6 +363,7 @@ def main() -> None:
         concept_npz = str(work / "concept.npz")
         np.savez(concept_npz, name=concept.name, soft_tokens=concept.soft_tokens, head_weight=concept.head_weight)
         photos_glob = str(person / f"[0-{args.photos - 1}].jpg")
+        llava_folder = config.model_paths().llava
         for engine, quantization in runs:
             name = engine + (f":{quantization}" if quantization else "")
             generate = config.generate.model_copy(update={"engine": engine, "quantization": quantization})
@@ -387,14 +383,10 @@ def main() -> None:
                 continue
             generate_json = work / f"generate-{name.replace(':', '-')}.json"
             generate_json.write_text(generate.model_dump_json())
-            python, env = sys.executable, {"FULL_SIZE_ROUNDS": str(args.rounds)}
-            if engine == "vllm":
-                env |= dict(generate.vllm.env)
-                if generate.vllm.python:
-                    python = str(Path(generate.vllm.python) if Path(generate.vllm.python).is_absolute()
-                                 else REPO / generate.vllm.python)  # fmt: skip
-            meter, code, result = child("engine", str(generate_json), config.model_paths().llava, concept_npz, *photos,
-                                        python=python, env=env)  # fmt: skip
+            runtime = generate.runtime_env() or {}  # vLLM's own Python and variables, as its actors get them
+            meter, code, result = child("engine", "--rounds", str(args.rounds), str(generate_json), llava_folder,
+                                        concept_npz, *photos, python=runtime.get("py_executable", sys.executable),
+                                        env=runtime.get("env_vars"))  # fmt: skip
             if code == 0:
                 what = "; ".join(engine_figures(result)[1:])
                 notes.append(f"engine {name} alone: {engine_figures(result)[0]}; by part: {parts_figures(result)}")

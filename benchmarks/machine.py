@@ -64,14 +64,19 @@ def header(title: str) -> str:
     ])  # fmt: skip
 
 
-def gpu_names() -> str | None:
-    """The machine's GPUs and their memory, from ``nvidia-smi`` (None without it)."""
+def nvidia_smi(query: str, format: str = "csv,noheader") -> list[str] | None:
+    """What ``nvidia-smi --query-gpu=QUERY`` prints, a line for each GPU (None without it)."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=True, timeout=10).stdout  # fmt: skip
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", f"--format={format}"], capture_output=True,
+                             text=True, check=True, timeout=10).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
-    return "; ".join(line.strip() for line in out.splitlines() if line.strip()) or None
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def gpu_names() -> str | None:
+    """The machine's GPUs and their memory, from ``nvidia-smi`` (None without it)."""
+    return "; ".join(nvidia_smi("name,memory.total") or []) or None
 
 
 def add_results_option(parser) -> None:
@@ -133,6 +138,16 @@ def process_tree() -> list[psutil.Process]:
     return [me, *me.children(recursive=True)]
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: the kernel's high-water mark of its address space
+    (``VmHWM``; ``getrusage``'s ``ru_maxrss`` would also count the parent's pages that the fork copied, as it
+    survives ``exec``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def tree_of(child: subprocess.Popen) -> Callable[[], list[psutil.Process]]:
     """The processes of a child process's tree (it and its descendants), as :class:`Meter` measures them."""
     tree = psutil.Process(child.pid)
@@ -167,12 +182,8 @@ def process_kind(process: psutil.Process, known: str = "?") -> str:
 def gpu_memory_used() -> int | None:
     """Bytes of GPU memory in use on the machine (all its GPUs, every process), from ``nvidia-smi``; None without
     it."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, check=True, timeout=10).stdout  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return sum(int(line) for line in out.split()) * 2**20
+    used = nvidia_smi("memory.used", "csv,noheader,nounits")
+    return None if used is None else sum(map(int, used)) * 2**20
 
 
 def _busy_seconds() -> float:

@@ -34,7 +34,8 @@ def aligner_identity(checkpoint: str | Path, reference: str, shape: AlignerShape
     """Names the vector space of the soft tokens: a bank's concepts fit only the same Aligner setup (with
     ``random_weights``, the seeded random Aligner of ``shape``, whatever ``checkpoint`` says)."""
     if random_weights:
-        return f"plvm-aligner:random-seed{randomly.SEED}:{reference}:{shape.output_dim}"
+        configuration = json.dumps(shape.to_dict(), sort_keys=True).encode()
+        return "plvm-aligner:" + randomly.identity(configuration, reference, shape.output_dim)
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
     return f"plvm-aligner:{digest}:{reference}:{shape.output_dim}"
 

@@ -35,7 +35,7 @@ def llava_identity(model_path: str | Path, random_weights: bool = False) -> str:
     the config and the seed of the random weights."""
     path = Path(model_path)
     if random_weights:
-        return "llava:" + randomly.identity(path / "config.json", llava_hidden(path))
+        return "llava:" + randomly.identity((path / "config.json").read_bytes(), llava_hidden(path))
     files = [(f.name, f.stat().st_size) for f in weight_files(path)]
     digest = hashlib.sha256(json.dumps([(path / "config.json").read_text(), files]).encode()).hexdigest()[:16]
     return f"llava:{digest}:{llava_hidden(path)}"

@@ -14,7 +14,6 @@ soft tokens in a bank mean the same (nothing) to every run.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,58 +29,54 @@ def marked(model_name: str, random_weights: bool) -> str:
     return f"{model_name} ({MARK})" if random_weights else model_name
 
 
-def identity(config_file: Path, *parts: object) -> str:
-    """What names a random-weight model: the seed, a digest of its configuration file, then ``parts``."""
-    digest = hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
+def identity(configuration: bytes, *parts: object) -> str:
+    """What names a random-weight model: the seed, a digest of its configuration (all its weights' shapes depend
+    on), then ``parts``."""
+    digest = hashlib.sha256(configuration).hexdigest()[:16]
     return ":".join([f"random-seed{SEED}", digest, *map(str, parts)])
 
 
-def llava(
-    model_path: str | Path,
-    dtype: torch.dtype,
-    device: str,
-    quantization: str | None = None,
-    keep: Sequence[str] = (),
-    **model_args,
-):
+def llava(model_path: str | Path, dtype: torch.dtype, device: str, quantization_config=None, **model_args):
     """A ``LlavaForConditionalGeneration`` of the configuration in ``model_path``, with random weights in ``dtype``
-    on ``device``. ``quantization`` (``8bit``, ``4bit``) then quantizes its linear layers with bitsandbytes, except
-    those under the module names ``keep``, as transformers does when it loads a checkpoint in 8 or 4 bits."""
+    on ``device``. ``quantization_config`` (transformers' ``BitsAndBytesConfig``) then quantizes its linear layers
+    with bitsandbytes as it says, as transformers does when it loads a checkpoint with it."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(model_path)
     torch.manual_seed(SEED)
     # quantized layers are made on the CPU and moved to the device one by one, each as it is quantized
-    with torch.device("cpu" if quantization else device):
+    with torch.device("cpu" if quantization_config is not None else device):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype, **model_args)
-    if quantization:
-        quantize(model, quantization, keep, device)
+    if quantization_config is not None:
+        quantize(model, quantization_config, device)
         model.to(device)
     return model.eval()
 
 
-def quantize(model: torch.nn.Module, quantization: str, keep: Sequence[str], device: str) -> None:
-    """Replace each ``nn.Linear`` of ``model`` outside ``keep`` with bitsandbytes' 8-bit or 4-bit (NF4, float32
-    compute) layer holding its weights, quantized as it moves to ``device``."""
+def quantize(model: torch.nn.Module, config, device: str) -> None:
+    """Replace each ``nn.Linear`` of ``model`` outside the modules that ``config`` (a ``BitsAndBytesConfig``) skips
+    with the bitsandbytes layer that transformers makes of it for that config (8-bit, or 4-bit of its type, compute
+    dtype and double quantization), holding its weights, quantized as it moves to ``device``."""
     import bitsandbytes as bnb
     import torch
 
+    keep = config.llm_int8_skip_modules or []
     for name, module in list(model.named_modules()):
         if not isinstance(module, torch.nn.Linear) or any(name.startswith(prefix) for prefix in keep):
             continue
         parent_name, _, child = name.rpartition(".")
         bias = module.bias is not None
-        if quantization == "8bit":
+        if config.load_in_8bit:
             layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias, has_fp16_weights=False,
-                                        device="meta")  # fmt: skip
+                                        threshold=config.llm_int8_threshold, device="meta")  # fmt: skip
             layer.weight = bnb.nn.Int8Params(module.weight.data, requires_grad=False, has_fp16_weights=False)
-        elif quantization == "4bit":
-            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias, compute_dtype=torch.float32,
-                                      quant_type="nf4", device="meta")  # fmt: skip
-            layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4", module=layer)
-        else:
-            raise ValueError(f"quantization {quantization!r}: random weights are quantized to 8bit or 4bit")
+        else:  # 4 bits
+            four = {"compress_statistics": config.bnb_4bit_use_double_quant, "quant_type": config.bnb_4bit_quant_type,
+                    "quant_storage": config.bnb_4bit_quant_storage}  # fmt: skip
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias,
+                                      compute_dtype=config.bnb_4bit_compute_dtype, device="meta", **four)  # fmt: skip
+            layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, module=layer, **four)
         if bias:
             layer.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
         setattr(model.get_submodule(parent_name), child, layer.to(device))

@@ -62,12 +62,9 @@ def test_the_dataset_benchmark_builds_two_archive_sizes(yollava, tmp_path):
 def test_the_full_size_benchmark_runs_its_steps_on_a_reduced_llava(yollava, tmp_path):
     """benchmarks/full_size.py's every step (enrollment, a caption run, the engine alone) on test_full_size.py's
     reduced LLaVA; the full size is its own run (about 14 GB)."""
-    from plvm_model.cache import build_once, cache_root
-    from plvm_model.published import build_llava_folder
-    from test_full_size import REDUCED_TEXT, REDUCED_VISION
+    from test_full_size import reduced_llava
 
-    folder = cache_root() / "published-v1" / "llava-1.5-reduced-test"
-    build_once(folder, lambda out: build_llava_folder(out, text=REDUCED_TEXT, vision=REDUCED_VISION))
+    folder = reduced_llava()
     command = [sys.executable, str(REPO / "benchmarks" / "full_size.py"), "--llava", str(folder),
                "--runs", "transformers", "--photos", "2", "--data", str(yollava),
                "--results", str(tmp_path / "R.md")]  # fmt: skip

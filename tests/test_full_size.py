@@ -10,6 +10,8 @@ size itself runs in benchmarks/full_size.py (about 14 GB per engine).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import ray.cloudpickle
@@ -24,11 +26,14 @@ from operators.generate import GenerateConfig
 from pipelines.caption import caption
 from pipelines.cli import run
 from pipelines.enroll import Enroller
+from plvm_model.aligner import AlignerShape
 from plvm_model.cache import build_once, cache_root
-from plvm_model.concepts import ConceptEncoder
+from plvm_model.concepts import ConceptEncoder, aligner_identity
 from plvm_model.engines.transformers_engine import TransformersEngine
 from plvm_model.injection import ConceptTokens
-from plvm_model.published import build_llava_folder
+from plvm_model.published import PUBLISHED_VERSION, build_llava_folder
+from plvm_model.random_weights import aligner as random_aligner
+from plvm_model.random_weights import llava as random_llava
 from plvm_model.store.output_schema import output_schema
 from plvm_model.store.output_table import OutputTable, read_output
 
@@ -45,11 +50,15 @@ ALIGNER = {"dim": 32, "depth": 1, "dim_head": 16, "heads": 2, "embedding_dim": 7
 """A small Aligner on DINOv2-base's 768-wide features (its published configuration, random weights)."""
 
 
-@pytest.fixture(scope="module")
-def reduced():
+def reduced_llava() -> Path:
     """The reduced LLaVA's folder (configuration and tokenizer, no weights), built once into the cache."""
-    folder = cache_root() / "published-v1" / "llava-1.5-reduced-test"
+    folder = cache_root() / f"published-v{PUBLISHED_VERSION}" / "llava-1.5-reduced-test"
     return build_once(folder, lambda out: build_llava_folder(out, text=REDUCED_TEXT, vision=REDUCED_VISION))
+
+
+@pytest.fixture(scope="module")
+def reduced() -> Path:
+    return reduced_llava()
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +86,32 @@ def engine(reduced) -> TransformersEngine:
     return TransformersEngine(**GenerateConfig(max_new_tokens=4).engine_options(str(reduced), random_weights=True))
 
 
+def test_a_random_aligners_identity_names_its_whole_shape():
+    """A bank's soft tokens fit only the random Aligner of the same shape, whatever the checkpoint's name."""
+    shape = AlignerShape(**ALIGNER)
+    same = aligner_identity("published", "image", shape, random_weights=True)
+    assert same == aligner_identity("elsewhere", "image", AlignerShape(**ALIGNER), random_weights=True)
+    deeper = AlignerShape(**ALIGNER | {"depth": 2})
+    assert same != aligner_identity("published", "image", deeper, random_weights=True), "same output, other weights"
+    assert same != aligner_identity("published", "face", shape, random_weights=True)
+
+
+def test_random_weights_are_the_same_in_every_build(reduced, models, reduced_concepts, tmp_path):
+    """Every build is seeded: an enrollment's soft tokens come out the same in another process (whatever it drew
+    from torch's generator before), and so does the LLaVA."""
+    torch.rand(7)
+    paths = make_config(tmp_path, models=models).model_paths()
+    encoder = ConceptEncoder(paths.dinov2, paths.aligner, paths.aligner_shape, random_weights=True)
+    soft, head = encoder.encode(np.asarray(Image.open(photo("thao", "ref_img.jpg")).convert("RGB")), None)
+    assert np.array_equal(soft, reduced_concepts["Thao"].soft_tokens)
+    assert np.array_equal(head, reduced_concepts["Thao"].head_weight)
+    for build in (lambda: random_aligner(paths.aligner_shape), lambda: random_llava(reduced, torch.float32, "cpu")):
+        first = build().state_dict()
+        torch.rand(7)
+        second = build().state_dict()
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_the_reduced_model_has_the_real_vocabulary_and_image_shapes(engine):
     prompter = engine.prompter
     assert (prompter.vocab, prompter.image_token_id, prompter.placeholder_id) == (VOCABULARY, IMAGE_TOKEN, PAD_TOKEN)
@@ -97,7 +132,7 @@ def test_the_token_layout_at_the_real_vocabulary_offsets_is_plvms(engine, reduce
     assert batch.concept_ids[1] == [VOCABULARY + 1, VOCABULARY]
     assert min(i for ids in batch.concept_ids for i in ids) >= VOCABULARY
     ids = engine.generate_ids(layout_cases(reduced_concepts)[:2])
-    assert all(0 <= i < VOCABULARY + engine.concept_slots for row in ids for i in row)
+    assert all(ids) and all(0 <= i < VOCABULARY + engine.concept_slots for row in ids for i in row)
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
@@ -110,6 +145,12 @@ def test_random_weights_are_quantized_as_a_checkpoint_would_be(reduced, reduced_
     linear = {name: type(m) for name, m in engine.model.named_modules() if isinstance(m, torch.nn.Linear)}
     language = {name: t for name, t in linear.items() if name.startswith("model.language_model.")}
     assert len(language) == 2 * 7 and all(issubclass(t, kind) for t in language.values())
+    layer = engine.model.get_submodule(next(iter(language)))
+    if quantization == "8bit":
+        assert layer.state.threshold == 6.0, "transformers' llm_int8_threshold, as a checkpoint loaded in 8 bits"
+    else:
+        settings = (layer.weight.quant_type, layer.weight.compress_statistics, layer.compute_dtype)
+        assert settings == ("nf4", False, torch.float32), "NF4 without double quantization, float32 compute"
     rest = {name: t for name, t in linear.items() if name not in language}
     assert "lm_head" in rest and any(n.startswith("model.vision_tower.") for n in rest)
     assert all(t is torch.nn.Linear for t in rest.values()), "the vision tower, projector and head stay unquantized"

@@ -79,7 +79,7 @@ class TransformersEngine(LlavaEngine):
         device = options.device
         quantization_config = _quantization_config(options.quantization)
         if options.random_weights:
-            self.model = randomly.llava(model_path, self.dtype, device, options.quantization, keep=FULL_PRECISION)
+            self.model = randomly.llava(model_path, self.dtype, device, quantization_config)
         else:
             self.model = LlavaForConditionalGeneration.from_pretrained(
                 model_path,
