@@ -35,7 +35,7 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import Recorder, add_results_option, header  # noqa: E402
+from benchmarks.machine import Recorder, add_results_option, header, peak_rss  # noqa: E402
 from plvm_model.store.banks import BankSource  # noqa: E402
 from operators.index_lookup import known_rows  # noqa: E402
 from operators.cohort import IndexCohort, cohort_scales  # noqa: E402
@@ -99,10 +99,7 @@ def main() -> None:
         config = load_config(args.config, bank=str(work / "banks"), output__uri=str(work / "out"))
         started = time.perf_counter()
         found = run_step(args.step, config, args.photos[0])
-        # VmHWM, not getrusage's ru_maxrss, which keeps the parent's peak across the fork and exec
-        peak = next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
-                    if line.startswith("VmHWM:"))  # fmt: skip
-        print(f"{time.perf_counter() - started:.2f} {peak} {found}")
+        print(f"{time.perf_counter() - started:.2f} {peak_rss() // 1024} {found}")
         return
 
     from pipelines.enroll import Enroller  # torch, which the steps do not need

@@ -46,7 +46,7 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import Recorder, add_results_option, header  # noqa: E402
+from benchmarks.machine import Recorder, add_results_option, header, peak_rss  # noqa: E402
 from pipelines.config import Config, load_config  # noqa: E402
 from pipelines.people import indexed_faces, recluster  # noqa: E402
 from plvm_model.faces import clustering  # noqa: E402
@@ -277,10 +277,8 @@ def step(args) -> None:
     config = load_config(args.config, bank=str(work / "banks"), output__uri=str(work / "out"))
     started = time.perf_counter()
     summary = suggest(config, config.output.uri, USER, full=args.step == "full")
-    peak = next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith("VmHWM:"))  # fmt: skip
-    print(json.dumps({"seconds": time.perf_counter() - started, "peak_kib": int(peak), "new": summary.new_faces,
-                      "clusters": len(summary.clusters)}))  # fmt: skip
+    print(json.dumps({"seconds": time.perf_counter() - started, "peak_kib": peak_rss() // 1024,
+                      "new": summary.new_faces, "clusters": len(summary.clusters)}))  # fmt: skip
 
 
 def enroll_sample(config: Config) -> None:
