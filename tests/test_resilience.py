@@ -49,12 +49,15 @@ def caption_command(tmp_path: Path, config, paths: list[str], user: str) -> tupl
 
 def killed_when(command: list[str], env: dict[str, str], ready, cwd: Path | None = None) -> int:
     """Run ``command`` in a session of its own and SIGKILL it, with every process it started, as soon as ``ready()``
-    (or it ended, or 600 s went by); its exit status."""
+    (or it ended, or 600 s went by); its exit status. Its session is stopped (SIGSTOP) first, at once, so that
+    nothing its driver does after ``ready()`` (a commit) lands while the processes to kill are listed."""
     started = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 600
     while not ready() and time.monotonic() < deadline and started.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(started.pid, signal.SIGSTOP)
     family = psutil.Process(started.pid).children(recursive=True) if started.poll() is None else []
     with contextlib.suppress(ProcessLookupError):
         os.killpg(started.pid, signal.SIGKILL)
